@@ -1,0 +1,19 @@
+# The CPU build of torch is pinned first: an unpinned `torch` pulls a multi-GB CUDA build.
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+TORCH := torch==2.13.0
+
+.PHONY: install test test-all lint
+
+install:
+	$(PIP) install --quiet $(TORCH)
+	$(PIP) install --quiet -e ".[dev]"
+
+test: install
+	$(PYTHON) -m pytest -q
+
+test-all: install
+	$(PYTHON) -m pytest -q -m ""
+
+lint:
+	$(PYTHON) -m ruff check fam_hf tests

@@ -1,0 +1,41 @@
+"""fam_hf: Relative Flatness Aware Minimization (FAM) for Hugging Face fine-tuning."""
+
+from __future__ import annotations
+
+from .estimators import closed_form, kappa_from_hessian, layer_hessian, probe_quadratic_forms
+from .flatness import FlatnessResult, RelativeFlatness, relative_flatness
+from .head_loss import HeadLoss, head_loss_for
+from .layers import Layer, candidate_layers, output_head_name, resolve_layer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FAMConfig",
+    "FAMTrainer",
+    "FlatnessResult",
+    "HeadLoss",
+    "Layer",
+    "RelativeFlatness",
+    "candidate_layers",
+    "closed_form",
+    "head_loss_for",
+    "kappa_from_hessian",
+    "layer_hessian",
+    "output_head_name",
+    "probe_quadratic_forms",
+    "relative_flatness",
+    "resolve_layer",
+]
+
+
+def __getattr__(name: str):
+    # The Trainer layer imports transformers.Trainer (slow); load it only when asked for.
+    if name == "FAMConfig":
+        from .config import FAMConfig
+
+        return FAMConfig
+    if name == "FAMTrainer":
+        from .trainer import FAMTrainer
+
+        return FAMTrainer
+    raise AttributeError(f"module 'fam_hf' has no attribute {name!r}")

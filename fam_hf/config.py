@@ -1,0 +1,87 @@
+"""``FAMConfig``: ``TrainingArguments`` plus the knobs of the relative-flatness penalty."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+from .flatness import ESTIMATORS, HESSIAN_GRADS, SCALES
+
+
+@dataclass
+class FAMConfig(TrainingArguments):
+    """Training arguments for :class:`~fam_hf.FAMTrainer`.
+
+    Everything :class:`transformers.TrainingArguments` takes, plus the ``fam_*`` fields below. The
+    training objective is ``L + λ_t · κ`` where ``κ`` is the relative flatness of ``fam_layer`` on the
+    current batch (Petzka et al., NeurIPS 2021) and ``λ_t`` follows ``fam_lambda``,
+    ``fam_warmup_steps`` and ``fam_every_n_steps``.
+    """
+
+    fam_lambda: float = field(
+        default=0.01,
+        metadata={
+            "help": "Weight λ ≥ 0 of the relative-flatness penalty. 0 trains as plain Trainer and only logs κ. "
+            "κ is in units of the loss; with fam_scale='reference' it is κ/m and λ values published with the "
+            "reference code (e.g. 3e6) carry over."
+        },
+    )
+    fam_layer: str = field(
+        default="auto",
+        metadata={
+            "help": "Layer whose flatness is penalised: 'auto' (the output head: classifier/score/lm_head), or a "
+            "module name or glob matching one linear layer (nn.Linear, GPT-2 Conv1D, PEFT LoRA layer)."
+        },
+    )
+    fam_estimator: str = field(
+        default="auto",
+        metadata={
+            "help": "How κ is computed: 'closed_form' (exact, output head with cross-entropy/MSE/BCE), 'probe' "
+            "(Hutchinson-style with fam_probes Rademacher probes, any layer), 'exact' (full layer Hessian, tiny "
+            "layers only), or 'auto' (closed form where it applies, else probe)."
+        },
+    )
+    fam_probes: int = field(
+        default=1, metadata={"help": "Rademacher probes per step for the probe estimator (≥ 1)."}
+    )
+    fam_hessian_grad: str = field(
+        default="full",
+        metadata={
+            "help": "'full': the true gradient of λκ, differentiating the Hessian too. 'detached': the Hessian is "
+            "held constant (the reference implementation's gradient)."
+        },
+    )
+    fam_scale: str = field(
+        default="paper",
+        metadata={"help": "'paper': κ as defined; 'reference': each block trace divided by m (reference code)."},
+    )
+    fam_every_n_steps: int = field(
+        default=1,
+        metadata={
+            "help": "Lazy penalty: compute it only on every k-th optimizer step, multiplied by k so its average "
+            "weight stays λ (k ≥ 1)."
+        },
+    )
+    fam_warmup_steps: int = field(
+        default=0,
+        metadata={"help": "Ramp λ linearly from λ/n to λ over the first n optimizer steps (0: no ramp)."},
+    )
+    fam_seed: int | None = field(
+        default=None, metadata={"help": "Seed of the probe RNG (default: the training seed)."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.fam_lambda < 0:
+            raise ValueError(f"fam_lambda={self.fam_lambda} is negative; the penalty weight must be ≥ 0")
+        for name, choices in (
+            ("fam_estimator", ESTIMATORS),
+            ("fam_hessian_grad", HESSIAN_GRADS),
+            ("fam_scale", SCALES),
+        ):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not one of {', '.join(map(repr, choices))}")
+        for name, minimum in (("fam_probes", 1), ("fam_every_n_steps", 1), ("fam_warmup_steps", 0)):
+            if getattr(self, name) < minimum:
+                raise ValueError(f"{name}={getattr(self, name)} must be ≥ {minimum}")

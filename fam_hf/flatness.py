@@ -1,0 +1,329 @@
+"""Relative flatness of one layer of a model, from the model's own forward pass.
+
+:class:`RelativeFlatness` resolves the layer and the estimator once; :meth:`RelativeFlatness.record`
+hooks the layer for one forward pass (capturing ``φ`` and ``z``, and adding the probe or exact
+perturbation to ``z``), and :meth:`Recording.result` turns the loss of that pass into κ. No second
+forward pass is ever run. :func:`relative_flatness` is the one-call version for measurement.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .estimators import (
+    closed_form,
+    compute_dtype,
+    kappa_from_hessian,
+    layer_hessian,
+    probe_quadratic_forms,
+    rademacher,
+)
+from .head_loss import head_loss_for
+from .layers import Layer, resolve_layer
+
+ESTIMATORS = ("auto", "closed_form", "probe", "exact")
+HESSIAN_GRADS = ("full", "detached")
+SCALES = ("paper", "reference")
+DEFAULT_MAX_EXACT_ENTRIES = 4096  # d·m; the Hessian has (d·m)² entries and costs d·m double-backwards
+
+
+@dataclass
+class FlatnessResult:
+    """κ of one layer on one batch.
+
+    Attributes:
+        value: scalar κ (differentiable when requested; its gradient follows ``hessian_grad``).
+        std_error: the probe estimator's standard error (std of the per-probe values / √probes), else None.
+        estimator: the estimator that produced it: ``"closed_form"``, ``"probe"`` or ``"exact"``.
+        layer: the layer's module name.
+        probes: number of probes (probe estimator only).
+    """
+
+    value: torch.Tensor
+    std_error: torch.Tensor | None
+    estimator: str
+    layer: str
+    probes: int | None = None
+
+    def __float__(self) -> float:
+        return float(self.value)
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not one of {', '.join(map(repr, choices))}")
+
+
+class RelativeFlatness:
+    """Relative flatness κ of one layer of ``model`` (Petzka et al., NeurIPS 2021).
+
+    Args:
+        model: a transformers model (optionally PEFT- or DDP-wrapped).
+        layer: ``"auto"`` (the output head) or a module name/glob; see :func:`fam_hf.resolve_layer`.
+        estimator: ``"closed_form"`` (exact, output heads under cross-entropy/MSE/BCE), ``"probe"``
+            (Hutchinson-style, any layer), ``"exact"`` (full layer Hessian, small layers), or ``"auto"``:
+            the closed form where it applies, else the probe.
+        probes: Rademacher probes per estimate (probe estimator).
+        hessian_grad: ``"full"`` (true gradient of κ, Hessian included) or ``"detached"`` (Hessian held
+            constant, as the reference implementation does).
+        scale: ``"paper"`` (κ as defined) or ``"reference"`` (each block trace divided by ``m``, as the
+            reference implementation's neuron-wise mode does, so its published λ values carry over).
+        generator: RNG for the probes; default: a fresh ``torch.Generator`` seeded with 0.
+        max_exact_entries: largest ``d·m`` the exact estimator accepts.
+
+    Raises:
+        ValueError: unknown layer (lists candidates), an estimator that cannot apply to this layer or
+            model, or a bad option value.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layer: str = "auto",
+        estimator: str = "auto",
+        *,
+        probes: int = 1,
+        hessian_grad: str = "full",
+        scale: str = "paper",
+        generator: torch.Generator | None = None,
+        max_exact_entries: int = DEFAULT_MAX_EXACT_ENTRIES,
+    ) -> None:
+        _check_choice("estimator", estimator, ESTIMATORS)
+        _check_choice("hessian_grad", hessian_grad, HESSIAN_GRADS)
+        _check_choice("scale", scale, SCALES)
+        if probes < 1:
+            raise ValueError(f"probes={probes} must be at least 1")
+        self.model = model
+        self.layer: Layer = resolve_layer(model, layer)
+        self.probes = probes
+        self.hessian_grad = hessian_grad
+        self.scale = scale
+        self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
+        self.max_exact_entries = max_exact_entries
+        self.estimator = self._choose(estimator)
+
+    def _choose(self, estimator: str) -> str:
+        closed_form_ok = self.layer.is_output_head and head_loss_for(self.model) is not None
+        if estimator == "auto":
+            return "closed_form" if closed_form_ok else "probe"
+        if estimator == "closed_form" and not closed_form_ok:
+            why = (
+                f"'{self.layer.name}' is not the model's output head"
+                if not self.layer.is_output_head
+                else f"{type(self.model).__name__}'s loss is not one the closed form mirrors "
+                "(causal-LM or sequence-classification cross-entropy, MSE, BCE, on unmodified logits)"
+            )
+            raise ValueError(f"estimator='closed_form' cannot apply: {why}; use estimator='probe' (or 'auto')")
+        if estimator == "exact":
+            d, m = self.layer.shape
+            if d * m > self.max_exact_entries:
+                raise ValueError(
+                    f"estimator='exact' on '{self.layer.name}' ({d}×{m} = {d * m} weights) would build a "
+                    f"{d * m}² Hessian with {d * m} double-backward passes; it is meant for layers of at most "
+                    f"{self.max_exact_entries} weights (max_exact_entries). Use estimator='probe' or 'closed_form'"
+                )
+        return estimator
+
+    @contextmanager
+    def record(self, *, differentiable: bool = True) -> Iterator[Recording]:
+        """Hook the layer for the forward pass run inside the ``with`` block.
+
+        Args:
+            differentiable: whether :meth:`Recording.result` must return a κ that can be back-propagated
+                (a training penalty) or only its value (measurement; cheaper).
+        """
+        recording = Recording(self, differentiable)
+        handle = self.layer.module.register_forward_hook(recording._hook)
+        try:
+            with torch.enable_grad() if self.estimator != "closed_form" else nullcontext():
+                yield recording
+        finally:
+            handle.remove()
+
+
+class Recording:
+    """What one forward pass left at the layer; created by :meth:`RelativeFlatness.record`."""
+
+    def __init__(self, flatness: RelativeFlatness, differentiable: bool) -> None:
+        self.flatness = flatness
+        self.differentiable = differentiable
+        self.features: torch.Tensor | None = None  # φ: (..., m)
+        self.output: torch.Tensor | None = None  # z (perturbed where the estimator perturbs): (..., d)
+        self.calls = 0
+        self._probe_matrices: torch.Tensor | None = None  # (P, m, m)
+        self._delta: torch.Tensor | None = None  # (P,)
+        self._directions: list[torch.Tensor] = []  # u_p = W R_p φ, shaped like z
+        self._perturbation: torch.Tensor | None = None  # E: (d, m), exact estimator
+
+    def _hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        # A layer inside a non-reentrant checkpointed block runs again during backward: the same
+        # perturbation is added again so the recomputation matches the forward.
+        features = inputs[0]
+        estimator = self.flatness.estimator
+        first_call = self.calls == 0
+        self.calls += 1
+        if estimator == "closed_form":
+            if first_call:
+                self.features, self.output = features, output
+            return None
+        weight = self.flatness.layer.weight()
+        if estimator == "exact":
+            if first_call:
+                self._perturbation = torch.zeros_like(weight, requires_grad=True)
+            perturbed = output + F.linear(features, self._perturbation.to(features.dtype))
+        else:
+            if first_call:
+                count, m = self.flatness.probes, weight.shape[1]
+                dtype = compute_dtype(weight.dtype)
+                self._probe_matrices = rademacher(
+                    count, m, generator=self.flatness.generator, dtype=weight.dtype, device=weight.device
+                )
+                self._delta = torch.zeros(count, dtype=dtype, device=weight.device, requires_grad=True)
+            directions = [F.linear(F.linear(features, r.to(features.dtype)), weight.to(features.dtype))
+                          for r in self._probe_matrices]
+            shift = sum(d * u for d, u in zip(self._delta.to(output.dtype), directions))
+            perturbed = output + shift
+            if first_call:
+                self._directions = directions
+        if first_call:
+            self.features, self.output = features, perturbed
+        return perturbed
+
+    def result(
+        self,
+        loss: torch.Tensor | None,
+        batch: Mapping[str, Any] | None = None,
+        *,
+        logits: torch.Tensor | None = None,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> FlatnessResult:
+        """κ for the recorded forward pass.
+
+        Args:
+            loss: the scalar loss of that pass (the probe and exact estimators differentiate it).
+            batch: its inputs: ``labels`` (and ``input_ids`` for decoder classifiers) for the closed form.
+            logits: the logits the model returned, to check that the closed form sees the loss's logits.
+            num_items_in_batch: the denominator the model's loss used, when it was given one.
+        """
+        fam, layer = self.flatness, self.flatness.layer
+        if self.calls == 0:
+            raise RuntimeError(f"layer '{layer.name}' did not run during the forward pass inside record()")
+        scale = 1.0 / layer.shape[1] if fam.scale == "reference" else 1.0
+        std_error = None
+        if fam.estimator == "closed_form":
+            value = self._closed_form(batch or {}, logits, num_items_in_batch)
+        else:
+            if loss is None:
+                raise ValueError("the model returned no loss: the batch needs labels")
+            if fam.estimator == "probe":
+                values = self._probe_values(loss)
+                value = values.mean()
+                if values.numel() > 1:
+                    std_error = values.detach().std() / math.sqrt(values.numel())
+            else:
+                hessian = layer_hessian(
+                    loss, self._perturbation, create_graph=self.differentiable and fam.hessian_grad == "full"
+                )
+                weight = layer.weight() if self.differentiable else layer.weight().detach()
+                value = kappa_from_hessian(hessian.to(weight.dtype), weight)
+        return FlatnessResult(
+            value=value * scale,
+            std_error=None if std_error is None else std_error * scale,
+            estimator=fam.estimator,
+            layer=layer.name,
+            probes=fam.probes if fam.estimator == "probe" else None,
+        )
+
+    def _closed_form(self, batch: Mapping[str, Any], logits, num_items_in_batch) -> torch.Tensor:
+        fam = self.flatness
+        labels = batch.get("labels")
+        if labels is None:
+            raise ValueError("the closed-form estimator needs the batch's labels (key 'labels')")
+        head_loss = head_loss_for(fam.model, labels)
+        if logits is not None and logits.shape[-1] != self.output.shape[-1]:
+            raise ValueError(
+                f"the model's logits ({tuple(logits.shape)}) are not the output of '{fam.layer.name}' "
+                f"({tuple(self.output.shape)}); use estimator='probe'"
+            )
+        detach_hessian = fam.hessian_grad == "detached" or not self.differentiable
+        with torch.set_grad_enabled(self.differentiable and torch.is_grad_enabled()):
+            weight = fam.layer.weight()
+            outputs, features = self.output, self.features
+            if detach_hessian:
+                outputs, features = outputs.detach(), features.detach()
+            outputs, features, weights = head_loss.positions(
+                outputs, features, labels, input_ids=batch.get("input_ids"), num_items_in_batch=num_items_in_batch
+            )
+            return closed_form(weight, features, outputs, weights, head_loss.loss_type)
+
+    def _probe_values(self, loss: torch.Tensor) -> torch.Tensor:
+        fam = self.flatness
+        detached_directions = None
+        if fam.hessian_grad == "detached" and self.differentiable:
+            weight, features = fam.layer.weight(), self.features.detach()
+            detached_directions = [
+                F.linear(F.linear(features, r.to(features.dtype)), weight.to(features.dtype))
+                for r in self._probe_matrices
+            ]
+        return probe_quadratic_forms(
+            loss,
+            self._delta,
+            self.output,
+            self._directions,
+            hessian_grad=fam.hessian_grad,
+            create_graph=self.differentiable,
+            detached_directions=detached_directions,
+        )
+
+
+def relative_flatness(
+    model: nn.Module,
+    batch: Mapping[str, Any],
+    layer: str = "auto",
+    estimator: str = "auto",
+    *,
+    probes: int = 16,
+    hessian_grad: str = "full",
+    scale: str = "paper",
+    differentiable: bool = False,
+    generator: torch.Generator | None = None,
+    max_exact_entries: int = DEFAULT_MAX_EXACT_ENTRIES,
+) -> FlatnessResult:
+    """Relative flatness κ of ``layer`` on ``batch``: one forward pass of ``model(**batch)``.
+
+    The model is run in whatever mode it is in (call ``model.eval()`` first to measure without dropout).
+    ``batch`` must hold the labels, so the model returns its loss. See :class:`RelativeFlatness` for
+    the options.
+
+    Example::
+
+        result = fam_hf.relative_flatness(model.eval(), batch)          # closed form on the head
+        print(result.value, result.estimator, result.layer)
+        fam_hf.relative_flatness(model, batch, layer="model.layers.3.mlp.down_proj", probes=32)
+    """
+    flatness = RelativeFlatness(
+        model,
+        layer,
+        estimator,
+        probes=probes,
+        hessian_grad=hessian_grad,
+        scale=scale,
+        generator=generator,
+        max_exact_entries=max_exact_entries,
+    )
+    with flatness.record(differentiable=differentiable) as recording:
+        outputs = model(**batch)
+    result = recording.result(
+        outputs.get("loss"), batch, logits=outputs.get("logits"), num_items_in_batch=batch.get("num_items_in_batch")
+    )
+    if not differentiable:
+        result.value = result.value.detach()
+    return result

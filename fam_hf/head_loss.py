@@ -1,0 +1,129 @@
+"""How an output head's logits enter the model's own loss, so the closed form can mirror it exactly.
+
+transformers computes the loss inside the model (``transformers.loss.loss_utils``):
+
+* ``*ForCausalLM``: cross-entropy over shifted labels (``logits[t]`` scores ``labels[t+1]``), ignoring
+  ``-100``; the sum divided by ``num_items_in_batch`` when the Trainer passes it (gradient accumulation
+  and multi-device token averaging), else the mean over counted tokens.
+* ``*ForSequenceClassification``: by ``config.problem_type`` (inferred as transformers does when unset):
+  ``regression`` → ``MSELoss`` (mean over every element), ``single_label_classification`` →
+  cross-entropy (mean over examples whose label is not ``-100``), ``multi_label_classification`` →
+  ``BCEWithLogitsLoss`` (mean over every element). Decoder models (Llama, GPT-2, Qwen …) run their
+  ``score`` head at every position and pool the logits of the last non-padding token.
+
+Anything else (masked LM, seq2seq, token classification, soft-capped or rescaled logits, custom losses)
+is not mirrored: use the probe estimator there, which differentiates whatever loss is actually used.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .layers import unwrap_model
+
+IGNORE_INDEX = -100
+
+# Config attributes of models that transform the head's output before the loss (Gemma 2/3 soft-capping,
+# Cohere/Granite logit scaling): the closed form would see the wrong logits.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
+@dataclass(frozen=True)
+class HeadLoss:
+    """The model's loss as a function of its head's output.
+
+    Attributes:
+        loss_type: ``"cross_entropy"``, ``"mse"`` or ``"bce"``.
+        shift_labels: causal LM: the logits at position ``t`` are scored against ``labels[t + 1]``.
+        honours_num_items: the model divides its summed loss by ``num_items_in_batch`` when given it.
+        pad_token_id: for decoder sequence classifiers, which pool the last non-padding position.
+    """
+
+    loss_type: str
+    shift_labels: bool = False
+    honours_num_items: bool = False
+    pad_token_id: int | None = None
+
+    def positions(
+        self,
+        logits: torch.Tensor,
+        features: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        input_ids: torch.Tensor | None = None,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Flatten the head's outputs to the positions the loss sees, with the loss's weight of each.
+
+        Args:
+            logits: the head's output, ``(B, d)``, ``(B, T, d)`` (LM, or a decoder classifier before pooling).
+            features: the head's input, same leading shape with ``m`` instead of ``d``.
+            labels: the batch's labels: ``(B, T)`` token ids, ``(B,)`` classes, ``(B,)``/``(B, C)`` targets.
+            input_ids: needed to pool a decoder classifier's last non-padding token.
+            num_items_in_batch: the denominator the model used, when it was passed one.
+
+        Returns:
+            ``logits: (N, d)``, ``features: (N, m)``, ``weights: (N,)`` with ``Σ_t weights_t ℓ_t`` equal
+            to the model's loss (ignored positions weigh 0; no host synchronisation).
+        """
+        if self.shift_labels:
+            labels = nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
+        elif logits.dim() == 3:  # a sequence classifier that scored every position
+            logits, features = self._pool_last_token(logits, features, input_ids)
+        d = logits.shape[-1]
+        logits, features = logits.reshape(-1, d), features.reshape(-1, features.shape[-1])
+        if self.loss_type == "cross_entropy":
+            counted = (labels.reshape(-1) != IGNORE_INDEX).to(torch.float32)
+            if self.honours_num_items and num_items_in_batch is not None:
+                denominator = torch.as_tensor(num_items_in_batch, device=counted.device, dtype=torch.float32)
+            else:
+                denominator = counted.sum().clamp_min(1)  # an all-ignored batch contributes 0, not NaN
+            return logits, features, counted / denominator
+        # MSE and BCE average over every element: (examples × outputs)
+        weights = torch.full((logits.shape[0],), 1.0 / logits.numel(), device=logits.device)
+        return logits, features, weights
+
+    def _pool_last_token(self, logits, features, input_ids):
+        # mirrors transformers' GenericForSequenceClassification
+        batch = torch.arange(logits.shape[0], device=logits.device)
+        if self.pad_token_id is None or input_ids is None:
+            last = torch.full_like(batch, logits.shape[1] - 1)
+        else:
+            non_pad = (input_ids != self.pad_token_id).to(logits.device, torch.int32)
+            token_indices = torch.arange(input_ids.shape[-1], device=logits.device, dtype=torch.int32)
+            last = (token_indices * non_pad).argmax(-1)
+        return logits[batch, last], features[batch, last]
+
+
+def head_loss_for(model: nn.Module, labels: torch.Tensor | None = None) -> HeadLoss | None:
+    """The :class:`HeadLoss` of ``model``'s own loss, or None when it is not one the closed form mirrors.
+
+    ``labels`` (optional) settles a classifier's ``problem_type`` when the config leaves it unset, by
+    transformers' rule: one label → regression; integer labels → single-label; else multi-label.
+    """
+    model = unwrap_model(model)
+    config = getattr(model, "config", None)
+    name = type(model).__name__
+    if config is None or any(getattr(config, attr, None) not in (None, 1, 1.0) for attr in _LOGIT_TRANSFORMS):
+        return None
+    if name.endswith("ForCausalLM"):
+        return HeadLoss("cross_entropy", shift_labels=True, honours_num_items=True)
+    if name.endswith("ForSequenceClassification"):
+        problem = config.problem_type
+        if problem is None:
+            if config.num_labels == 1:
+                problem = "regression"
+            elif labels is None or labels.dtype in (torch.long, torch.int):
+                problem = "single_label_classification"
+            else:
+                problem = "multi_label_classification"
+        loss_type = {
+            "regression": "mse",
+            "single_label_classification": "cross_entropy",
+            "multi_label_classification": "bce",
+        }[problem]
+        return HeadLoss(loss_type, pad_token_id=getattr(config, "pad_token_id", None))
+    return None

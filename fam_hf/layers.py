@@ -1,0 +1,208 @@
+"""Layer resolution: from a model and a layer spec to the weight ``W`` (d × m) whose flatness is measured.
+
+A *layer* here is a linear map ``z = W φ (+ b)`` inside a model: ``nn.Linear``, transformers' ``Conv1D``
+(GPT-2; stores ``W`` transposed), a PEFT LoRA-wrapped linear (the effective map ``W0 + s·B·A``), or an
+output head wrapped by PEFT's ``modules_to_save``. The features ``φ`` are whatever enters the module's
+forward, so they are captured with a forward hook on :attr:`Layer.module` (see ``fam_hf.estimators``).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from accelerate.utils import extract_model_from_parallel
+from peft.tuners.lora import LoraLayer
+from peft.utils.other import ModulesToSaveWrapper
+from transformers.pytorch_utils import Conv1D
+
+# Attribute paths of sequence-classification heads, most specific first (RoBERTa's head is a small MLP
+# whose last linear map is ``out_proj``; BERT/DistilBERT/ELECTRA-style ``classifier``; decoders' ``score``).
+_HEAD_PATHS = ("classifier.out_proj", "classifier", "score", "cls.predictions.decoder")
+
+_MAX_LISTED = 25
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A resolved layer.
+
+    Attributes:
+        name: module path inside the unwrapped (non-DDP, non-PEFT-wrapper) model, e.g. ``"lm_head"`` or
+            ``"model.layers.3.self_attn.q_proj"``.
+        module: the module whose forward receives ``φ`` and returns ``z``; hooks go here.
+        kind: ``"linear"``, ``"conv1d"``, ``"lora"`` or ``"modules_to_save"``.
+        is_output_head: whether this is the model's output head (closed forms apply only there).
+    """
+
+    name: str
+    module: nn.Module
+    kind: str
+    is_output_head: bool
+
+    def weight(self) -> torch.Tensor:
+        """The layer's weight as ``(d, m) = (out_features, in_features)``, differentiable w.r.t. the parameters.
+
+        For LoRA this is the effective weight ``W0 + Σ_active s·B·A`` (only ``A``/``B`` carry gradients
+        when ``W0`` is frozen); for ``Conv1D`` it is ``weight.T``.
+        """
+        return _effective_weight(self.module)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(d, m)``: output and input features."""
+        return tuple(self.weight().shape)  # type: ignore[return-value]
+
+
+def _effective_weight(module: nn.Module) -> torch.Tensor:
+    if isinstance(module, ModulesToSaveWrapper):
+        active = (
+            module.original_module
+            if module.disable_adapters or not module.active_adapters
+            else module.modules_to_save[module.active_adapters[0]]
+        )
+        return _effective_weight(active)
+    if isinstance(module, LoraLayer):
+        base = module.get_base_layer()
+        weight = _effective_weight(base)
+        if module.merged or module.disable_adapters:
+            return weight
+        for adapter in module.active_adapters:
+            if adapter not in module.lora_A:
+                continue
+            if module.use_dora.get(adapter, False):
+                raise ValueError(
+                    "relative flatness of a DoRA layer is not supported (its effective weight is normalised "
+                    "per column); use plain LoRA, or put FAM on another layer such as the output head"
+                )
+            # get_delta_weight already applies fan_in_fan_out, so the delta has the base weight's layout
+            delta = module.get_delta_weight(adapter)
+            weight = weight + (delta.T if isinstance(base, Conv1D) else delta)
+        return weight
+    if isinstance(module, nn.Linear):
+        return module.weight
+    if isinstance(module, Conv1D):
+        return module.weight.T
+    raise TypeError(f"{type(module).__name__} is not a supported layer type")
+
+
+def _is_supported(module: nn.Module) -> bool:
+    if isinstance(module, LoraLayer):
+        return isinstance(module.get_base_layer(), (nn.Linear, Conv1D))
+    if isinstance(module, ModulesToSaveWrapper):
+        return _is_supported(module.original_module)
+    return isinstance(module, (nn.Linear, Conv1D))
+
+
+def _kind(module: nn.Module) -> str:
+    if isinstance(module, ModulesToSaveWrapper):
+        return "modules_to_save"
+    if isinstance(module, LoraLayer):
+        return "lora"
+    if isinstance(module, Conv1D):
+        return "conv1d"
+    return "linear"
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """Strip DDP/FSDP-style ``.module`` wrappers and PEFT's ``PeftModel`` to the transformers model.
+
+    PEFT injects its layers into the base model in place, so LoRA layers are still found under their
+    ordinary names (``model.layers.0.self_attn.q_proj``).
+    """
+    model = extract_model_from_parallel(model)
+    if hasattr(model, "get_base_model") and callable(model.get_base_model):
+        model = model.get_base_model()
+    return model
+
+
+def candidate_layers(model: nn.Module) -> list[str]:
+    """Names of every module :func:`resolve_layer` accepts, in model order.
+
+    Modules inside a LoRA layer or a ``modules_to_save`` wrapper (``base_layer``, ``lora_A.default``, the
+    copies) are not listed: the wrapper stands for them.
+    """
+    model = unwrap_model(model)
+    names, hidden_prefixes = [], []
+    for name, module in model.named_modules():
+        if any(name.startswith(prefix) for prefix in hidden_prefixes):
+            continue
+        if _is_supported(module):
+            names.append(name)
+            if isinstance(module, (LoraLayer, ModulesToSaveWrapper)):
+                hidden_prefixes.append(name + ".")
+    return names
+
+
+def output_head_name(model: nn.Module) -> str | None:
+    """Name of the model's output head, or None when none is recognised.
+
+    Sequence-classification heads are looked up by the attribute paths transformers uses
+    (``classifier.out_proj``, ``classifier``, ``score``); language-model heads via
+    ``get_output_embeddings()``, tied to the input embeddings or not.
+    """
+    model = unwrap_model(model)
+    modules = dict(model.named_modules())
+    for path in _HEAD_PATHS:
+        if path in modules and _is_supported(modules[path]):
+            return path
+    get_output_embeddings = getattr(model, "get_output_embeddings", None)
+    head = get_output_embeddings() if callable(get_output_embeddings) else None
+    if head is not None:
+        for name, module in modules.items():
+            # PEFT's modules_to_save wrapper replaces the head; transformers still returns the wrapper
+            if module is head or (isinstance(module, ModulesToSaveWrapper) and head is module.original_module):
+                return name if _is_supported(module) else None
+    return None
+
+
+def resolve_layer(model: nn.Module, spec: str = "auto") -> Layer:
+    """Resolve ``spec`` to a :class:`Layer` of ``model``.
+
+    Args:
+        model: a transformers model, optionally wrapped by PEFT and/or DDP.
+        spec: ``"auto"`` for the output head; else a module name (``"classifier"``,
+            ``"model.layers.0.mlp.down_proj"``) or a glob that matches exactly one supported module
+            (``"*.layers.0.*.q_proj"``). A ``base_model.model.`` prefix (PEFT's names) is accepted.
+
+    Raises:
+        ValueError: the spec matches no supported layer, several, or a module of an unsupported type;
+            the message lists the candidates.
+    """
+    base = unwrap_model(model)
+    head = output_head_name(base)
+    candidates = candidate_layers(base)
+    if spec == "auto":
+        if head is None:
+            raise ValueError(
+                f"fam_layer='auto' found no output head on {type(base).__name__}; name a layer instead. "
+                f"Candidates: {_listing(candidates)}"
+            )
+        name = head
+    else:
+        spec = spec.removeprefix("base_model.model.")
+        if spec in candidates:
+            name = spec
+        else:
+            matches = [c for c in candidates if fnmatch.fnmatchcase(c, spec)]
+            if len(matches) != 1:
+                modules = dict(base.named_modules())
+                if spec in modules:
+                    problem = f"layer '{spec}' is a {type(modules[spec]).__name__}, not a linear layer"
+                elif matches:
+                    problem = f"layer pattern '{spec}' matches {len(matches)} layers ({_listing(matches)})"
+                else:
+                    problem = f"unknown layer '{spec}'"
+                raise ValueError(f"{problem}; name exactly one of: {_listing(candidates)}")
+            name = matches[0]
+    module = dict(base.named_modules())[name]
+    return Layer(name=name, module=module, kind=_kind(module), is_output_head=name == head)
+
+
+def _listing(names: list[str]) -> str:
+    shown = ", ".join(names[:_MAX_LISTED])
+    more = len(names) - _MAX_LISTED
+    return shown + (f", … ({more} more)" if more > 0 else "") if names else "(none)"

@@ -1,0 +1,175 @@
+"""``FAMTrainer``: ``transformers.Trainer`` whose training loss is ``L + λ · κ``."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Trainer
+
+from .config import FAMConfig
+from .flatness import RelativeFlatness
+
+logger = logging.getLogger(__name__)
+
+
+class FAMTrainer(Trainer):
+    """Relative Flatness Aware Minimization on top of :class:`transformers.Trainer`.
+
+    Takes exactly what ``Trainer`` takes, with ``args`` a :class:`~fam_hf.FAMConfig`. During training,
+    each micro-batch's loss becomes ``L + λ_t · κ``, where κ is the relative flatness of
+    ``args.fam_layer`` on that micro-batch, normalised exactly as the model normalises ``L`` (mean, or sum
+    over ``num_items_in_batch`` under gradient accumulation and multi-device token averaging), so that
+    accumulated and all-reduced penalties equal κ of the whole batch. κ comes from the same forward
+    pass as ``L``: the layer's input and output are captured with a hook.
+
+    Evaluation and prediction are untouched. Logged with ``loss``, averaged the same way:
+    ``fam/kappa``, ``fam/penalty`` (``λ_t·κ`` as added to the loss), ``fam/lambda``, ``fam/kappa_stderr``
+    (probe estimator with ≥ 2 probes) and ``fam/skipped`` (penalties dropped because κ was not finite).
+    """
+
+    args: FAMConfig
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if not isinstance(self.args, FAMConfig):
+            raise TypeError(
+                f"FAMTrainer needs args=FAMConfig(...), got {type(self.args).__name__}; "
+                "FAMConfig takes every TrainingArguments field plus the fam_* fields"
+            )
+        cfg = self.args
+        estimator = cfg.fam_estimator
+        custom_loss = self.compute_loss_func is not None or self.label_smoother is not None
+        if custom_loss and estimator == "closed_form":
+            raise ValueError(
+                "fam_estimator='closed_form' mirrors the model's own loss, but this Trainer computes its loss "
+                "with compute_loss_func or label smoothing; use fam_estimator='probe' (or 'auto')"
+            )
+        if custom_loss and estimator == "auto":
+            estimator = "probe"
+        seed = cfg.seed if cfg.fam_seed is None else cfg.fam_seed
+        self.flatness = RelativeFlatness(
+            self.model,
+            cfg.fam_layer,
+            estimator,
+            probes=cfg.fam_probes,
+            hessian_grad=cfg.fam_hessian_grad,
+            scale=cfg.fam_scale,
+            generator=torch.Generator().manual_seed(seed),
+        )
+        self._fam_reset_logs()
+        self._fam_skipped = 0
+        self._fam_last_step = -1
+        logger.info(
+            "FAM: λ=%g on layer '%s' (%s), estimator %s", cfg.fam_lambda, self.flatness.layer.name,
+            self.flatness.layer.kind, self.flatness.estimator,
+        )
+
+    # -- schedule ---------------------------------------------------------------------------------------
+
+    def fam_lambda_at(self, step: int) -> tuple[float, float] | None:
+        """``(λ_t, multiplier)`` at optimizer step ``step``, or None when the lazy schedule skips it.
+
+        ``λ_t = λ · min(1, (step + 1) / fam_warmup_steps)``; the penalty added is ``multiplier · λ_t · κ``
+        with ``multiplier = fam_every_n_steps`` on the steps it runs (every k-th, starting at 0).
+        """
+        cfg = self.args
+        if step % cfg.fam_every_n_steps:
+            return None
+        lam = cfg.fam_lambda
+        if cfg.fam_warmup_steps:
+            lam *= min(1.0, (step + 1) / cfg.fam_warmup_steps)
+        return lam, float(cfg.fam_every_n_steps)
+
+    # -- loss -------------------------------------------------------------------------------------------
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, torch.Tensor | Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ):
+        schedule = self.fam_lambda_at(self.state.global_step) if model.training else None
+        if schedule is None:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        lam, multiplier = schedule
+        batch = {key: inputs.get(key) for key in ("labels", "input_ids")}  # super() may pop the labels
+        with self.flatness.record(differentiable=lam > 0) as recording:
+            loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
+        result = recording.result(
+            loss,
+            batch,
+            logits=_logits(outputs),
+            num_items_in_batch=num_items_in_batch if self.model_accepts_loss_kwargs else None,
+        )
+        kappa = result.value
+        if result.estimator == "closed_form":  # the probe differentiated `loss`, so it is scaled already
+            kappa = kappa * self._loss_scale(num_items_in_batch)
+        if not torch.isfinite(kappa.detach()).item():
+            self._fam_skipped += 1
+            logger.warning(
+                "FAM: κ is not finite at step %d; this micro-batch trains without the penalty (%d skipped so far)",
+                self.state.global_step, self._fam_skipped,
+            )
+        else:
+            if lam > 0:
+                loss = loss + (lam * multiplier * kappa).to(loss.dtype)
+            self._fam_record(kappa.detach(), result.std_error, lam, multiplier, num_items_in_batch)
+        return (loss, outputs) if return_outputs else loss
+
+    def _loss_scale(self, num_items_in_batch) -> float:
+        # Trainer.compute_loss multiplies the loss by the number of processes when it averages tokens
+        # across devices (DDP then averages gradients); the penalty must be scaled the same way.
+        if (
+            self.args.average_tokens_across_devices
+            and (self.model_accepts_loss_kwargs or self.compute_loss_func)
+            and num_items_in_batch is not None
+        ):
+            return self.accelerator.num_processes // self.get_tp_size() if self.args.n_gpu <= 1 else self.args.n_gpu
+        return 1
+
+    def _loss_is_scaled_for_ga(self, num_items_in_batch) -> bool:
+        # Trainer.training_step divides the loss by the accumulation steps unless this holds.
+        if self.loss_is_scaled_for_ga is not None:
+            return self.loss_is_scaled_for_ga
+        return (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
+
+    # -- logging ----------------------------------------------------------------------------------------
+
+    def _fam_reset_logs(self) -> None:
+        self._fam_sums: torch.Tensor | None = None  # [κ, penalty, stderr] summed like Trainer's tr_loss
+        self._fam_steps = 0
+        self._fam_lambda = 0.0
+
+    def _fam_record(self, kappa, std_error, lam, multiplier, num_items_in_batch) -> None:
+        step = self.state.global_step
+        if step != self._fam_last_step:
+            self._fam_steps += 1
+            self._fam_last_step = step
+        self._fam_lambda = lam
+        # mirror what training_step does to the loss before it is summed into tr_loss
+        share = 1.0 if self._loss_is_scaled_for_ga(num_items_in_batch) else 1.0 / self.current_gradient_accumulation_steps
+        stderr = torch.zeros_like(kappa) if std_error is None else std_error.to(kappa)
+        row = torch.stack([kappa, lam * multiplier * kappa, stderr]).float() * share
+        self._fam_sums = row if self._fam_sums is None else self._fam_sums + row
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._fam_sums is not None:
+            # Every rank logs at the same steps, so the mean over processes is safe here (as for `loss`).
+            means = self.accelerator.reduce(self._fam_sums / self._fam_steps, reduction="mean").tolist()
+            logs["fam/kappa"], logs["fam/penalty"] = means[0], means[1]
+            if self.flatness.estimator == "probe" and self.flatness.probes > 1:
+                logs["fam/kappa_stderr"] = means[2]
+            logs["fam/lambda"] = self._fam_lambda
+            logs["fam/skipped"] = self._fam_skipped
+            self._fam_reset_logs()
+        super().log(logs, start_time)
+
+
+def _logits(outputs: Any) -> torch.Tensor | None:
+    if isinstance(outputs, dict):
+        return outputs.get("logits")
+    return None
