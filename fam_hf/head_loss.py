@@ -22,7 +22,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+)
+
 from .layers import unwrap_model
+
+_CAUSAL_LMS = frozenset(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+_SEQUENCE_CLASSIFIERS = frozenset(MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES.values())
 
 IGNORE_INDEX = -100
 
@@ -73,17 +81,17 @@ class HeadLoss:
             labels = nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
         elif logits.dim() == 3:  # a sequence classifier that scored every position
             logits, features = self._pool_last_token(logits, features, input_ids)
-        d = logits.shape[-1]
+        d, dtype = logits.shape[-1], torch.promote_types(logits.dtype, torch.float32)
         logits, features = logits.reshape(-1, d), features.reshape(-1, features.shape[-1])
         if self.loss_type == "cross_entropy":
-            counted = (labels.reshape(-1) != IGNORE_INDEX).to(torch.float32)
+            counted = (labels.reshape(-1) != IGNORE_INDEX).to(dtype)
             if self.honours_num_items and num_items_in_batch is not None:
-                denominator = torch.as_tensor(num_items_in_batch, device=counted.device, dtype=torch.float32)
+                denominator = torch.as_tensor(num_items_in_batch, device=counted.device, dtype=dtype)
             else:
                 denominator = counted.sum().clamp_min(1)  # an all-ignored batch contributes 0, not NaN
             return logits, features, counted / denominator
         # MSE and BCE average over every element: (examples × outputs)
-        weights = torch.full((logits.shape[0],), 1.0 / logits.numel(), device=logits.device)
+        weights = torch.full((logits.shape[0],), 1.0 / logits.numel(), device=logits.device, dtype=dtype)
         return logits, features, weights
 
     def _pool_last_token(self, logits, features, input_ids):
@@ -107,11 +115,14 @@ def head_loss_for(model: nn.Module, labels: torch.Tensor | None = None) -> HeadL
     model = unwrap_model(model)
     config = getattr(model, "config", None)
     name = type(model).__name__
-    if config is None or any(getattr(config, attr, None) not in (None, 1, 1.0) for attr in _LOGIT_TRANSFORMS):
+    if config is None:
         return None
-    if name.endswith("ForCausalLM"):
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if any(getattr(c, attr, None) not in (None, 1, 1.0) for c in (config, text_config) for attr in _LOGIT_TRANSFORMS):
+        return None
+    if name in _CAUSAL_LMS or name.endswith("ForCausalLM"):
         return HeadLoss("cross_entropy", shift_labels=True, honours_num_items=True)
-    if name.endswith("ForSequenceClassification"):
+    if name in _SEQUENCE_CLASSIFIERS or name.endswith("ForSequenceClassification"):
         problem = config.problem_type
         if problem is None:
             if config.num_labels == 1:

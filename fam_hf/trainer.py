@@ -11,6 +11,7 @@ from transformers import Trainer
 
 from .config import FAMConfig
 from .flatness import RelativeFlatness
+from .head_loss import head_loss_for
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +41,13 @@ class FAMTrainer(Trainer):
                 "FAMConfig takes every TrainingArguments field plus the fam_* fields"
             )
         cfg = self.args
+        head_loss = head_loss_for(self.model)
+        if head_loss is not None and not head_loss.honours_num_items and self.compute_loss_func is None:
+            # transformers' sequence classifiers accept **kwargs, so Trainer believes their loss is summed over
+            # num_items_in_batch, but they return a per-micro-batch mean: under gradient accumulation the loss
+            # (and so the penalty) would be k× too large, and ×world_size under DDP token averaging. Declaring
+            # that the model takes no loss kwargs makes Trainer average it like any mean loss.
+            self.model_accepts_loss_kwargs = False
         estimator = cfg.fam_estimator
         custom_loss = self.compute_loss_func is not None or self.label_smoother is not None
         if custom_loss and estimator == "closed_form":

@@ -1,0 +1,319 @@
+"""Every estimator against the brute-force float64 layer Hessian (tests/brute_force.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from brute_force import functional_loss, kappa_from_loss_fn
+from peft import LoraConfig, get_peft_model
+from torch import nn
+from torch.nn import functional as F
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForSequenceClassification,
+)
+
+from fam_hf import RelativeFlatness, closed_form, relative_flatness
+
+RTOL_CLOSED = 1e-8
+
+
+def tiny_bert(num_labels=3, problem_type=None):
+    cfg = BertConfig(
+        vocab_size=40, hidden_size=12, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16,
+        max_position_embeddings=16, num_labels=num_labels, problem_type=problem_type,
+        attn_implementation="eager", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )
+    return BertForSequenceClassification(cfg).double().eval()
+
+
+def tiny_gpt2():
+    cfg = GPT2Config(vocab_size=24, n_positions=16, n_embd=8, n_layer=1, n_head=2, attn_implementation="eager",
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return GPT2LMHeadModel(cfg).double().eval()
+
+
+def lm_batch(model, batch_size=3, length=6):
+    ids = torch.randint(0, model.config.vocab_size, (batch_size, length))
+    labels = ids.clone()
+    labels[0, :3] = -100  # a masked prompt
+    labels[2, -2:] = -100  # padding
+    return {"input_ids": ids, "labels": labels}
+
+
+def assert_within_stderr(result, truth, k=3.0):
+    assert result.std_error is not None
+    assert abs(float(result.value) - float(truth)) <= k * float(result.std_error), (
+        f"probe {float(result.value):.6g} ± {float(result.std_error):.3g} vs truth {float(truth):.6g}"
+    )
+
+
+# -- closed form --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    "num_labels,problem_type,labels",
+    [
+        (3, None, torch.tensor([0, 2, 1, -100])),  # cross-entropy with an ignored example
+        (1, None, torch.tensor([0.3, -1.2, 2.0, 0.1], dtype=torch.float64)),  # MSE regression
+        (3, "multi_label_classification", torch.tensor([[1, 0, 1], [0, 0, 0], [1, 1, 1], [0, 1, 0]],
+                                                       dtype=torch.float64)),  # BCE
+    ],
+    ids=["cross_entropy", "mse", "bce"],
+)
+def test_closed_form_sequence_classifier_matches_brute_force(num_labels, problem_type, labels):
+    model = tiny_bert(num_labels, problem_type)
+    batch = {"input_ids": torch.randint(0, 40, (4, 5)), "labels": labels}
+    truth = kappa_from_loss_fn(functional_loss(model, batch, "classifier.weight"), model.classifier.weight.detach())
+    result = relative_flatness(model, batch, estimator="closed_form")
+    assert result.estimator == "closed_form" and result.layer == "classifier"
+    torch.testing.assert_close(result.value, truth, rtol=RTOL_CLOSED, atol=0)
+
+
+def test_closed_form_tied_lm_head_with_masked_labels():
+    model = tiny_gpt2()
+    assert model.lm_head.weight is model.transformer.wte.weight
+    batch = lm_batch(model)
+    hidden = model.transformer(batch["input_ids"]).last_hidden_state.detach()
+
+    def loss_of(e):  # perturb the head's use of the tied matrix only; the features stay fixed
+        logits = hidden @ (model.lm_head.weight + e).T
+        return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1))
+
+    truth = kappa_from_loss_fn(loss_of, model.lm_head.weight.detach())
+    result = relative_flatness(model, batch)
+    assert (result.estimator, result.layer) == ("closed_form", "lm_head")
+    torch.testing.assert_close(result.value, truth, rtol=RTOL_CLOSED, atol=0)
+
+
+def test_closed_form_lm_head_uses_num_items_in_batch():
+    model = tiny_gpt2()
+    batch = lm_batch(model)
+    plain = relative_flatness(model, batch).value
+    counted = int((batch["labels"][:, 1:] != -100).sum())
+    summed = relative_flatness(model, {**batch, "num_items_in_batch": torch.tensor(2 * counted)}).value
+    torch.testing.assert_close(summed, plain / 2, rtol=1e-12, atol=0)
+
+
+def test_closed_form_pooled_decoder_classifier():
+    cfg = LlamaConfig(vocab_size=30, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, num_labels=3, pad_token_id=0,
+                      attn_implementation="eager")
+    model = LlamaForSequenceClassification(cfg).double().eval()
+    ids = torch.randint(1, 30, (3, 6))
+    ids[0, 4:] = 0  # right padding: the pooled position is the last non-pad token
+    batch = {"input_ids": ids, "labels": torch.tensor([2, 0, 1])}
+    truth = kappa_from_loss_fn(functional_loss(model, batch, "score.weight"), model.score.weight.detach())
+    result = relative_flatness(model, batch)
+    assert (result.estimator, result.layer) == ("closed_form", "score")
+    torch.testing.assert_close(result.value, truth, rtol=RTOL_CLOSED, atol=0)
+
+
+def test_closed_form_function_on_mlp_head():
+    """The pure function on a 10-line MLP: mean cross-entropy over 5 examples."""
+    features, head = torch.randn(5, 7, dtype=torch.float64), torch.randn(4, 7, dtype=torch.float64)
+    targets = torch.tensor([0, 3, 1, 1, 2])
+    truth = kappa_from_loss_fn(lambda e: F.cross_entropy(features @ (head + e).T, targets), head)
+    value = closed_form(head, features, features @ head.T, torch.full((5,), 0.2, dtype=torch.float64),
+                        "cross_entropy")
+    torch.testing.assert_close(value, truth, rtol=RTOL_CLOSED, atol=0)
+
+
+def test_all_ignored_labels_give_zero_not_nan():
+    model = tiny_gpt2()
+    batch = lm_batch(model)
+    batch["labels"][:] = -100
+    assert float(relative_flatness(model, batch).value) == 0.0
+
+
+def test_reference_scale_divides_by_fan_in():
+    model = tiny_bert()
+    batch = {"input_ids": torch.randint(0, 40, (4, 5)), "labels": torch.tensor([0, 2, 1, 1])}
+    paper = relative_flatness(model, batch).value
+    reference = relative_flatness(model, batch, scale="reference").value
+    torch.testing.assert_close(reference, paper / model.config.hidden_size, rtol=1e-12, atol=0)
+
+
+# -- gradients ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("hessian_grad", ["full", "detached"])
+def test_closed_form_gradient_matches_brute_force(hessian_grad):
+    model = tiny_bert()
+    batch = {"input_ids": torch.randint(0, 40, (4, 5)), "labels": torch.tensor([0, 2, 1, 1])}
+    params = [p for p in model.parameters()]
+    weight = model.classifier.weight
+    truth = kappa_from_loss_fn(functional_loss(model, batch, "classifier.weight"), weight,
+                               create_graph=True, detach_hessian=hessian_grad == "detached")
+    expected = torch.autograd.grad(truth, params, allow_unused=True)
+    result = relative_flatness(model, batch, hessian_grad=hessian_grad, differentiable=True)
+    got = torch.autograd.grad(result.value, params, allow_unused=True)
+    for name, g, e in zip([n for n, _ in model.named_parameters()], got, expected):
+        g = torch.zeros_like(params[0]) if g is None and e is None else g
+        if e is None:
+            assert g is None or g.abs().max() == 0, name
+            continue
+        torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-10, msg=name)
+    if hessian_grad == "detached":  # only the head's weight moves
+        assert all(g is None or g.abs().max() == 0 for (n, _), g in zip(model.named_parameters(), got)
+                   if n != "classifier.weight")
+
+
+@pytest.mark.parametrize("hessian_grad", ["full", "detached"])
+def test_probe_gradient_for_a_fixed_probe_matches_brute_force(hessian_grad):
+    """With the Rademacher matrix R fixed, one probe is q(θ) = vec(WR)ᵀ H(θ) vec(WR): compare ∇q."""
+    model = tiny_bert()
+    batch = {"input_ids": torch.randint(0, 40, (4, 5)), "labels": torch.tensor([0, 2, 1, 1])}
+    params = list(model.parameters())
+    flat = RelativeFlatness(model, "bert.encoder.layer.0.intermediate.dense", "probe", probes=1,
+                            hessian_grad=hessian_grad, generator=torch.Generator().manual_seed(7))
+    with flat.record() as recording:
+        loss = model(**batch).loss
+    got = torch.autograd.grad(recording.result(loss).value, params, allow_unused=True)
+    r = recording._probe_matrices[0].to(torch.float64)
+
+    name = "bert.encoder.layer.0.intermediate.dense.weight"
+    weight = dict(model.named_parameters())[name]
+    d, m = weight.shape
+    zero = torch.zeros_like(weight.detach(), requires_grad=True)
+    h = torch.autograd.functional.hessian(functional_loss(model, batch, name), zero, create_graph=True)
+    h = h.reshape(d * m, d * m)
+    if hessian_grad == "detached":
+        h = h.detach()
+    v = (weight @ r).reshape(-1)
+    expected = torch.autograd.grad(v @ h @ v, params, allow_unused=True)
+    for (n, _), g, e in zip(model.named_parameters(), got, expected):
+        if e is None or e.abs().max() == 0:
+            assert g is None or g.abs().max() < 1e-12, n
+        else:
+            torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-10, msg=n)
+
+
+# -- probe and exact on every kind of layer ----------------------------------------------------------------
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.head = nn.Linear(6, 8), nn.Linear(8, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.fc2(torch.tanh(self.fc1(x)))))
+
+
+@pytest.mark.parametrize("layer", ["fc2", "head"])
+def test_probe_and_exact_on_mlp(layer):
+    model = MLP().double()
+    x, y = torch.randn(10, 6, dtype=torch.float64), torch.randint(0, 3, (10,))
+    weight = getattr(model, layer).weight
+
+    def loss_of(e):
+        return F.cross_entropy(torch.func.functional_call(model, {f"{layer}.weight": weight + e}, (x,)), y)
+
+    truth = kappa_from_loss_fn(loss_of, weight.detach())
+    for estimator in ("exact", "probe"):
+        flat = RelativeFlatness(model, layer, estimator, probes=400, generator=torch.Generator().manual_seed(1))
+        with flat.record(differentiable=False) as recording:
+            loss = F.cross_entropy(model(x), y)
+        result = recording.result(loss)
+        if estimator == "exact":
+            torch.testing.assert_close(result.value, truth, rtol=1e-10, atol=0)
+        else:
+            assert_within_stderr(result, truth)
+
+
+def test_probe_and_exact_on_gpt2_conv1d_projection():
+    model = tiny_gpt2()
+    batch = lm_batch(model)
+    name = "transformer.h.0.attn.c_proj"
+    weight = dict(model.named_modules())[name].weight  # Conv1D: (in, out)
+    truth = kappa_from_loss_fn(functional_loss(model, batch, name + ".weight", transpose=True), weight.detach().T)
+    exact = relative_flatness(model, batch, name, "exact")
+    torch.testing.assert_close(exact.value, truth, rtol=1e-10, atol=0)
+    probe = relative_flatness(model, batch, name, "probe", probes=400)
+    assert_within_stderr(probe, truth)
+
+
+def test_probe_and_exact_on_lora_projection():
+    model = tiny_gpt2()
+    lora = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn"], lora_dropout=0.0,
+                                            fan_in_fan_out=True, init_lora_weights=False))
+    batch = lm_batch(model)
+    layer = lora.base_model.model.transformer.h[0].attn.c_attn
+    effective = (layer.base_layer.weight.T + layer.get_delta_weight("default").T).detach()  # (d, m)
+    assert not torch.allclose(effective, layer.base_layer.weight.T)  # the adapter is not at its zero init
+
+    def loss_of(e):  # the merged model, adapter disabled: base weight := W0 + s·BA + E
+        with lora.disable_adapter():
+            return torch.func.functional_call(
+                lora.base_model.model, {"transformer.h.0.attn.c_attn.base_layer.weight": (effective + e).T}, args=(),
+                kwargs=batch).loss
+
+    truth = kappa_from_loss_fn(loss_of, effective)
+    exact = relative_flatness(lora, batch, "transformer.h.0.attn.c_attn", "exact")
+    assert exact.layer == "transformer.h.0.attn.c_attn"
+    torch.testing.assert_close(exact.value, truth, rtol=1e-10, atol=0)
+    probe = relative_flatness(lora, batch, "transformer.h.0.attn.c_attn", "probe", probes=400)
+    assert_within_stderr(probe, truth)
+    # gradients reach the adapter only (the base layer is frozen)
+    result = relative_flatness(lora, batch, "transformer.h.0.attn.c_attn", "probe", probes=1, differentiable=True)
+    result.value.backward()
+    assert layer.lora_A["default"].weight.grad.abs().sum() > 0
+    assert layer.base_layer.weight.grad is None
+
+
+def test_probe_on_head_agrees_with_closed_form():
+    model = tiny_bert()
+    batch = {"input_ids": torch.randint(0, 40, (4, 5)), "labels": torch.tensor([0, 2, 1, 1])}
+    exact = relative_flatness(model, batch, estimator="closed_form").value
+    assert_within_stderr(relative_flatness(model, batch, estimator="probe", probes=400), exact)
+
+
+def test_probe_std_error_shrinks_as_inverse_sqrt_probes():
+    model = tiny_bert()
+    batch = {"input_ids": torch.randint(0, 40, (4, 5)), "labels": torch.tensor([0, 2, 1, 1])}
+    few = relative_flatness(model, batch, estimator="probe", probes=25).std_error
+    many = relative_flatness(model, batch, estimator="probe", probes=400).std_error
+    ratio = float(few / many)  # √(400/25) = 4
+    assert 4 / 1.5 < ratio < 4 * 1.5, ratio
+
+
+def test_probe_is_reproducible_from_its_generator():
+    model = tiny_bert()
+    batch = {"input_ids": torch.randint(0, 40, (4, 5)), "labels": torch.tensor([0, 2, 1, 1])}
+    runs = [relative_flatness(model, batch, estimator="probe", probes=3,
+                              generator=torch.Generator().manual_seed(5)).value for _ in range(2)]
+    assert runs[0] == runs[1]
+
+
+# -- errors -------------------------------------------------------------------------------------------------
+
+def test_exact_refuses_a_large_layer():
+    model = tiny_gpt2()
+    with pytest.raises(ValueError, match=r"estimator='exact' on 'lm_head' \(24×8 = 192 weights\).*max_exact_entries"):
+        relative_flatness(model, lm_batch(model), estimator="exact", max_exact_entries=100)
+
+
+def test_closed_form_refuses_a_body_layer():
+    model = tiny_bert()
+    with pytest.raises(ValueError, match="not the model's output head.*estimator='probe'"):
+        RelativeFlatness(model, "bert.pooler.dense", "closed_form")
+    assert RelativeFlatness(model, "bert.pooler.dense", "auto").estimator == "probe"
+
+
+def test_bad_options_name_the_choices():
+    model = tiny_bert()
+    with pytest.raises(ValueError, match="estimator='hutchinson' is not one of 'auto', 'closed_form'"):
+        RelativeFlatness(model, estimator="hutchinson")
+    with pytest.raises(ValueError, match="probes=0 must be at least 1"):
+        RelativeFlatness(model, estimator="probe", probes=0)
+
+
+def test_layer_not_called_is_reported():
+    model = MLP().double()
+    flat = RelativeFlatness(model, "fc1", "probe")
+    with flat.record() as recording:
+        loss = torch.zeros((), requires_grad=True)
+    with pytest.raises(RuntimeError, match="'fc1' did not run"):
+        recording.result(loss)
