@@ -199,7 +199,9 @@ def resolve_layer(model: nn.Module, spec: str = "auto") -> Layer:
                 raise ValueError(f"{problem}; name exactly one of: {_listing(candidates)}")
             name = matches[0]
     module = dict(base.named_modules())[name]
-    return Layer(name=name, module=module, kind=_kind(module), is_output_head=name == head)
+    layer = Layer(name=name, module=module, kind=_kind(module), is_output_head=name == head)
+    layer.weight()  # fails now, with its reason, where the layer's type is unsupported (e.g. DoRA)
+    return layer
 
 
 def _listing(names: list[str]) -> str:

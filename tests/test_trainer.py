@@ -1,0 +1,184 @@
+"""FAMTrainer against plain Trainer and against κ computed by hand: same numbers, not just "it runs"."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    Trainer,
+    TrainingArguments,
+)
+
+import fam_hf.flatness
+from fam_hf import FAMConfig, FAMTrainer, relative_flatness
+
+COMMON = dict(
+    report_to=[], use_cpu=True, save_strategy="no", optim="sgd", lr_scheduler_type="constant",
+    learning_rate=0.5, logging_steps=1, seed=3, dataloader_drop_last=True, disable_tqdm=True,
+)
+
+
+def gpt2(seed=0):
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=32, n_positions=16, n_embd=16, n_layer=1, n_head=2,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return GPT2LMHeadModel(cfg)
+
+
+def bert(seed=0):
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=32, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return BertForSequenceClassification(cfg)
+
+
+def lm_data(n=32, length=10):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 32, (n, length), generator=g)
+    labels = ids.clone()
+    prompt = torch.randint(0, length - 2, (n,), generator=g)
+    labels[torch.arange(length) < prompt[:, None]] = -100  # uneven token counts across micro-batches
+    return Dataset.from_dict({"input_ids": ids.tolist(), "labels": labels.tolist()})
+
+
+def cls_data(n=32, length=8):
+    g = torch.Generator().manual_seed(2)
+    return Dataset.from_dict({"input_ids": torch.randint(0, 32, (n, length), generator=g).tolist(),
+                              "labels": torch.randint(0, 3, (n,), generator=g).tolist()})
+
+
+def fam_trainer(model, data, tmp_path, **kw):
+    args = FAMConfig(output_dir=str(tmp_path), **{**COMMON, **kw})
+    return FAMTrainer(model=model, args=args, train_dataset=data)
+
+
+def params(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def fam_logs(trainer):
+    return [h for h in trainer.state.log_history if "fam/kappa" in h]
+
+
+@pytest.mark.parametrize("estimator", ["closed_form", "probe"])
+def test_lambda_zero_trains_exactly_like_plain_trainer(tmp_path, estimator):
+    plain = gpt2()
+    Trainer(model=plain, args=TrainingArguments(output_dir=str(tmp_path / "plain"), max_steps=3,
+                                                per_device_train_batch_size=8, **COMMON),
+            train_dataset=lm_data()).train()
+    fam = gpt2()
+    trainer = fam_trainer(fam, lm_data(), tmp_path / "fam", max_steps=3, per_device_train_batch_size=8,
+                          fam_lambda=0.0, fam_estimator=estimator)
+    trainer.train()
+    for (name, a), b in zip(plain.named_parameters(), fam.parameters()):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-7, msg=name)
+    assert len(fam_logs(trainer)) == 3 and all(h["fam/penalty"] == 0 for h in fam_logs(trainer))
+
+
+@pytest.mark.parametrize("make_model,data", [(gpt2, lm_data), (bert, cls_data)], ids=["causal-lm", "classifier"])
+def test_one_step_equals_hand_computed_sgd_on_loss_plus_lambda_kappa(tmp_path, make_model, data):
+    lam, lr = 0.3, 0.5
+    model = make_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = fam_trainer(model, data(16), tmp_path, max_steps=1, per_device_train_batch_size=16, fam_lambda=lam)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in list(trainer.get_train_dataloader().sampler)])
+    trainer.train()
+
+    # the denominator Trainer hands the model (for GPT-2 it counts position 0 too: transformers leaves
+    # GPT2LMHeadModel.loss_type unset); FAM must follow whatever the loss used
+    if trainer.model_accepts_loss_kwargs:
+        batch["num_items_in_batch"] = trainer._get_num_items_in_batch([batch], torch.device("cpu"))
+    reference = make_model()
+    reference.load_state_dict(before)
+    reference.train()
+    kappa = relative_flatness(reference, batch, differentiable=True)
+    objective = reference(**batch).loss + lam * kappa.value
+    grads = torch.autograd.grad(objective, list(reference.parameters()))
+    for (name, p), g in zip(reference.named_parameters(), grads):
+        torch.testing.assert_close(model.state_dict()[name], p.detach() - lr * g, rtol=0, atol=1e-6, msg=name)
+    assert fam_logs(trainer)[0]["fam/kappa"] == pytest.approx(float(kappa.value), rel=1e-5)
+
+
+@pytest.mark.parametrize("make_model,data", [(gpt2, lm_data), (bert, cls_data)], ids=["causal-lm", "classifier"])
+def test_gradient_accumulation_equals_one_big_batch(tmp_path, make_model, data):
+    runs = {}
+    for micro, accumulate in [(16, 1), (8, 2)]:
+        model = make_model()
+        trainer = fam_trainer(model, data(32), tmp_path / f"{micro}", max_steps=2, per_device_train_batch_size=micro,
+                              gradient_accumulation_steps=accumulate, fam_lambda=0.3)
+        trainer.train()
+        runs[micro] = (params(model), [h["fam/kappa"] for h in fam_logs(trainer)],
+                       [h["loss"] for h in fam_logs(trainer)])
+    (p16, k16, l16), (p8, k8, l8) = runs[16], runs[8]
+    assert k8 == pytest.approx(k16, rel=1e-6) and l8 == pytest.approx(l16, rel=1e-6)
+    for name in p16:
+        torch.testing.assert_close(p8[name], p16[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_probe_penalty_on_a_body_layer_logs_its_std_error(tmp_path):
+    model = gpt2()
+    before = params(model)
+    trainer = fam_trainer(model, lm_data(16), tmp_path, max_steps=2, per_device_train_batch_size=8,
+                          fam_lambda=1.0, fam_layer="transformer.h.0.mlp.c_fc", fam_probes=2)
+    assert trainer.flatness.estimator == "probe"
+    trainer.train()
+    logs = fam_logs(trainer)
+    # away from a minimum a body layer's Hessian is indefinite, so κ may have either sign
+    assert len(logs) == 2 and all(h["fam/kappa"] != 0 and h["fam/kappa_stderr"] > 0 for h in logs)
+    assert not torch.equal(before["transformer.h.0.mlp.c_fc.weight"], model.transformer.h[0].mlp.c_fc.weight)
+
+
+def test_lazy_schedule_and_warmup(tmp_path):
+    trainer = fam_trainer(gpt2(), lm_data(), tmp_path, max_steps=4, per_device_train_batch_size=8,
+                          fam_lambda=0.2, fam_every_n_steps=2, fam_warmup_steps=4)
+    assert [trainer.fam_lambda_at(s) for s in range(5)] == [
+        (0.05, 2.0), None, (0.15000000000000002, 2.0), None, (0.2, 2.0)]
+    trainer.train()
+    steps = [h["step"] for h in fam_logs(trainer)]
+    assert steps == [1, 3]  # κ computed on optimizer steps 0 and 2, logged after them
+    for h in fam_logs(trainer):
+        assert h["fam/penalty"] == pytest.approx(2 * h["fam/lambda"] * h["fam/kappa"], rel=1e-6)
+
+
+def test_evaluation_is_untouched(tmp_path):
+    eval_data = lm_data(16)
+    plain = Trainer(model=gpt2(), args=TrainingArguments(output_dir=str(tmp_path / "p"), **COMMON),
+                    eval_dataset=eval_data).evaluate()
+    fam = FAMTrainer(model=gpt2(), args=FAMConfig(output_dir=str(tmp_path / "f"), fam_lambda=5.0, **COMMON),
+                     eval_dataset=eval_data).evaluate()
+    assert fam["eval_loss"] == plain["eval_loss"]
+
+
+def test_non_finite_kappa_skips_the_penalty_and_never_writes_nan(tmp_path, monkeypatch):
+    monkeypatch.setattr(fam_hf.flatness, "closed_form", lambda *a, **k: torch.tensor(float("nan")))
+    model = gpt2()
+    trainer = fam_trainer(model, lm_data(16), tmp_path, max_steps=2, per_device_train_batch_size=8, fam_lambda=1.0)
+    trainer.train()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert trainer._fam_skipped == 2
+
+
+def test_config_errors_name_the_fix(tmp_path):
+    with pytest.raises(ValueError, match="fam_lambda=-1.0 is negative"):
+        FAMConfig(output_dir=str(tmp_path), fam_lambda=-1.0)
+    with pytest.raises(ValueError, match="fam_estimator='hessian' is not one of 'auto'"):
+        FAMConfig(output_dir=str(tmp_path), fam_estimator="hessian")
+    with pytest.raises(ValueError, match="fam_every_n_steps=0 must be ≥ 1"):
+        FAMConfig(output_dir=str(tmp_path), fam_every_n_steps=0)
+    with pytest.raises(TypeError, match=r"FAMTrainer needs args=FAMConfig\(...\), got TrainingArguments"):
+        FAMTrainer(model=gpt2(), args=TrainingArguments(output_dir=str(tmp_path), report_to=[]))
+    with pytest.raises(ValueError, match="unknown layer 'decoder'; name exactly one of: "):
+        fam_trainer(gpt2(), lm_data(), tmp_path, fam_layer="decoder")
+    with pytest.raises(ValueError, match="compute_loss_func or label smoothing; use fam_estimator='probe'"):
+        FAMTrainer(model=gpt2(), args=FAMConfig(output_dir=str(tmp_path), fam_estimator="closed_form", **COMMON),
+                   compute_loss_func=lambda outputs, labels, num_items_in_batch=None: outputs.logits.mean())
+
+
+def test_custom_loss_switches_auto_to_the_probe(tmp_path):
+    trainer = FAMTrainer(model=gpt2(), args=FAMConfig(output_dir=str(tmp_path), label_smoothing_factor=0.1, **COMMON))
+    assert trainer.flatness.estimator == "probe"
