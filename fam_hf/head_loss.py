@@ -21,7 +21,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-
 from transformers.models.auto.modeling_auto import (
     MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
     MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,

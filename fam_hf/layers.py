@@ -12,11 +12,10 @@ import fnmatch
 from dataclasses import dataclass
 
 import torch
-from torch import nn
-
 from accelerate.utils import extract_model_from_parallel
 from peft.tuners.lora import LoraLayer
 from peft.utils.other import ModulesToSaveWrapper
+from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 # Attribute paths of sequence-classification heads, most specific first (RoBERTa's head is a small MLP

@@ -1,0 +1,43 @@
+"""Two real gloo ranks through `accelerate launch` against one process on the same global batch."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from ddp_worker import VARIANTS, train
+
+WORKER = Path(__file__).parent / "ddp_worker.py"
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp")
+    accelerate = shutil.which("accelerate") or pytest.skip("accelerate CLI not on PATH")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
+    proc = subprocess.run(
+        [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", "29517",
+         str(WORKER), str(out)],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return out
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_two_ranks_equal_one_process_on_the_global_batch(ddp_run, tmp_path, variant):
+    """Closed form: the penalty follows Trainer's token averaging across ranks. Probe: every rank draws the
+    same Rademacher matrices (same seed), so the all-reduced probe is the single-process probe."""
+    ranks = [torch.load(ddp_run / f"{variant}-rank{r}.pt") for r in range(2)]
+    assert all(r["world_size"] == 2 for r in ranks)
+    single = train(tmp_path, variant, per_device_batch=16)
+    single_logs = [h for h in single.state.log_history if "fam/kappa" in h]
+    for rank in ranks:
+        for name, value in single.model.state_dict().items():
+            torch.testing.assert_close(rank["params"][name], value, rtol=0, atol=1e-6, msg=name)
+        for key in ("fam/kappa", "fam/penalty", "loss"):
+            assert [h[key] for h in rank["logs"]] == pytest.approx([h[key] for h in single_logs], rel=1e-5), key
