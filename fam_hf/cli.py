@@ -1,7 +1,7 @@
 """``fam-hf``: what users do outside a training script.
 
-    fam-hf layers MODEL_DIR [--task sequence-classification|causal-lm]
-        list the layers fam_layer can name, with the one fam_layer='auto' picks
+fam-hf layers MODEL_DIR [--task sequence-classification|causal-lm]
+    list the layers fam_layer can name, with the one fam_layer='auto' picks
 """
 
 from __future__ import annotations
@@ -46,8 +46,12 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     layers = commands.add_parser("layers", help="list the layers fam_layer can name (a saved model folder)")
     layers.add_argument("model", help="a local model folder (or a Hub id where a network exists)")
-    layers.add_argument("--task", choices=["auto", *_TASKS], default="auto",
-                        help="load with this head (default: the saved architecture)")
+    layers.add_argument(
+        "--task",
+        choices=["auto", *_TASKS],
+        default="auto",
+        help="load with this head (default: the saved architecture)",
+    )
     layers.set_defaults(run=_layers)
     args = parser.parse_args(argv)
     return args.run(args)

@@ -42,9 +42,7 @@ class FAMConfig(TrainingArguments):
             "layers only), or 'auto' (closed form where it applies, else probe)."
         },
     )
-    fam_probes: int = field(
-        default=1, metadata={"help": "Rademacher probes per step for the probe estimator (≥ 1)."}
-    )
+    fam_probes: int = field(default=1, metadata={"help": "Rademacher probes per step for the probe estimator (≥ 1)."})
     fam_hessian_grad: str = field(
         default="full",
         metadata={
@@ -67,9 +65,7 @@ class FAMConfig(TrainingArguments):
         default=0,
         metadata={"help": "Ramp λ linearly from λ/n to λ over the first n optimizer steps (0: no ramp)."},
     )
-    fam_seed: int | None = field(
-        default=None, metadata={"help": "Seed of the probe RNG (default: the training seed)."}
-    )
+    fam_seed: int | None = field(default=None, metadata={"help": "Seed of the probe RNG (default: the training seed)."})
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -187,8 +187,10 @@ class Recording:
                     count, m, generator=self.flatness.generator, dtype=weight.dtype, device=weight.device
                 )
                 self._delta = torch.zeros(count, dtype=dtype, device=weight.device, requires_grad=True)
-            directions = [F.linear(F.linear(features, r.to(features.dtype)), weight.to(features.dtype))
-                          for r in self._probe_matrices]
+            directions = [
+                F.linear(F.linear(features, r.to(features.dtype)), weight.to(features.dtype))
+                for r in self._probe_matrices
+            ]
             shift = sum(d * u for d, u in zip(self._delta.to(output.dtype), directions))
             perturbed = output + shift
             if first_call:

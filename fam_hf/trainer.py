@@ -71,8 +71,11 @@ class FAMTrainer(Trainer):
         self._fam_skipped = 0
         self._fam_last_step = -1
         logger.info(
-            "FAM: λ=%g on layer '%s' (%s), estimator %s", cfg.fam_lambda, self.flatness.layer.name,
-            self.flatness.layer.kind, self.flatness.estimator,
+            "FAM: λ=%g on layer '%s' (%s), estimator %s",
+            cfg.fam_lambda,
+            self.flatness.layer.name,
+            self.flatness.layer.kind,
+            self.flatness.estimator,
         )
 
     # -- schedule ---------------------------------------------------------------------------------------
@@ -120,7 +123,8 @@ class FAMTrainer(Trainer):
             self._fam_skipped += 1
             logger.warning(
                 "FAM: κ is not finite at step %d; this micro-batch trains without the penalty (%d skipped so far)",
-                self.state.global_step, self._fam_skipped,
+                self.state.global_step,
+                self._fam_skipped,
             )
         else:
             if lam > 0:
@@ -159,7 +163,9 @@ class FAMTrainer(Trainer):
             self._fam_last_step = step
         self._fam_lambda = lam
         # mirror what training_step does to the loss before it is summed into tr_loss
-        share = 1.0 if self._loss_is_scaled_for_ga(num_items_in_batch) else 1.0 / self.current_gradient_accumulation_steps
+        share = (
+            1.0 if self._loss_is_scaled_for_ga(num_items_in_batch) else 1.0 / self.current_gradient_accumulation_steps
+        )
         stderr = torch.zeros_like(kappa) if std_error is None else std_error.to(kappa)
         row = torch.stack([kappa, lam * multiplier * kappa, stderr]).float() * share
         self._fam_sums = row if self._fam_sums is None else self._fam_sums + row

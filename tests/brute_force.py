@@ -10,8 +10,13 @@ import torch
 from torch.autograd.functional import hessian
 
 
-def kappa_from_loss_fn(loss_of_weight: Callable[[torch.Tensor], torch.Tensor], weight: torch.Tensor,
-                       *, create_graph: bool = False, detach_hessian: bool = False) -> torch.Tensor:
+def kappa_from_loss_fn(
+    loss_of_weight: Callable[[torch.Tensor], torch.Tensor],
+    weight: torch.Tensor,
+    *,
+    create_graph: bool = False,
+    detach_hessian: bool = False,
+) -> torch.Tensor:
     """κ = Σ ⟨w_s, w_s'⟩ Tr(H_{s,s'}) with H the Hessian of ``loss_of_weight`` at ``weight`` (d, m).
 
     ``loss_of_weight(E)`` must evaluate the loss with the layer's weight replaced by ``weight + E``, so

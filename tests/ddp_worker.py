@@ -18,8 +18,14 @@ VARIANTS = {
 
 
 def train(output_dir: Path, variant: str, per_device_batch: int) -> FAMTrainer:
-    args = FAMConfig(output_dir=str(output_dir / variant), max_steps=2, per_device_train_batch_size=per_device_batch,
-                     fam_lambda=0.3, **COMMON, **VARIANTS[variant])
+    args = FAMConfig(
+        output_dir=str(output_dir / variant),
+        max_steps=2,
+        per_device_train_batch_size=per_device_batch,
+        fam_lambda=0.3,
+        **COMMON,
+        **VARIANTS[variant],
+    )
     trainer = FAMTrainer(model=gpt2(), args=args, train_dataset=lm_data(16))
     trainer.train()
     return trainer
@@ -30,7 +36,11 @@ if __name__ == "__main__":
     for variant in VARIANTS:
         trainer = train(out, variant, per_device_batch=8)
         rank = trainer.accelerator.process_index
-        torch.save({"params": {k: v.detach().clone() for k, v in trainer.model.state_dict().items()},
-                    "logs": [h for h in trainer.state.log_history if "fam/kappa" in h],
-                    "world_size": trainer.accelerator.num_processes},
-                   out / f"{variant}-rank{rank}.pt")
+        torch.save(
+            {
+                "params": {k: v.detach().clone() for k, v in trainer.model.state_dict().items()},
+                "logs": [h for h in trainer.state.log_history if "fam/kappa" in h],
+                "world_size": trainer.accelerator.num_processes,
+            },
+            out / f"{variant}-rank{rank}.pt",
+        )

@@ -20,9 +20,21 @@ def ddp_run(tmp_path_factory):
     accelerate = shutil.which("accelerate") or pytest.skip("accelerate CLI not on PATH")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
     proc = subprocess.run(
-        [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", "29517",
-         str(WORKER), str(out)],
-        capture_output=True, text=True, env=env, timeout=600,
+        [
+            accelerate,
+            "launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--main_process_port",
+            "29517",
+            str(WORKER),
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return out

@@ -24,16 +24,33 @@ RTOL_CLOSED = 1e-8
 
 def tiny_bert(num_labels=3, problem_type=None):
     cfg = BertConfig(
-        vocab_size=40, hidden_size=12, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16,
-        max_position_embeddings=16, num_labels=num_labels, problem_type=problem_type,
-        attn_implementation="eager", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        vocab_size=40,
+        hidden_size=12,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=16,
+        max_position_embeddings=16,
+        num_labels=num_labels,
+        problem_type=problem_type,
+        attn_implementation="eager",
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
     )
     return BertForSequenceClassification(cfg).double().eval()
 
 
 def tiny_gpt2():
-    cfg = GPT2Config(vocab_size=24, n_positions=16, n_embd=8, n_layer=1, n_head=2, attn_implementation="eager",
-                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    cfg = GPT2Config(
+        vocab_size=24,
+        n_positions=16,
+        n_embd=8,
+        n_layer=1,
+        n_head=2,
+        attn_implementation="eager",
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
     return GPT2LMHeadModel(cfg).double().eval()
 
 
@@ -54,13 +71,17 @@ def assert_within_stderr(result, truth, k=3.0):
 
 # -- closed form --------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize(
     "num_labels,problem_type,labels",
     [
         (3, None, torch.tensor([0, 2, 1, -100])),  # cross-entropy with an ignored example
         (1, None, torch.tensor([0.3, -1.2, 2.0, 0.1], dtype=torch.float64)),  # MSE regression
-        (3, "multi_label_classification", torch.tensor([[1, 0, 1], [0, 0, 0], [1, 1, 1], [0, 1, 0]],
-                                                       dtype=torch.float64)),  # BCE
+        (
+            3,
+            "multi_label_classification",
+            torch.tensor([[1, 0, 1], [0, 0, 0], [1, 1, 1], [0, 1, 0]], dtype=torch.float64),
+        ),  # BCE
     ],
     ids=["cross_entropy", "mse", "bce"],
 )
@@ -99,9 +120,17 @@ def test_closed_form_lm_head_uses_num_items_in_batch():
 
 
 def test_closed_form_pooled_decoder_classifier():
-    cfg = LlamaConfig(vocab_size=30, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=1, num_labels=3, pad_token_id=0,
-                      attn_implementation="eager")
+    cfg = LlamaConfig(
+        vocab_size=30,
+        hidden_size=8,
+        intermediate_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        num_labels=3,
+        pad_token_id=0,
+        attn_implementation="eager",
+    )
     model = LlamaForSequenceClassification(cfg).double().eval()
     ids = torch.randint(1, 30, (3, 6))
     ids[0, 4:] = 0  # right padding: the pooled position is the last non-pad token
@@ -117,8 +146,7 @@ def test_closed_form_function_on_mlp_head():
     features, head = torch.randn(5, 7, dtype=torch.float64), torch.randn(4, 7, dtype=torch.float64)
     targets = torch.tensor([0, 3, 1, 1, 2])
     truth = kappa_from_loss_fn(lambda e: F.cross_entropy(features @ (head + e).T, targets), head)
-    value = closed_form(head, features, features @ head.T, torch.full((5,), 0.2, dtype=torch.float64),
-                        "cross_entropy")
+    value = closed_form(head, features, features @ head.T, torch.full((5,), 0.2, dtype=torch.float64), "cross_entropy")
     torch.testing.assert_close(value, truth, rtol=RTOL_CLOSED, atol=0)
 
 
@@ -139,14 +167,19 @@ def test_reference_scale_divides_by_fan_in():
 
 # -- gradients ----------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("hessian_grad", ["full", "detached"])
 def test_closed_form_gradient_matches_brute_force(hessian_grad):
     model = tiny_bert()
     batch = {"input_ids": torch.randint(0, 40, (4, 5)), "labels": torch.tensor([0, 2, 1, 1])}
     params = [p for p in model.parameters()]
     weight = model.classifier.weight
-    truth = kappa_from_loss_fn(functional_loss(model, batch, "classifier.weight"), weight,
-                               create_graph=True, detach_hessian=hessian_grad == "detached")
+    truth = kappa_from_loss_fn(
+        functional_loss(model, batch, "classifier.weight"),
+        weight,
+        create_graph=True,
+        detach_hessian=hessian_grad == "detached",
+    )
     expected = torch.autograd.grad(truth, params, allow_unused=True)
     result = relative_flatness(model, batch, hessian_grad=hessian_grad, differentiable=True)
     got = torch.autograd.grad(result.value, params, allow_unused=True)
@@ -157,8 +190,11 @@ def test_closed_form_gradient_matches_brute_force(hessian_grad):
             continue
         torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-10, msg=name)
     if hessian_grad == "detached":  # only the head's weight moves
-        assert all(g is None or g.abs().max() == 0 for (n, _), g in zip(model.named_parameters(), got)
-                   if n != "classifier.weight")
+        assert all(
+            g is None or g.abs().max() == 0
+            for (n, _), g in zip(model.named_parameters(), got)
+            if n != "classifier.weight"
+        )
 
 
 @pytest.mark.parametrize("hessian_grad", ["full", "detached"])
@@ -167,8 +203,14 @@ def test_probe_gradient_for_a_fixed_probe_matches_brute_force(hessian_grad):
     model = tiny_bert()
     batch = {"input_ids": torch.randint(0, 40, (4, 5)), "labels": torch.tensor([0, 2, 1, 1])}
     params = list(model.parameters())
-    flat = RelativeFlatness(model, "bert.encoder.layer.0.intermediate.dense", "probe", probes=1,
-                            hessian_grad=hessian_grad, generator=torch.Generator().manual_seed(7))
+    flat = RelativeFlatness(
+        model,
+        "bert.encoder.layer.0.intermediate.dense",
+        "probe",
+        probes=1,
+        hessian_grad=hessian_grad,
+        generator=torch.Generator().manual_seed(7),
+    )
     with flat.record() as recording:
         loss = model(**batch).loss
     got = torch.autograd.grad(recording.result(loss).value, params, allow_unused=True)
@@ -192,6 +234,7 @@ def test_probe_gradient_for_a_fixed_probe_matches_brute_force(hessian_grad):
 
 
 # -- probe and exact on every kind of layer ----------------------------------------------------------------
+
 
 class MLP(nn.Module):
     def __init__(self):
@@ -237,8 +280,12 @@ def test_probe_and_exact_on_gpt2_conv1d_projection():
 
 def test_probe_and_exact_on_lora_projection():
     model = tiny_gpt2()
-    lora = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn"], lora_dropout=0.0,
-                                            fan_in_fan_out=True, init_lora_weights=False))
+    lora = get_peft_model(
+        model,
+        LoraConfig(
+            r=2, lora_alpha=4, target_modules=["c_attn"], lora_dropout=0.0, fan_in_fan_out=True, init_lora_weights=False
+        ),
+    )
     batch = lm_batch(model)
     layer = lora.base_model.model.transformer.h[0].attn.c_attn
     effective = (layer.base_layer.weight.T + layer.get_delta_weight("default").T).detach()  # (d, m)
@@ -247,8 +294,11 @@ def test_probe_and_exact_on_lora_projection():
     def loss_of(e):  # the merged model, adapter disabled: base weight := W0 + s·BA + E
         with lora.disable_adapter():
             return torch.func.functional_call(
-                lora.base_model.model, {"transformer.h.0.attn.c_attn.base_layer.weight": (effective + e).T}, args=(),
-                kwargs=batch).loss
+                lora.base_model.model,
+                {"transformer.h.0.attn.c_attn.base_layer.weight": (effective + e).T},
+                args=(),
+                kwargs=batch,
+            ).loss
 
     truth = kappa_from_loss_fn(loss_of, effective)
     exact = relative_flatness(lora, batch, "transformer.h.0.attn.c_attn", "exact")
@@ -282,12 +332,15 @@ def test_probe_std_error_shrinks_as_inverse_sqrt_probes():
 def test_probe_is_reproducible_from_its_generator():
     model = tiny_bert()
     batch = {"input_ids": torch.randint(0, 40, (4, 5)), "labels": torch.tensor([0, 2, 1, 1])}
-    runs = [relative_flatness(model, batch, estimator="probe", probes=3,
-                              generator=torch.Generator().manual_seed(5)).value for _ in range(2)]
+    runs = [
+        relative_flatness(model, batch, estimator="probe", probes=3, generator=torch.Generator().manual_seed(5)).value
+        for _ in range(2)
+    ]
     assert runs[0] == runs[1]
 
 
 # -- errors -------------------------------------------------------------------------------------------------
+
 
 def test_exact_refuses_a_large_layer():
     model = tiny_gpt2()

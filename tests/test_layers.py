@@ -36,8 +36,12 @@ def llama_cfg(**kw):
     [
         (lambda: BertForSequenceClassification(BertConfig(hidden_size=8, **SMALL)), "classifier"),
         (lambda: RobertaForSequenceClassification(RobertaConfig(hidden_size=8, **SMALL)), "classifier.out_proj"),
-        (lambda: DistilBertForSequenceClassification(
-            DistilBertConfig(dim=8, hidden_dim=16, n_layers=1, n_heads=2, vocab_size=32)), "classifier"),
+        (
+            lambda: DistilBertForSequenceClassification(
+                DistilBertConfig(dim=8, hidden_dim=16, n_layers=1, n_heads=2, vocab_size=32)
+            ),
+            "classifier",
+        ),
         (lambda: LlamaForSequenceClassification(llama_cfg()), "score"),
         (lambda: GPT2ForSequenceClassification(GPT2Config(n_embd=8, n_layer=1, n_head=2, vocab_size=32)), "score"),
         (lambda: Qwen2ForSequenceClassification(Qwen2Config(hidden_size=8, num_key_value_heads=1, **SMALL)), "score"),
@@ -77,8 +81,11 @@ def test_glob_resolves_one_layer_and_rejects_ambiguity():
 
 def test_unknown_layer_lists_candidates():
     model = LlamaForCausalLM(llama_cfg())
-    with pytest.raises(ValueError, match=r"unknown layer 'model.layers.9.mlp'; name exactly one of: "
-                                         r"model.layers.0.self_attn.q_proj, .*lm_head"):
+    with pytest.raises(
+        ValueError,
+        match=r"unknown layer 'model.layers.9.mlp'; name exactly one of: "
+        r"model.layers.0.self_attn.q_proj, .*lm_head",
+    ):
         resolve_layer(model, "model.layers.9.mlp")
 
 
@@ -90,8 +97,9 @@ def test_unsupported_module_type_is_named():
 
 def test_lora_layer_is_the_effective_weight_and_names_survive_peft():
     model = LlamaForCausalLM(llama_cfg())
-    peft_model = get_peft_model(model, LoraConfig(r=2, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                                  init_lora_weights=False))
+    peft_model = get_peft_model(
+        model, LoraConfig(r=2, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
     names = candidate_layers(peft_model)
     assert "model.layers.0.self_attn.q_proj" in names
     assert not any("lora_A" in n or "base_layer" in n for n in names)

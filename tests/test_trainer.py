@@ -18,22 +18,39 @@ import fam_hf.flatness
 from fam_hf import FAMConfig, FAMTrainer, relative_flatness
 
 COMMON = dict(
-    report_to=[], use_cpu=True, save_strategy="no", optim="sgd", lr_scheduler_type="constant",
-    learning_rate=0.5, logging_steps=1, seed=3, dataloader_drop_last=True, disable_tqdm=True,
+    report_to=[],
+    use_cpu=True,
+    save_strategy="no",
+    optim="sgd",
+    lr_scheduler_type="constant",
+    learning_rate=0.5,
+    logging_steps=1,
+    seed=3,
+    dataloader_drop_last=True,
+    disable_tqdm=True,
 )
 
 
 def gpt2(seed=0):
     torch.manual_seed(seed)
-    cfg = GPT2Config(vocab_size=32, n_positions=16, n_embd=16, n_layer=1, n_head=2,
-                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    cfg = GPT2Config(
+        vocab_size=32, n_positions=16, n_embd=16, n_layer=1, n_head=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
+    )
     return GPT2LMHeadModel(cfg)
 
 
 def bert(seed=0):
     torch.manual_seed(seed)
-    cfg = BertConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                     intermediate_size=32, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    cfg = BertConfig(
+        vocab_size=32,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        num_labels=3,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     return BertForSequenceClassification(cfg)
 
 
@@ -48,8 +65,12 @@ def lm_data(n=32, length=10):
 
 def cls_data(n=32, length=8):
     g = torch.Generator().manual_seed(2)
-    return Dataset.from_dict({"input_ids": torch.randint(0, 32, (n, length), generator=g).tolist(),
-                              "labels": torch.randint(0, 3, (n,), generator=g).tolist()})
+    return Dataset.from_dict(
+        {
+            "input_ids": torch.randint(0, 32, (n, length), generator=g).tolist(),
+            "labels": torch.randint(0, 3, (n,), generator=g).tolist(),
+        }
+    )
 
 
 def fam_trainer(model, data, tmp_path, **kw):
@@ -68,12 +89,23 @@ def fam_logs(trainer):
 @pytest.mark.parametrize("estimator", ["closed_form", "probe"])
 def test_lambda_zero_trains_exactly_like_plain_trainer(tmp_path, estimator):
     plain = gpt2()
-    Trainer(model=plain, args=TrainingArguments(output_dir=str(tmp_path / "plain"), max_steps=3,
-                                                per_device_train_batch_size=8, **COMMON),
-            train_dataset=lm_data()).train()
+    Trainer(
+        model=plain,
+        args=TrainingArguments(
+            output_dir=str(tmp_path / "plain"), max_steps=3, per_device_train_batch_size=8, **COMMON
+        ),
+        train_dataset=lm_data(),
+    ).train()
     fam = gpt2()
-    trainer = fam_trainer(fam, lm_data(), tmp_path / "fam", max_steps=3, per_device_train_batch_size=8,
-                          fam_lambda=0.0, fam_estimator=estimator)
+    trainer = fam_trainer(
+        fam,
+        lm_data(),
+        tmp_path / "fam",
+        max_steps=3,
+        per_device_train_batch_size=8,
+        fam_lambda=0.0,
+        fam_estimator=estimator,
+    )
     trainer.train()
     for (name, a), b in zip(plain.named_parameters(), fam.parameters()):
         torch.testing.assert_close(b, a, rtol=0, atol=1e-7, msg=name)
@@ -109,11 +141,21 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path, make_model, data):
     runs = {}
     for micro, accumulate in [(16, 1), (8, 2)]:
         model = make_model()
-        trainer = fam_trainer(model, data(32), tmp_path / f"{micro}", max_steps=2, per_device_train_batch_size=micro,
-                              gradient_accumulation_steps=accumulate, fam_lambda=0.3)
+        trainer = fam_trainer(
+            model,
+            data(32),
+            tmp_path / f"{micro}",
+            max_steps=2,
+            per_device_train_batch_size=micro,
+            gradient_accumulation_steps=accumulate,
+            fam_lambda=0.3,
+        )
         trainer.train()
-        runs[micro] = (params(model), [h["fam/kappa"] for h in fam_logs(trainer)],
-                       [h["loss"] for h in fam_logs(trainer)])
+        runs[micro] = (
+            params(model),
+            [h["fam/kappa"] for h in fam_logs(trainer)],
+            [h["loss"] for h in fam_logs(trainer)],
+        )
     (p16, k16, l16), (p8, k8, l8) = runs[16], runs[8]
     assert k8 == pytest.approx(k16, rel=1e-6) and l8 == pytest.approx(l16, rel=1e-6)
     for name in p16:
@@ -123,8 +165,16 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path, make_model, data):
 def test_probe_penalty_on_a_body_layer_logs_its_std_error(tmp_path):
     model = gpt2()
     before = params(model)
-    trainer = fam_trainer(model, lm_data(16), tmp_path, max_steps=2, per_device_train_batch_size=8,
-                          fam_lambda=1.0, fam_layer="transformer.h.0.mlp.c_fc", fam_probes=2)
+    trainer = fam_trainer(
+        model,
+        lm_data(16),
+        tmp_path,
+        max_steps=2,
+        per_device_train_batch_size=8,
+        fam_lambda=1.0,
+        fam_layer="transformer.h.0.mlp.c_fc",
+        fam_probes=2,
+    )
     assert trainer.flatness.estimator == "probe"
     trainer.train()
     logs = fam_logs(trainer)
@@ -134,10 +184,23 @@ def test_probe_penalty_on_a_body_layer_logs_its_std_error(tmp_path):
 
 
 def test_lazy_schedule_and_warmup(tmp_path):
-    trainer = fam_trainer(gpt2(), lm_data(), tmp_path, max_steps=4, per_device_train_batch_size=8,
-                          fam_lambda=0.2, fam_every_n_steps=2, fam_warmup_steps=4)
+    trainer = fam_trainer(
+        gpt2(),
+        lm_data(),
+        tmp_path,
+        max_steps=4,
+        per_device_train_batch_size=8,
+        fam_lambda=0.2,
+        fam_every_n_steps=2,
+        fam_warmup_steps=4,
+    )
     assert [trainer.fam_lambda_at(s) for s in range(5)] == [
-        (0.05, 2.0), None, (0.15000000000000002, 2.0), None, (0.2, 2.0)]
+        (0.05, 2.0),
+        None,
+        (0.15000000000000002, 2.0),
+        None,
+        (0.2, 2.0),
+    ]
     trainer.train()
     steps = [h["step"] for h in fam_logs(trainer)]
     assert steps == [1, 3]  # κ computed on optimizer steps 0 and 2, logged after them
@@ -147,10 +210,12 @@ def test_lazy_schedule_and_warmup(tmp_path):
 
 def test_evaluation_is_untouched(tmp_path):
     eval_data = lm_data(16)
-    plain = Trainer(model=gpt2(), args=TrainingArguments(output_dir=str(tmp_path / "p"), **COMMON),
-                    eval_dataset=eval_data).evaluate()
-    fam = FAMTrainer(model=gpt2(), args=FAMConfig(output_dir=str(tmp_path / "f"), fam_lambda=5.0, **COMMON),
-                     eval_dataset=eval_data).evaluate()
+    plain = Trainer(
+        model=gpt2(), args=TrainingArguments(output_dir=str(tmp_path / "p"), **COMMON), eval_dataset=eval_data
+    ).evaluate()
+    fam = FAMTrainer(
+        model=gpt2(), args=FAMConfig(output_dir=str(tmp_path / "f"), fam_lambda=5.0, **COMMON), eval_dataset=eval_data
+    ).evaluate()
     assert fam["eval_loss"] == plain["eval_loss"]
 
 
@@ -175,8 +240,11 @@ def test_config_errors_name_the_fix(tmp_path):
     with pytest.raises(ValueError, match="unknown layer 'decoder'; name exactly one of: "):
         fam_trainer(gpt2(), lm_data(), tmp_path, fam_layer="decoder")
     with pytest.raises(ValueError, match="compute_loss_func or label smoothing; use fam_estimator='probe'"):
-        FAMTrainer(model=gpt2(), args=FAMConfig(output_dir=str(tmp_path), fam_estimator="closed_form", **COMMON),
-                   compute_loss_func=lambda outputs, labels, num_items_in_batch=None: outputs.logits.mean())
+        FAMTrainer(
+            model=gpt2(),
+            args=FAMConfig(output_dir=str(tmp_path), fam_estimator="closed_form", **COMMON),
+            compute_loss_func=lambda outputs, labels, num_items_in_batch=None: outputs.logits.mean(),
+        )
 
 
 def test_custom_loss_switches_auto_to_the_probe(tmp_path):
