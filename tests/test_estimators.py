@@ -92,6 +92,7 @@ def test_closed_form_sequence_classifier_matches_brute_force(num_labels, problem
     result = relative_flatness(model, batch, estimator="closed_form")
     assert result.estimator == "closed_form" and result.layer == "classifier"
     torch.testing.assert_close(result.value, truth, rtol=RTOL_CLOSED, atol=0)
+    assert_within_stderr(relative_flatness(model, batch, estimator="probe", probes=300), truth)
 
 
 def test_closed_form_tied_lm_head_with_masked_labels():
@@ -108,6 +109,7 @@ def test_closed_form_tied_lm_head_with_masked_labels():
     result = relative_flatness(model, batch)
     assert (result.estimator, result.layer) == ("closed_form", "lm_head")
     torch.testing.assert_close(result.value, truth, rtol=RTOL_CLOSED, atol=0)
+    assert_within_stderr(relative_flatness(model, batch, estimator="probe", probes=300), truth)
 
 
 def test_closed_form_lm_head_uses_num_items_in_batch():

@@ -250,3 +250,12 @@ def test_config_errors_name_the_fix(tmp_path):
 def test_custom_loss_switches_auto_to_the_probe(tmp_path):
     trainer = FAMTrainer(model=gpt2(), args=FAMConfig(output_dir=str(tmp_path), label_smoothing_factor=0.1, **COMMON))
     assert trainer.flatness.estimator == "probe"
+
+
+def test_one_forward_pass_per_micro_batch(tmp_path):
+    model = gpt2()
+    calls = []
+    model.register_forward_hook(lambda *_: calls.append(1))
+    fam_trainer(model, lm_data(16), tmp_path, max_steps=2, per_device_train_batch_size=4,
+                gradient_accumulation_steps=2, fam_lambda=0.5).train()
+    assert len(calls) == 4
