@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import torch
@@ -14,6 +15,8 @@ from .flatness import RelativeFlatness
 from .head_loss import head_loss_for
 
 logger = logging.getLogger(__name__)
+
+FAM_STATE_NAME = "fam_state.pt"  # written into every checkpoint folder
 
 
 class FAMTrainer(Trainer):
@@ -148,6 +151,22 @@ class FAMTrainer(Trainer):
         if self.loss_is_scaled_for_ga is not None:
             return self.loss_is_scaled_for_ga
         return (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
+
+    # -- checkpoints ------------------------------------------------------------------------------------
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        # The probe RNG travels with Trainer's own RNG states so a resumed run draws the same probes.
+        super()._save_rng_state(output_dir)
+        if self.args.should_save:
+            torch.save({"probe_rng": self.flatness.generator.get_state()}, os.path.join(output_dir, FAM_STATE_NAME))
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        super()._load_rng_state(checkpoint)
+        path = None if checkpoint is None else os.path.join(checkpoint, FAM_STATE_NAME)
+        if path is not None and os.path.isfile(path):
+            self.flatness.generator.set_state(torch.load(path, weights_only=True)["probe_rng"])
+        elif path is not None and self.flatness.estimator == "probe":
+            logger.warning("FAM: %s has no %s; the resumed run draws different probes", checkpoint, FAM_STATE_NAME)
 
     # -- logging ----------------------------------------------------------------------------------------
 

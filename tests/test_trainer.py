@@ -256,6 +256,38 @@ def test_one_forward_pass_per_micro_batch(tmp_path):
     model = gpt2()
     calls = []
     model.register_forward_hook(lambda *_: calls.append(1))
-    fam_trainer(model, lm_data(16), tmp_path, max_steps=2, per_device_train_batch_size=4,
-                gradient_accumulation_steps=2, fam_lambda=0.5).train()
+    fam_trainer(
+        model,
+        lm_data(16),
+        tmp_path,
+        max_steps=2,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        fam_lambda=0.5,
+    ).train()
     assert len(calls) == 4
+
+
+def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path):
+    """Probe estimator (random) with lazy schedule: the resumed run must draw the same probes."""
+    kw = dict(
+        max_steps=4,
+        per_device_train_batch_size=8,
+        fam_lambda=0.5,
+        fam_estimator="probe",
+        fam_layer="transformer.h.0.mlp.c_fc",
+        fam_probes=2,
+        save_strategy="steps",
+        save_steps=2,
+    )
+    straight = gpt2()
+    fam_trainer(straight, lm_data(), tmp_path / "straight", **kw).train()
+
+    fam_trainer(gpt2(), lm_data(), tmp_path / "interrupted", **{**kw, "max_steps": 2}).train()
+    assert (tmp_path / "interrupted" / "checkpoint-2" / "fam_state.pt").is_file()
+    resumed = gpt2(seed=1)  # different init: everything must come from the checkpoint
+    fam_trainer(resumed, lm_data(), tmp_path / "interrupted", **kw).train(
+        resume_from_checkpoint=str(tmp_path / "interrupted" / "checkpoint-2")
+    )
+    for (name, a), b in zip(straight.named_parameters(), resumed.parameters()):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-6, msg=name)
