@@ -21,6 +21,7 @@ factors carry gradient (the reference implementation's choice).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import contextmanager
 
 import torch
 
@@ -146,6 +147,22 @@ def probe_quadratic_forms(
             q = q + surrogate - surrogate.detach()
         values.append(q)
     return torch.stack(values)
+
+
+@contextmanager
+def explain_missing_double_backward():
+    """Re-raise autograd's "derivative for X is not implemented" with what to do about it."""
+    try:
+        yield
+    except RuntimeError as error:
+        if "derivative for" not in str(error) or "not implemented" not in str(error):
+            raise
+        raise RuntimeError(
+            f"{error}. The probe/exact estimators need a second derivative through everything after the layer, "
+            "and a kernel there has none (typically a fused attention kernel: flash-attention, or SDPA's fused "
+            "kernels under activation checkpointing). Load the model with attn_implementation='eager', or put FAM "
+            "on a layer after the attention blocks (the output head takes the closed form)"
+        ) from error
 
 
 def layer_hessian(loss: torch.Tensor, perturbation: torch.Tensor, *, create_graph: bool = False) -> torch.Tensor:

@@ -10,17 +10,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .estimators import (
     closed_form,
     compute_dtype,
+    explain_missing_double_backward,
     kappa_from_hessian,
     layer_hessian,
     probe_quadratic_forms,
@@ -109,6 +111,8 @@ class RelativeFlatness:
         self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
         self.max_exact_entries = max_exact_entries
         self.estimator = self._choose(estimator)
+        self._handle: torch.utils.hooks.RemovableHandle | None = None
+        self._recording: Recording | None = None
 
     def _choose(self, estimator: str) -> str:
         closed_form_ok = self.layer.is_output_head and head_loss_for(self.model) is not None
@@ -136,17 +140,72 @@ class RelativeFlatness:
     def record(self, *, differentiable: bool = True) -> Iterator[Recording]:
         """Hook the layer for the forward pass run inside the ``with`` block.
 
+        The hook stays on the layer afterwards (until :meth:`close` or the next ``record``) so that a
+        layer inside a non-reentrant activation-checkpointed block, which runs again during the backward
+        pass, gets the same perturbation in its recomputation. Forward passes outside ``record`` and
+        outside a backward pass (evaluation, say) are left alone.
+
         Args:
             differentiable: whether :meth:`Recording.result` must return a κ that can be back-propagated
                 (a training penalty) or only its value (measurement; cheaper).
         """
+        if self.estimator != "closed_form":
+            _refuse_reentrant_checkpointing(self.model)
+        if self._handle is None:
+            self._handle = self.layer.module.register_forward_hook(self._hook)
         recording = Recording(self, differentiable)
-        handle = self.layer.module.register_forward_hook(recording._hook)
+        self._recording, recording.open = recording, True
         try:
-            with torch.enable_grad() if self.estimator != "closed_form" else nullcontext():
+            with self._forward_context():
                 yield recording
         finally:
-            handle.remove()
+            recording.open = False
+
+    def _forward_context(self):
+        if self.estimator == "closed_form":
+            return nullcontext()
+        # The probe and exact estimators differentiate twice through everything downstream of the layer.
+        # SDPA's flash and memory-efficient kernels have no double backward; its math kernel has. Under
+        # activation checkpointing the recomputation would run outside this context and see other
+        # kernels, so there the model's own choice stands (eager attention is the fix if it lacks one).
+        stack = ExitStack()
+        stack.enter_context(torch.enable_grad())
+        if not _checkpointing(self.model):
+            stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
+        return stack
+
+    def close(self) -> None:
+        """Remove the layer hook."""
+        if self._handle is not None:
+            self._handle.remove()
+        self._handle, self._recording = None, None
+
+    def _hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        recording = self._recording
+        if recording is None:
+            return None
+        if not recording.open and torch._C._current_graph_task_id() == -1:
+            return None  # an ordinary forward pass after the recorded one: not ours
+        return recording._on_forward(inputs[0], output)
+
+
+def _checkpointing(model: nn.Module) -> list[dict]:
+    """The keyword arguments of every active activation checkpoint in ``model`` (transformers' layers)."""
+    return [
+        getattr(getattr(module, "_gradient_checkpointing_func", None), "keywords", {})
+        for module in model.modules()
+        if getattr(module, "gradient_checkpointing", False) is True
+    ]
+
+
+def _refuse_reentrant_checkpointing(model: nn.Module) -> None:
+    if any(kwargs.get("use_reentrant") for kwargs in _checkpointing(model)):
+        raise ValueError(
+            "the probe and exact estimators take torch.autograd.grad through the model, which reentrant "
+            "activation checkpointing does not support; enable it with "
+            "gradient_checkpointing_kwargs={'use_reentrant': False} (transformers' default), or put FAM on "
+            "the output head with the closed form"
+        )
 
 
 class Recording:
@@ -158,15 +217,15 @@ class Recording:
         self.features: torch.Tensor | None = None  # φ: (..., m)
         self.output: torch.Tensor | None = None  # z (perturbed where the estimator perturbs): (..., d)
         self.calls = 0
+        self.open = False  # inside the `record` block
         self._probe_matrices: torch.Tensor | None = None  # (P, m, m)
         self._delta: torch.Tensor | None = None  # (P,)
         self._directions: list[torch.Tensor] = []  # u_p = W R_p φ, shaped like z
         self._perturbation: torch.Tensor | None = None  # E: (d, m), exact estimator
 
-    def _hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
-        # A layer inside a non-reentrant checkpointed block runs again during backward: the same
-        # perturbation is added again so the recomputation matches the forward.
-        features = inputs[0]
+    def _on_forward(self, features: torch.Tensor, output: torch.Tensor) -> torch.Tensor | None:
+        # Called for the recorded forward and again for any recomputation of it (activation
+        # checkpointing), which must see the same perturbation.
         estimator = self.flatness.estimator
         first_call = self.calls == 0
         self.calls += 1
@@ -225,17 +284,7 @@ class Recording:
         else:
             if loss is None:
                 raise ValueError("the model returned no loss: the batch needs labels")
-            if fam.estimator == "probe":
-                values = self._probe_values(loss)
-                value = values.mean()
-                if values.numel() > 1:
-                    std_error = values.detach().std() / math.sqrt(values.numel())
-            else:
-                hessian = layer_hessian(
-                    loss, self._perturbation, create_graph=self.differentiable and fam.hessian_grad == "full"
-                )
-                weight = layer.weight() if self.differentiable else layer.weight().detach()
-                value = kappa_from_hessian(hessian.to(weight.dtype), weight)
+            value, std_error = self._second_order(loss)
         return FlatnessResult(
             value=value * scale,
             std_error=None if std_error is None else std_error * scale,
@@ -243,6 +292,18 @@ class Recording:
             layer=layer.name,
             probes=fam.probes if fam.estimator == "probe" else None,
         )
+
+    @explain_missing_double_backward()
+    def _second_order(self, loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        fam = self.flatness
+        if fam.estimator == "probe":
+            values = self._probe_values(loss)
+            std_error = values.detach().std() / math.sqrt(values.numel()) if values.numel() > 1 else None
+            return values.mean(), std_error
+        full = self.differentiable and fam.hessian_grad == "full"
+        hessian = layer_hessian(loss, self._perturbation, create_graph=full)
+        weight = fam.layer.weight() if self.differentiable else fam.layer.weight().detach()
+        return kappa_from_hessian(hessian.to(weight.dtype), weight), None
 
     def _closed_form(self, batch: Mapping[str, Any], logits, num_items_in_batch) -> torch.Tensor:
         fam = self.flatness
@@ -321,11 +382,23 @@ def relative_flatness(
         generator=generator,
         max_exact_entries=max_exact_entries,
     )
-    with flatness.record(differentiable=differentiable) as recording:
-        outputs = model(**batch)
-    result = recording.result(
-        outputs.get("loss"), batch, logits=outputs.get("logits"), num_items_in_batch=batch.get("num_items_in_batch")
-    )
+    if differentiable and flatness.estimator != "closed_form" and _checkpointing(model):
+        raise ValueError(
+            "relative_flatness(differentiable=True) removes its hook on return, but the backward pass through "
+            "activation-checkpointed layers must see the probe again; use RelativeFlatness(...).record() and "
+            "call .close() after the backward pass"
+        )
+    try:
+        with flatness.record(differentiable=differentiable) as recording:
+            outputs = model(**batch)
+        result = recording.result(
+            outputs.get("loss"),
+            batch,
+            logits=outputs.get("logits"),
+            num_items_in_batch=batch.get("num_items_in_batch"),
+        )
+    finally:
+        flatness.close()  # a later backward through checkpointed layers needs RelativeFlatness.record directly
     if not differentiable:
         result.value = result.value.detach()
     return result

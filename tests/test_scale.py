@@ -1,0 +1,123 @@
+"""Training set-ups beyond the plain loop: activation checkpointing, bf16 autocast, PEFT adapters."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from test_trainer import fam_logs, fam_trainer, gpt2, lm_data, params
+
+from fam_hf import RelativeFlatness, relative_flatness
+
+PROBE = dict(fam_estimator="probe", fam_layer="transformer.h.0.mlp.c_fc", fam_probes=2)
+
+
+@pytest.mark.parametrize("hessian_grad", ["full", "detached"])
+def test_non_reentrant_checkpointing_gives_the_same_training(tmp_path, hessian_grad):
+    runs = []
+    for checkpointing in (False, True):
+        model = gpt2()
+        trainer = fam_trainer(
+            model,
+            lm_data(16),
+            tmp_path / str(checkpointing),
+            max_steps=2,
+            per_device_train_batch_size=8,
+            fam_lambda=0.5,
+            fam_hessian_grad=hessian_grad,
+            gradient_checkpointing=checkpointing,
+            **PROBE,
+        )
+        trainer.train()
+        runs.append((params(model), [h["fam/kappa"] for h in fam_logs(trainer)]))
+    assert runs[1][1] == pytest.approx(runs[0][1], rel=1e-6)
+    for name, value in runs[0][0].items():
+        torch.testing.assert_close(runs[1][0][name], value, rtol=0, atol=1e-6, msg=name)
+
+
+def test_reentrant_checkpointing_is_refused_with_the_fix(tmp_path):
+    trainer = fam_trainer(
+        gpt2(),
+        lm_data(16),
+        tmp_path,
+        max_steps=1,
+        per_device_train_batch_size=8,
+        gradient_checkpointing=True,
+        gradient_checkpointing_kwargs={"use_reentrant": True},
+        **PROBE,
+    )
+    with pytest.raises(ValueError, match=r"gradient_checkpointing_kwargs=\{'use_reentrant': False\}"):
+        trainer.train()
+
+
+def test_hook_leaves_other_forward_passes_alone():
+    model = gpt2()
+    batch = {k: torch.tensor(v) for k, v in lm_data(4)[:4].items()}
+    flatness = RelativeFlatness(model, "transformer.h.0.mlp.c_fc", "probe")
+    with flatness.record() as recording:
+        model(**batch)
+    with torch.no_grad():
+        model(**batch)
+    assert recording.calls == 1
+
+
+@pytest.mark.parametrize("estimator", [{}, PROBE], ids=["closed_form", "probe"])
+def test_bf16_autocast_on_cpu(tmp_path, estimator):
+    logs = {}
+    for bf16 in (False, True):
+        model = gpt2()
+        trainer = fam_trainer(
+            model,
+            lm_data(16),
+            tmp_path / str(bf16),
+            max_steps=2,
+            per_device_train_batch_size=8,
+            fam_lambda=0.3,
+            learning_rate=0.05,
+            bf16=bf16,
+            **estimator,
+        )
+        trainer.train()
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+        logs[bf16] = [h["fam/kappa"] for h in fam_logs(trainer)]
+    assert logs[True] == pytest.approx(logs[False], rel=3e-2, abs=1e-3)
+
+
+def test_lora_training_with_penalty_on_frozen_head_and_on_adapted_layer(tmp_path):
+    for layer, estimator in (("auto", "closed_form"), ("transformer.h.0.attn.c_attn", "probe")):
+        model = get_peft_model(
+            gpt2(), LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True, lora_dropout=0.0)
+        )
+        before = params(model)
+        trainer = fam_trainer(
+            model,
+            lm_data(16),
+            tmp_path / layer,
+            max_steps=2,
+            per_device_train_batch_size=8,
+            fam_lambda=0.5,
+            fam_layer=layer,
+            fam_estimator=estimator,
+        )
+        assert trainer.flatness.estimator == estimator
+        trainer.train()
+        after = params(model)
+        changed = {n for n in before if not torch.equal(before[n], after[n])}
+        assert changed and all("lora_" in n for n in changed), changed  # only the adapter trains
+        assert len(fam_logs(trainer)) == 2
+        trainer.save_model(str(tmp_path / layer / "adapter"))
+        reloaded = PeftModel.from_pretrained(gpt2(), str(tmp_path / layer / "adapter"))
+        name = "base_model.model.transformer.h.0.attn.c_attn.lora_B.default.weight"
+        torch.testing.assert_close(dict(reloaded.named_parameters())[name], after[name])
+
+
+def test_missing_double_backward_names_the_fix():
+    """Under activation checkpointing the model's SDPA kernel stands; on CPU it has no double backward."""
+    model = gpt2()
+    model.train()
+    model.gradient_checkpointing_enable()
+    batch = {k: torch.tensor(v) for k, v in lm_data(4)[:4].items()}
+    with pytest.raises(RuntimeError, match="attn_implementation='eager'"):
+        relative_flatness(model, batch, "transformer.h.0.attn.c_attn", "probe")
+    model.set_attn_implementation("eager")
+    assert relative_flatness(model, batch, "transformer.h.0.attn.c_attn", "probe").value != 0
