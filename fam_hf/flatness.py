@@ -137,8 +137,17 @@ class RelativeFlatness:
         return estimator
 
     @contextmanager
-    def record(self, *, differentiable: bool = True) -> Iterator[Recording]:
+    def record(
+        self,
+        batch: Mapping[str, Any] | None = None,
+        *,
+        num_items_in_batch: torch.Tensor | int | None = None,
+        differentiable: bool = True,
+    ) -> Iterator[Recording]:
         """Hook the layer for the forward pass run inside the ``with`` block.
+
+        Everything that needs the layer's weight is computed inside the layer's forward, where the weight
+        is whole even when FSDP or ZeRO-3 shards it between forward passes.
 
         The hook stays on the layer afterwards (until :meth:`close` or the next ``record``) so that a
         layer inside a non-reentrant activation-checkpointed block, which runs again during the backward
@@ -146,6 +155,9 @@ class RelativeFlatness:
         outside a backward pass (evaluation, say) are left alone.
 
         Args:
+            batch: the inputs of that forward pass; the closed form reads ``labels`` (and ``input_ids``
+                for decoder classifiers, which pool the last non-padding token).
+            num_items_in_batch: the denominator the model's loss uses, when it is given one.
             differentiable: whether :meth:`Recording.result` must return a κ that can be back-propagated
                 (a training penalty) or only its value (measurement; cheaper).
         """
@@ -153,7 +165,7 @@ class RelativeFlatness:
             _refuse_reentrant_checkpointing(self.model)
         if self._handle is None:
             self._handle = self.layer.module.register_forward_hook(self._hook)
-        recording = Recording(self, differentiable)
+        recording = Recording(self, batch or {}, num_items_in_batch, differentiable)
         self._recording, recording.open = recording, True
         try:
             with self._forward_context():
@@ -211,76 +223,106 @@ def _refuse_reentrant_checkpointing(model: nn.Module) -> None:
 class Recording:
     """What one forward pass left at the layer; created by :meth:`RelativeFlatness.record`."""
 
-    def __init__(self, flatness: RelativeFlatness, differentiable: bool) -> None:
+    def __init__(
+        self,
+        flatness: RelativeFlatness,
+        batch: Mapping[str, Any],
+        num_items_in_batch: torch.Tensor | int | None,
+        differentiable: bool,
+    ) -> None:
         self.flatness = flatness
+        self.batch = batch
+        self.num_items_in_batch = num_items_in_batch
         self.differentiable = differentiable
-        self.features: torch.Tensor | None = None  # φ: (..., m)
-        self.output: torch.Tensor | None = None  # z (perturbed where the estimator perturbs): (..., d)
+        self.output: torch.Tensor | None = None  # z as the model saw it (perturbed for probe/exact): (..., d)
         self.calls = 0
         self.open = False  # inside the `record` block
+        self._fan_in: int | None = None  # m
+        self._closed_form: torch.Tensor | None = None  # κ, closed form
+        self._weight: torch.Tensor | None = None  # W, exact estimator
+        self._perturbation: torch.Tensor | None = None  # E: (d, m), exact estimator
         self._probe_matrices: torch.Tensor | None = None  # (P, m, m)
         self._delta: torch.Tensor | None = None  # (P,)
         self._directions: list[torch.Tensor] = []  # u_p = W R_p φ, shaped like z
-        self._perturbation: torch.Tensor | None = None  # E: (d, m), exact estimator
+        self._detached_directions: list[torch.Tensor] | None = None  # u_p with φ detached ("detached" grads)
 
     def _on_forward(self, features: torch.Tensor, output: torch.Tensor) -> torch.Tensor | None:
         # Called for the recorded forward and again for any recomputation of it (activation
         # checkpointing), which must see the same perturbation.
-        estimator = self.flatness.estimator
-        first_call = self.calls == 0
+        fam, first_call = self.flatness, self.calls == 0
         self.calls += 1
-        if estimator == "closed_form":
+        weight = fam.layer.weight()
+        if first_call:
+            self._fan_in = weight.shape[1]
+        if fam.estimator == "closed_form":
             if first_call:
-                self.features, self.output = features, output
+                self.output = output
+                self._closed_form = self._closed_form_value(weight, features, output)
             return None
-        weight = self.flatness.layer.weight()
-        if estimator == "exact":
+        if fam.estimator == "exact":
             if first_call:
                 self._perturbation = torch.zeros_like(weight, requires_grad=True)
+                self._weight = weight if self.differentiable else weight.detach()
             perturbed = output + F.linear(features, self._perturbation.to(features.dtype))
         else:
             if first_call:
-                count, m = self.flatness.probes, weight.shape[1]
-                dtype = compute_dtype(weight.dtype)
-                self._probe_matrices = rademacher(
-                    count, m, generator=self.flatness.generator, dtype=weight.dtype, device=weight.device
-                )
-                self._delta = torch.zeros(count, dtype=dtype, device=weight.device, requires_grad=True)
-            directions = [
-                F.linear(F.linear(features, r.to(features.dtype)), weight.to(features.dtype))
-                for r in self._probe_matrices
-            ]
-            shift = sum(d * u for d, u in zip(self._delta.to(output.dtype), directions))
-            perturbed = output + shift
+                self._draw_probes(weight)
+            directions = _directions(features, self._probe_matrices, weight)
+            perturbed = output + sum(d * u for d, u in zip(self._delta.to(output.dtype), directions))
+            detached = None
+            if fam.hessian_grad == "detached" and self.differentiable:
+                # built on every call: a checkpoint's recomputation must save what its forward saved
+                detached = _directions(features.detach(), self._probe_matrices, weight)
             if first_call:
-                self._directions = directions
+                self._directions, self._detached_directions = directions, detached
         if first_call:
-            self.features, self.output = features, perturbed
+            self.output = perturbed
         return perturbed
 
-    def result(
-        self,
-        loss: torch.Tensor | None,
-        batch: Mapping[str, Any] | None = None,
-        *,
-        logits: torch.Tensor | None = None,
-        num_items_in_batch: torch.Tensor | int | None = None,
-    ) -> FlatnessResult:
+    def _draw_probes(self, weight: torch.Tensor) -> None:
+        count, m = self.flatness.probes, weight.shape[1]
+        self._probe_matrices = rademacher(
+            count, m, generator=self.flatness.generator, dtype=weight.dtype, device=weight.device
+        )
+        self._delta = torch.zeros(count, dtype=compute_dtype(weight.dtype), device=weight.device, requires_grad=True)
+
+    def _closed_form_value(self, weight, features, output) -> torch.Tensor:
+        fam = self.flatness
+        labels = self.batch.get("labels")
+        if labels is None:
+            raise ValueError("the closed-form estimator needs the batch's labels: record(batch) with 'labels'")
+        head_loss = head_loss_for(fam.model, labels)
+        with torch.set_grad_enabled(self.differentiable and torch.is_grad_enabled()):
+            if fam.hessian_grad == "detached" or not self.differentiable:
+                output, features = output.detach(), features.detach()
+            output, features, weights = head_loss.positions(
+                output,
+                features,
+                labels,
+                input_ids=self.batch.get("input_ids"),
+                num_items_in_batch=self.num_items_in_batch,
+            )
+            return closed_form(weight, features, output, weights, head_loss.loss_type)
+
+    def result(self, loss: torch.Tensor | None, *, logits: torch.Tensor | None = None) -> FlatnessResult:
         """κ for the recorded forward pass.
 
         Args:
             loss: the scalar loss of that pass (the probe and exact estimators differentiate it).
-            batch: its inputs: ``labels`` (and ``input_ids`` for decoder classifiers) for the closed form.
-            logits: the logits the model returned, to check that the closed form sees the loss's logits.
-            num_items_in_batch: the denominator the model's loss used, when it was given one.
+            logits: the logits the model returned, to check that the closed form saw the loss's logits.
         """
         fam, layer = self.flatness, self.flatness.layer
         if self.calls == 0:
             raise RuntimeError(f"layer '{layer.name}' did not run during the forward pass inside record()")
-        scale = 1.0 / layer.shape[1] if fam.scale == "reference" else 1.0
+        scale = 1.0 / self._fan_in if fam.scale == "reference" else 1.0
         std_error = None
         if fam.estimator == "closed_form":
-            value = self._closed_form(batch or {}, logits, num_items_in_batch)
+            if logits is not None and logits.shape[-1] != self.output.shape[-1]:
+                raise ValueError(
+                    f"the model's logits ({tuple(logits.shape)}) are not the output of '{layer.name}' "
+                    f"({tuple(self.output.shape)}); use estimator='probe'"
+                )
+            value = self._closed_form
         else:
             if loss is None:
                 raise ValueError("the model returned no loss: the batch needs labels")
@@ -302,49 +344,24 @@ class Recording:
             return values.mean(), std_error
         full = self.differentiable and fam.hessian_grad == "full"
         hessian = layer_hessian(loss, self._perturbation, create_graph=full)
-        weight = fam.layer.weight() if self.differentiable else fam.layer.weight().detach()
-        return kappa_from_hessian(hessian.to(weight.dtype), weight), None
-
-    def _closed_form(self, batch: Mapping[str, Any], logits, num_items_in_batch) -> torch.Tensor:
-        fam = self.flatness
-        labels = batch.get("labels")
-        if labels is None:
-            raise ValueError("the closed-form estimator needs the batch's labels (key 'labels')")
-        head_loss = head_loss_for(fam.model, labels)
-        if logits is not None and logits.shape[-1] != self.output.shape[-1]:
-            raise ValueError(
-                f"the model's logits ({tuple(logits.shape)}) are not the output of '{fam.layer.name}' "
-                f"({tuple(self.output.shape)}); use estimator='probe'"
-            )
-        detach_hessian = fam.hessian_grad == "detached" or not self.differentiable
-        with torch.set_grad_enabled(self.differentiable and torch.is_grad_enabled()):
-            weight = fam.layer.weight()
-            outputs, features = self.output, self.features
-            if detach_hessian:
-                outputs, features = outputs.detach(), features.detach()
-            outputs, features, weights = head_loss.positions(
-                outputs, features, labels, input_ids=batch.get("input_ids"), num_items_in_batch=num_items_in_batch
-            )
-            return closed_form(weight, features, outputs, weights, head_loss.loss_type)
+        return kappa_from_hessian(hessian.to(self._weight.dtype), self._weight), None
 
     def _probe_values(self, loss: torch.Tensor) -> torch.Tensor:
-        fam = self.flatness
-        detached_directions = None
-        if fam.hessian_grad == "detached" and self.differentiable:
-            weight, features = fam.layer.weight(), self.features.detach()
-            detached_directions = [
-                F.linear(F.linear(features, r.to(features.dtype)), weight.to(features.dtype))
-                for r in self._probe_matrices
-            ]
         return probe_quadratic_forms(
             loss,
             self._delta,
             self.output,
             self._directions,
-            hessian_grad=fam.hessian_grad,
+            hessian_grad=self.flatness.hessian_grad,
             create_graph=self.differentiable,
-            detached_directions=detached_directions,
+            detached_directions=self._detached_directions,
         )
+
+
+def _directions(features: torch.Tensor, probe_matrices: torch.Tensor, weight: torch.Tensor) -> list[torch.Tensor]:
+    """``u_p = W R_p φ`` for every probe, shaped like the layer's output: ``(..., d)``."""
+    weight = weight.to(features.dtype)
+    return [F.linear(F.linear(features, r.to(features.dtype)), weight) for r in probe_matrices]
 
 
 def relative_flatness(
@@ -389,14 +406,11 @@ def relative_flatness(
             "call .close() after the backward pass"
         )
     try:
-        with flatness.record(differentiable=differentiable) as recording:
+        with flatness.record(
+            batch, num_items_in_batch=batch.get("num_items_in_batch"), differentiable=differentiable
+        ) as recording:
             outputs = model(**batch)
-        result = recording.result(
-            outputs.get("loss"),
-            batch,
-            logits=outputs.get("logits"),
-            num_items_in_batch=batch.get("num_items_in_batch"),
-        )
+        result = recording.result(outputs.get("loss"), logits=outputs.get("logits"))
     finally:
         flatness.close()  # a later backward through checkpointed layers needs RelativeFlatness.record directly
     if not differentiable:

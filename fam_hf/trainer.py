@@ -111,14 +111,10 @@ class FAMTrainer(Trainer):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         lam, multiplier = schedule
         batch = {key: inputs.get(key) for key in ("labels", "input_ids")}  # super() may pop the labels
-        with self.flatness.record(differentiable=lam > 0) as recording:
+        model_items = num_items_in_batch if self.model_accepts_loss_kwargs else None  # what the model divides by
+        with self.flatness.record(batch, num_items_in_batch=model_items, differentiable=lam > 0) as recording:
             loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
-        result = recording.result(
-            loss,
-            batch,
-            logits=_logits(outputs),
-            num_items_in_batch=num_items_in_batch if self.model_accepts_loss_kwargs else None,
-        )
+        result = recording.result(loss, logits=_logits(outputs))
         kappa = result.value
         if result.estimator == "closed_form":  # the probe differentiated `loss`, so it is scaled already
             kappa = kappa * self._loss_scale(num_items_in_batch)
