@@ -163,6 +163,7 @@ class RelativeFlatness:
         """
         if self.estimator != "closed_form":
             _refuse_reentrant_checkpointing(self.model)
+            _refuse_sharded_parameters(self.model)
         if self._handle is None:
             self._handle = self.layer.module.register_forward_hook(self._hook)
         recording = Recording(self, batch or {}, num_items_in_batch, differentiable)
@@ -217,6 +218,17 @@ def _refuse_reentrant_checkpointing(model: nn.Module) -> None:
             "activation checkpointing does not support; enable it with "
             "gradient_checkpointing_kwargs={'use_reentrant': False} (transformers' default), or put FAM on "
             "the output head with the closed form"
+        )
+
+
+def _refuse_sharded_parameters(model: nn.Module) -> None:
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+    if any(isinstance(module, (FSDPModule, FullyShardedDataParallel)) for module in model.modules()):
+        raise ValueError(
+            "the probe and exact estimators differentiate twice through layers whose weights FSDP frees after "
+            "the forward pass, which FSDP does not support; put FAM on the output head with the closed form "
+            "(verified under FSDP2), or train with DDP"
         )
 
 

@@ -113,15 +113,16 @@ def head_loss_for(model: nn.Module, labels: torch.Tensor | None = None) -> HeadL
     """
     model = unwrap_model(model)
     config = getattr(model, "config", None)
-    name = type(model).__name__
+    # FSDP2's fully_shard swaps in a subclass ("FSDPGPT2LMHeadModel"): look through the MRO
+    names = {cls.__name__ for cls in type(model).__mro__}
     if config is None:
         return None
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     if any(getattr(c, attr, None) not in (None, 1, 1.0) for c in (config, text_config) for attr in _LOGIT_TRANSFORMS):
         return None
-    if name in _CAUSAL_LMS or name.endswith("ForCausalLM"):
+    if names & _CAUSAL_LMS or any(name.endswith("ForCausalLM") for name in names):
         return HeadLoss("cross_entropy", shift_labels=True, honours_num_items=True)
-    if name in _SEQUENCE_CLASSIFIERS or name.endswith("ForSequenceClassification"):
+    if names & _SEQUENCE_CLASSIFIERS or any(name.endswith("ForSequenceClassification") for name in names):
         problem = config.problem_type
         if problem is None:
             if config.num_labels == 1:

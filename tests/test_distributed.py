@@ -53,3 +53,30 @@ def test_two_ranks_equal_one_process_on_the_global_batch(ddp_run, tmp_path, vari
             torch.testing.assert_close(rank["params"][name], value, rtol=0, atol=1e-6, msg=name)
         for key in ("fam/kappa", "fam/penalty", "loss"):
             assert [h[key] for h in rank["logs"]] == pytest.approx([h[key] for h in single_logs], rel=1e-5), key
+
+
+def test_fsdp2_closed_form_equals_one_process(tmp_path):
+    torchrun = shutil.which("torchrun") or pytest.skip("torchrun not on PATH")
+    out = tmp_path / "fsdp.pt"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [
+            torchrun,
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29518",
+            str(Path(__file__).parent / "fsdp_worker.py"),
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = torch.load(out)
+    assert "FSDP frees after the forward pass" in result["probe_refused"]
+    torch.testing.assert_close(result["kappa"], result["ref_kappa"], rtol=1e-6, atol=0)
+    for name, grad in result["ref_grads"].items():
+        torch.testing.assert_close(result["grads"][name], grad, rtol=0, atol=1e-6, msg=name)
