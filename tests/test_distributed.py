@@ -11,32 +11,31 @@ import pytest
 import torch
 from ddp_worker import VARIANTS, train
 
-WORKER = Path(__file__).parent / "ddp_worker.py"
+HERE = Path(__file__).parent
+
+
+def launch(launcher: str, *args: str) -> None:
+    """Run a two-process job with ``launcher`` (accelerate or torchrun) and fail with its stderr."""
+    executable = shutil.which(launcher) or pytest.skip(f"{launcher} not on PATH")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE)}
+    proc = subprocess.run([executable, *args], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
 
 
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
-    accelerate = shutil.which("accelerate") or pytest.skip("accelerate CLI not on PATH")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
-    proc = subprocess.run(
-        [
-            accelerate,
-            "launch",
-            "--multi_gpu",
-            "--num_processes",
-            "2",
-            "--main_process_port",
-            "29517",
-            str(WORKER),
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
+    launch(
+        "accelerate",
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        "29517",
+        str(HERE / "ddp_worker.py"),
+        str(out),
     )
-    assert proc.returncode == 0, proc.stderr[-4000:]
     return out
 
 
@@ -56,25 +55,8 @@ def test_two_ranks_equal_one_process_on_the_global_batch(ddp_run, tmp_path, vari
 
 
 def test_fsdp2_closed_form_equals_one_process(tmp_path):
-    torchrun = shutil.which("torchrun") or pytest.skip("torchrun not on PATH")
     out = tmp_path / "fsdp.pt"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [
-            torchrun,
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            "29518",
-            str(Path(__file__).parent / "fsdp_worker.py"),
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    launch("torchrun", "--nproc_per_node", "2", "--master_port", "29518", str(HERE / "fsdp_worker.py"), str(out))
     result = torch.load(out)
     assert "FSDP frees after the forward pass" in result["probe_refused"]
     torch.testing.assert_close(result["kappa"], result["ref_kappa"], rtol=1e-6, atol=0)
