@@ -165,7 +165,8 @@ class RelativeFlatness:
             _refuse_reentrant_checkpointing(self.model)
             _refuse_sharded_parameters(self.model)
         if self._handle is None:
-            self._handle = self.layer.module.register_forward_hook(self._hook)
+            # prepend: run before hooks that release gathered weights after the forward (DeepSpeed ZeRO-3)
+            self._handle = self.layer.module.register_forward_hook(self._hook, prepend=True)
         recording = Recording(self, batch or {}, num_items_in_batch, differentiable)
         self._recording, recording.open = recording, True
         try:
@@ -264,6 +265,11 @@ class Recording:
         fam, first_call = self.flatness, self.calls == 0
         self.calls += 1
         weight = fam.layer.weight()
+        if weight.dim() != 2 or weight.numel() == 0:
+            raise RuntimeError(
+                f"the weight of '{fam.layer.name}' is partitioned even inside its forward pass ({tuple(weight.shape)});"
+                " relative flatness needs the whole matrix: use DDP or FSDP2 (which gathers it per block)"
+            )
         if first_call:
             self._fan_in = weight.shape[1]
         if fam.estimator == "closed_form":
