@@ -6,6 +6,15 @@ from .estimators import closed_form, kappa_from_hessian, layer_hessian, probe_qu
 from .flatness import FlatnessResult, RelativeFlatness, relative_flatness
 from .head_loss import HeadLoss, head_loss_for
 from .layers import Layer, candidate_layers, output_head_name, resolve_layer
+from .measures import (
+    activity_weight_duality,
+    dual_weight_change,
+    hessian_trace,
+    jacobian_norm,
+    layerwise_flatness,
+    sam_sharpness,
+    top_eigenvalues,
+)
 
 __version__ = "0.1.0"
 
@@ -16,15 +25,22 @@ __all__ = [
     "HeadLoss",
     "Layer",
     "RelativeFlatness",
+    "activity_weight_duality",
     "candidate_layers",
     "closed_form",
+    "dual_weight_change",
     "head_loss_for",
+    "hessian_trace",
+    "jacobian_norm",
     "kappa_from_hessian",
     "layer_hessian",
+    "layerwise_flatness",
     "output_head_name",
     "probe_quadratic_forms",
     "relative_flatness",
     "resolve_layer",
+    "sam_sharpness",
+    "top_eigenvalues",
 ]
 
 

@@ -1,0 +1,57 @@
+"""Flatness and sharpness measures from the papers behind fam_hf (DESIGN §2.2), as plain functions.
+
+Each takes a model and a batch (``model(**batch).loss`` is the loss, or pass ``loss_fn(model, batch)``),
+never modifies the model, and returns a small dataclass (value, and standard error where stochastic):
+
+* :func:`hessian_trace` — ``Tr(∇²L)`` w.r.t. a layer's weight or parameters (Hutchinson, Hutch++, exact).
+* :func:`top_eigenvalues` — top-``k`` Hessian eigenpairs by Lanczos; ``λ_max`` is sharpness.
+* :func:`layerwise_flatness` — ``‖W‖²_F·Tr(H_W)`` and ``‖W‖²_F·λ_max(H_W)`` (Petzka et al.'s reference code).
+* :func:`sam_sharpness` — ``L(w + ε̂) − L(w)`` for SAM's / ASAM's one-step ascent (Foret et al.; Kwon et al.).
+* :func:`jacobian_norm` — input–output Jacobian norm w.r.t. input embeddings (MacDonald et al. 2023).
+* :func:`dual_weight_change`, :func:`activity_weight_duality` — activity–weight duality and the
+  decomposition of the train→test loss change over Hessian eigendirections (Feng, Zhang, Tu 2023).
+
+:class:`LossHessian` is the Hessian as a matrix-free operator, for anything else (one forward and backward
+pass, then one double-backward pass per Hessian-vector product). The relative flatness κ itself is
+:func:`fam_hf.relative_flatness`.
+"""
+
+from __future__ import annotations
+
+from .duality import (
+    DualityDecomposition,
+    activity_weight_duality,
+    dual_weight_change,
+    duality_decomposition,
+    layer_inputs,
+)
+from .eigen import HessianEigenpairs, estimate_top_eigenpairs, top_eigenvalues
+from .hessian import LossHessian, Subset, perturbed_loss, resolve_subset
+from .jacobian import JacobianNorm, jacobian_norm
+from .layerwise import LayerwiseFlatness, layerwise_flatness
+from .sam import SAMSharpness, sam_sharpness
+from .trace import HessianTrace, estimate_trace, hessian_trace
+
+__all__ = [
+    "DualityDecomposition",
+    "HessianEigenpairs",
+    "HessianTrace",
+    "JacobianNorm",
+    "LayerwiseFlatness",
+    "LossHessian",
+    "SAMSharpness",
+    "Subset",
+    "activity_weight_duality",
+    "dual_weight_change",
+    "duality_decomposition",
+    "estimate_top_eigenpairs",
+    "estimate_trace",
+    "hessian_trace",
+    "jacobian_norm",
+    "layer_inputs",
+    "layerwise_flatness",
+    "perturbed_loss",
+    "resolve_subset",
+    "sam_sharpness",
+    "top_eigenvalues",
+]

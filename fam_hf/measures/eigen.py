@@ -1,0 +1,159 @@
+"""Top eigenvalues and eigenvectors of the loss Hessian w.r.t. a layer or parameters.
+
+``λ_max(∇²L)`` is "sharpness" in the sense of Keskar et al. (2017) and of the edge-of-stability and
+progressive-sharpening literature (Cohen et al. 2021; MacDonald, Valmadre, Lucey 2023: λ_max rises during
+training together with the input–output Jacobian norm, see :func:`fam_hf.measures.jacobian_norm`). Tracked
+over training it shows progressive sharpening. The eigenpairs are also the directions along which the
+activity–weight duality (Feng, Zhang, Tu 2023) decomposes the generalization loss
+(:func:`fam_hf.measures.activity_weight_duality`).
+
+Computed matrix-free by Lanczos (ARPACK's implicitly restarted Lanczos, ``scipy.sparse.linalg.eigsh``) on
+Hessian-vector products, in float64 at the scipy boundary; or densely (``n`` HVPs, then
+``torch.linalg.eigh``) for small subsets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .hessian import LossFn, LossHessian, Operator, Wrt, default_generator, matmat_of
+
+EIGEN_METHODS = ("lanczos", "exact")
+WHICH = ("LA", "LM")
+
+
+@dataclass
+class HessianEigenpairs:
+    """The top ``k`` eigenpairs of the loss Hessian, largest first.
+
+    Attributes:
+        values: ``(k,)`` eigenvalues, descending (by value for ``which="LA"``, by magnitude for ``"LM"``);
+            ``values[0]`` is the sharpness ``λ_max``. Units: loss per squared weight unit.
+        vectors: ``(n, k)`` orthonormal eigenvectors, column ``j`` for ``values[j]``, in the subset's
+            flattening order (``LossHessian.subset.unflatten(vectors[:, j])`` shapes one like the
+            subset: ``[(d, m)]`` for a layer). Each is defined up to sign.
+        method: ``"lanczos"`` or ``"exact"``.
+        matvecs: Hessian-vector products spent.
+        dim: ``n``.
+    """
+
+    values: torch.Tensor
+    vectors: torch.Tensor
+    method: str
+    matvecs: int
+    dim: int
+
+    @property
+    def sharpness(self) -> torch.Tensor:
+        """``values[0]``: the largest eigenvalue (``which="LA"``)."""
+        return self.values[0]
+
+
+def estimate_top_eigenpairs(
+    operator: Operator,
+    k: int = 1,
+    *,
+    method: str = "lanczos",
+    which: str = "LA",
+    tol: float = 1e-6,
+    maxiter: int | None = None,
+    generator: torch.Generator | None = None,
+) -> HessianEigenpairs:
+    """Top ``k`` eigenpairs of a symmetric operator.
+
+    Args:
+        operator: a :class:`~fam_hf.measures.LossHessian` or a dense symmetric ``(n, n)`` tensor.
+        k: how many.
+        method: ``"lanczos"`` (``eigsh`` on matrix-vector products; needs ``k < n``, and falls back to
+            ``"exact"`` otherwise) or ``"exact"`` (the dense matrix from ``n`` products, then ``eigh``).
+        which: ``"LA"`` largest algebraic (default: sharpness; a Hessian away from a minimum has negative
+            eigenvalues too) or ``"LM"`` largest magnitude.
+        tol: ``eigsh``'s stopping tolerance, relative: residuals ``‖Hv − λv‖ ≲ tol·|λ|`` (the eigenvalues'
+            own error is of order ``‖Hv − λv‖² / gap``, far smaller); 0 means machine precision.
+        maxiter: ``eigsh``'s restart limit (default ``10 n``).
+        generator: RNG for Lanczos' starting vector (drawn on the CPU), so the result is reproducible;
+            default seeded with 0.
+
+    Cost: Lanczos: typically a few times ``max(2k + 1, 20)`` matrix-vector products (``matvecs`` says
+    how many); exact: ``n`` of them and an ``O(n³)`` eigendecomposition.
+    """
+    if method not in EIGEN_METHODS:
+        raise ValueError(f"method={method!r} is not one of {', '.join(map(repr, EIGEN_METHODS))}")
+    if which not in WHICH:
+        raise ValueError(f"which={which!r} is not one of {', '.join(map(repr, WHICH))}")
+    matmat, n, dtype, device = matmat_of(operator)
+    if not 1 <= k <= n:
+        raise ValueError(f"k={k} must be between 1 and the number of variables n={n}")
+    start = operator.matvecs if isinstance(operator, LossHessian) else 0
+    if method == "lanczos" and k < n:
+        values, vectors, counted = _lanczos(matmat, n, k, which, tol, maxiter, default_generator(generator))
+        values, vectors = torch.from_numpy(values).to(device, dtype), torch.from_numpy(vectors).to(device, dtype)
+    else:
+        method = "exact"
+        dense = operator.dense() if isinstance(operator, LossHessian) else (operator + operator.T) / 2
+        counted = n if isinstance(operator, LossHessian) else 0
+        values, vectors = torch.linalg.eigh(dense)
+    order = torch.argsort(values if which == "LA" else values.abs(), descending=True)[:k]
+    matvecs = operator.matvecs - start if isinstance(operator, LossHessian) else counted
+    return HessianEigenpairs(values[order], vectors[:, order], method, matvecs, n)
+
+
+def _lanczos(matmat, n, k, which, tol, maxiter, generator):
+    from scipy.sparse.linalg import LinearOperator, eigsh
+
+    count = 0
+
+    def matvec(x):
+        nonlocal count
+        count += 1
+        v = torch.from_numpy(x.reshape(-1, 1).copy())
+        return matmat(v).reshape(-1).to(torch.float64).cpu().numpy()
+
+    # Lanczos needs a starting vector; ARPACK's own is drawn from a global RNG, so draw it here instead.
+    v0 = torch.randn(n, generator=generator, dtype=torch.float64).numpy()
+    operator = LinearOperator((n, n), matvec=matvec, dtype="float64")
+    values, vectors = eigsh(operator, k=k, which=which, v0=v0, tol=tol, maxiter=maxiter)
+    return values, vectors, count
+
+
+def top_eigenvalues(
+    model: nn.Module,
+    batch: Mapping[str, Any],
+    wrt: Wrt = "auto",
+    k: int = 1,
+    *,
+    method: str = "lanczos",
+    which: str = "LA",
+    tol: float = 1e-6,
+    loss_fn: LossFn | None = None,
+    generator: torch.Generator | None = None,
+) -> HessianEigenpairs:
+    """Top ``k`` eigenvalues and eigenvectors of ``∇²L`` on ``batch`` w.r.t. a layer's weight or parameters.
+
+    Args:
+        model: run as it is (``model.eval()`` to measure without dropout); nothing in it is modified.
+        batch: a transformers batch with labels (``model(**batch).loss``), or what ``loss_fn`` takes.
+        wrt: a layer spec (default ``"auto"``: the output head's ``W: (d, m)``), a parameter, a sequence of
+            parameters, or None (every trainable parameter); see :mod:`fam_hf.measures.hessian`.
+        k: how many eigenpairs.
+        method, which, tol, generator: see :func:`estimate_top_eigenpairs`.
+        loss_fn: ``loss_fn(model, batch) -> loss`` for models that do not compute their own loss.
+
+    Returns:
+        :class:`HessianEigenpairs`, largest first; ``.sharpness`` is ``λ_max``.
+
+    Cost: one forward and one backward pass, then one double-backward pass per Lanczos step (``matvecs``).
+
+    Example::
+
+        eig = top_eigenvalues(model.eval(), batch, "classifier", k=3)
+        eig.values                                          # tensor([λ1, λ2, λ3])
+        eig.vectors[:, 0].reshape(model.classifier.weight.shape)  # top direction as a (d, m) matrix
+    """
+    hessian = LossHessian(model, batch, wrt, loss_fn=loss_fn)
+    return estimate_top_eigenpairs(hessian, k, method=method, which=which, tol=tol, generator=generator)

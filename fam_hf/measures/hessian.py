@@ -1,0 +1,261 @@
+"""The Hessian of a model's loss with respect to a layer or a set of parameters, as a matrix-free operator.
+
+Every Hessian-based measure in :mod:`fam_hf.measures` works through :class:`LossHessian`: one forward pass
+and one first-order backward pass with ``create_graph=True`` when it is built, then one double-backward
+(a Hessian-vector product, HVP) per :meth:`LossHessian.matvec`. Nothing is written to the model: the
+loss is evaluated at ``w + δ`` for a zero perturbation ``δ`` that requires grad, so parameters, their
+``.grad`` and the optimizer state are untouched.
+
+What the Hessian is taken with respect to (``wrt``):
+
+* a layer spec (``"auto"``, ``"classifier"``, ``"model.layers.0.mlp.down_proj"``, a glob; see
+  :func:`fam_hf.resolve_layer`): the layer's weight map ``W: (d, m)`` (``out × in``) — the effective
+  ``W0 + s·B·A`` for a LoRA layer, ``weight.T`` for GPT-2's ``Conv1D``, the head's own use of a tied
+  matrix only. ``δ`` enters as ``z + δ φ`` at the layer's output, exactly as the κ estimators perturb it,
+  so these Hessians are the ones κ is built from. ``n = d·m``, flattened row-major (``vec(W)[s·m + i]
+  = W[s, i]``).
+* a parameter or a sequence of parameters of the model: the loss as a function of those tensors
+  everywhere they are used (a tied matrix in both its uses), frozen ones included; flattened in the
+  order given, each row-major. ``None``: every parameter with ``requires_grad``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from ..estimators import explain_missing_double_backward
+from ..layers import Layer, resolve_layer
+
+LossFn = Callable[[nn.Module, Mapping[str, Any]], torch.Tensor]
+Wrt = str | torch.Tensor | Sequence[torch.Tensor] | None
+
+
+def model_loss(model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
+    """The default ``loss_fn``: ``model(**batch).loss`` (a transformers model given its labels)."""
+    loss = model(**batch).loss
+    if loss is None:
+        raise ValueError("the model returned no loss: the batch needs labels (or pass loss_fn=)")
+    return loss
+
+
+@dataclass
+class Subset:
+    """What a Hessian is taken with respect to; built by :func:`resolve_subset`.
+
+    Attributes:
+        layer: the layer whose weight map is perturbed at its output, or None for parameters.
+        names: parameter names in ``model.named_parameters()`` (parameters only).
+        values: the current values ``w``, detached: ``[W (d, m)]`` for a layer, else the parameters.
+    """
+
+    layer: Layer | None
+    names: list[str]
+    values: list[torch.Tensor]
+
+    @property
+    def shapes(self) -> list[torch.Size]:
+        return [v.shape for v in self.values]
+
+    @property
+    def dim(self) -> int:
+        return sum(v.numel() for v in self.values)
+
+    def flatten(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Concatenate tensors shaped like the subset into one ``(n,)`` vector."""
+        return torch.cat([t.reshape(-1) for t in tensors])
+
+    def unflatten(self, vector: torch.Tensor) -> list[torch.Tensor]:
+        """Split an ``(n,)`` vector into tensors shaped like the subset (``[(d, m)]`` for a layer)."""
+        return [part.reshape(shape) for part, shape in zip(vector.split([v.numel() for v in self.values]), self.shapes)]
+
+
+def resolve_subset(model: nn.Module, wrt: Wrt = "auto") -> Subset:
+    """Resolve ``wrt`` (a layer spec, a parameter, a sequence of parameters, or None for every trainable
+    parameter) to a :class:`Subset` of ``model``.
+
+    Raises:
+        ValueError: an unknown layer (the message lists the candidates), or a tensor that is not one of
+            the model's parameters.
+    """
+    if isinstance(wrt, str):
+        layer = resolve_layer(model, wrt)
+        return Subset(layer=layer, names=[], values=[layer.weight().detach()])
+    named = {id(p): name for name, p in model.named_parameters()}  # first name of a tied parameter
+    if wrt is None:
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("the model has no trainable parameter; name a layer or pass parameters as wrt=")
+    else:
+        params = [wrt] if isinstance(wrt, torch.Tensor) else list(wrt)
+    names, values, seen = [], [], set()
+    for p in params:
+        if id(p) not in named:
+            raise ValueError(
+                f"a tensor of shape {tuple(p.shape)} in wrt is not a parameter of {type(model).__name__}; pass "
+                "tensors from model.parameters(), or a layer name such as 'classifier'"
+            )
+        if id(p) not in seen:  # a tied parameter listed twice is one variable
+            seen.add(id(p))
+            names.append(named[id(p)])
+            values.append(p.detach())
+    return Subset(layer=None, names=names, values=values)
+
+
+class _LossOf(nn.Module):
+    """``batch ↦ loss_fn(model, batch)`` as a module, so ``functional_call`` can swap the model's parameters."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn) -> None:
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        return self.loss_fn(self.model, batch)
+
+
+def perturbed_loss(
+    model: nn.Module,
+    batch: Mapping[str, Any],
+    subset: Subset,
+    perturbations: Sequence[torch.Tensor],
+    loss_fn: LossFn | None = None,
+) -> torch.Tensor:
+    """``L(w + δ)``: the loss with the subset moved by ``perturbations`` (shaped like ``subset.values``).
+
+    The model's own tensors are never modified: a layer's output gets ``+ δ φ`` from a forward hook
+    that is removed on return; parameters are swapped for ``w + δ`` by ``torch.func.functional_call``
+    for this one call.
+    """
+    loss_fn = loss_fn or model_loss
+    if subset.layer is not None:
+        (delta,) = perturbations
+
+        def add_perturbation(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+            return output + F.linear(inputs[0], delta.to(output.dtype))
+
+        handle = subset.layer.module.register_forward_hook(add_perturbation)
+        try:
+            return loss_fn(model, batch)
+        finally:
+            handle.remove()
+    moved = {f"model.{name}": w + delta for name, w, delta in zip(subset.names, subset.values, perturbations)}
+    return torch.func.functional_call(_LossOf(model, loss_fn), moved, args=(batch,))
+
+
+@contextmanager
+def second_order_context() -> Iterator[None]:
+    """Grad enabled, SDPA's math kernel (the fused kernels have no double backward), and autograd's
+    "derivative … not implemented" re-raised with the fix."""
+    with ExitStack() as stack:
+        stack.enter_context(torch.enable_grad())
+        stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
+        stack.enter_context(explain_missing_double_backward())
+        yield
+
+
+class LossHessian:
+    """``H = ∇²L(w)``, the Hessian of the loss on ``batch`` w.r.t. ``wrt``, as an ``(n, n)`` operator.
+
+    Args:
+        model: any ``nn.Module``; run in the mode it is in (``model.eval()`` to measure without dropout).
+        batch: what ``loss_fn`` takes; by default a transformers batch with labels (``model(**batch).loss``).
+        wrt: a layer spec (the layer's weight map ``W: (d, m)``), a parameter, a sequence of parameters,
+            or None (every trainable parameter). See the module docstring.
+        loss_fn: ``loss_fn(model, batch) -> scalar loss``; default ``model(**batch).loss``.
+
+    Attributes:
+        subset: the resolved :class:`Subset`; ``subset.unflatten(v)`` shapes an ``(n,)`` vector like it.
+        dim: ``n``.
+        loss: ``L(w)``, detached.
+        gradient: ``∇L(w)``, ``(n,)``, detached.
+        matvecs: Hessian-vector products computed so far.
+
+    Cost: building it is one forward and one backward pass (keeping the graph for double backward, so
+    about twice a training step's activation memory); each :meth:`matvec` is one double-backward pass,
+    about the cost of a backward pass. Units: loss units per squared parameter unit.
+    """
+
+    def __init__(
+        self, model: nn.Module, batch: Mapping[str, Any], wrt: Wrt = "auto", *, loss_fn: LossFn | None = None
+    ) -> None:
+        self.subset = resolve_subset(model, wrt)
+        self.dim = self.subset.dim
+        self.matvecs = 0
+        self._zeros = [torch.zeros_like(v, requires_grad=True) for v in self.subset.values]
+        with second_order_context():
+            loss = perturbed_loss(model, batch, self.subset, self._zeros, loss_fn)
+            grads = torch.autograd.grad(loss, self._zeros, create_graph=True, allow_unused=True)
+        self.loss = loss.detach()
+        self._grads = [g if g is not None else torch.zeros_like(z) for g, z in zip(grads, self._zeros)]
+        self.gradient = self.subset.flatten(self._grads).detach()
+        # Gradients that do not depend on δ (the loss is linear in that tensor) have zero curvature.
+        self._curved = [i for i, g in enumerate(self._grads) if g.requires_grad]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.gradient.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.gradient.device
+
+    def matvec(self, vector: torch.Tensor) -> torch.Tensor:
+        """``H v`` for ``v: (n,)``, one double-backward pass; returns ``(n,)`` in :attr:`dtype`."""
+        self.matvecs += 1
+        parts = self.subset.unflatten(vector.to(device=self.device, dtype=self.dtype))
+        out = [torch.zeros_like(z) for z in self._zeros]
+        if self._curved:
+            with second_order_context():
+                hv = torch.autograd.grad(
+                    [self._grads[i] for i in self._curved],
+                    self._zeros,
+                    grad_outputs=[parts[i] for i in self._curved],
+                    retain_graph=True,
+                    allow_unused=True,
+                )
+            out = [h if h is not None else o for h, o in zip(hv, out)]
+        return self.subset.flatten(out)
+
+    def matmat(self, vectors: torch.Tensor) -> torch.Tensor:
+        """``H V`` for ``V: (n, k)``: ``k`` double-backward passes; returns ``(n, k)``."""
+        if vectors.shape[1] == 0:
+            return vectors.new_zeros(self.dim, 0, dtype=self.dtype)
+        return torch.stack([self.matvec(v) for v in vectors.T], dim=1)
+
+    def dense(self) -> torch.Tensor:
+        """The full ``(n, n)`` Hessian, symmetrised: ``n`` double-backward passes. Small subsets only."""
+        h = self.matmat(torch.eye(self.dim, dtype=self.dtype, device=self.device))
+        return (h + h.T) / 2
+
+
+Operator = LossHessian | torch.Tensor
+
+
+def matmat_of(operator: Operator) -> tuple[Callable[[torch.Tensor], torch.Tensor], int, torch.dtype, torch.device]:
+    """``(V ↦ A V, n, dtype, device)`` for a :class:`LossHessian` or a dense symmetric ``(n, n)`` tensor."""
+    if isinstance(operator, LossHessian):
+        return operator.matmat, operator.dim, operator.dtype, operator.device
+    if operator.dim() != 2 or operator.shape[0] != operator.shape[1]:
+        raise ValueError(f"a dense operator must be a square matrix; got shape {tuple(operator.shape)}")
+    return (lambda v: operator @ v.to(operator.dtype)), operator.shape[0], operator.dtype, operator.device
+
+
+def rademacher_vectors(
+    dim: int, count: int, *, generator: torch.Generator | None, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """``(dim, count)`` i.i.d. ±1 entries, drawn on the CPU from ``generator`` (same draw on any device)."""
+    signs = torch.randint(0, 2, (dim, count), generator=generator, dtype=torch.int8)
+    return (signs.to(dtype) * 2 - 1).to(device)
+
+
+def default_generator(generator: torch.Generator | None) -> torch.Generator:
+    """``generator``, or a fresh CPU generator seeded with 0 so that results are reproducible by default."""
+    return generator if generator is not None else torch.Generator().manual_seed(0)

@@ -1,0 +1,101 @@
+"""SAM sharpness: how much the loss rises under the worst weight perturbation of radius ρ.
+
+    sharpness_ρ(w) = max_{‖ε‖ ≤ ρ} L(w + ε) − L(w)  ≈  L(w + ε̂) − L(w)
+
+with the one-step ascent of SAM (Foret, Kleiner, Mobahi, Neyshabur, ICLR 2021), ``ε̂ = ρ g / ‖g‖``,
+``g = ∇L(w)``, ``‖·‖`` the Euclidean norm over the whole parameter subset; or of adaptive SAM (ASAM;
+Kwon, Kim, Park, Choi, ICML 2021), ``ε̂ = ρ T² g / ‖T g‖`` with ``T = diag(|w| + η)``, the maximiser of
+the first-order loss over ``‖T⁻¹ ε‖ ≤ ρ`` (scale-invariant for ``η = 0``). Wen, Li, Ma (NeurIPS 2023)
+show that minimizing this and reaching the flattest minimum are different things — measure both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .hessian import LossFn, Wrt, perturbed_loss, resolve_subset
+
+
+@dataclass
+class SAMSharpness:
+    """One-step SAM (or ASAM) sharpness on one batch.
+
+    Attributes:
+        value: ``L(w + ε̂) − L(w)`` (loss units); 0 where the gradient is 0.
+        loss: ``L(w)``.
+        perturbed_loss: ``L(w + ε̂)``.
+        gradient_norm: ``‖g‖`` (SAM) or ``‖T g‖`` (ASAM) over the subset.
+        rho: the radius ``ρ``.
+        adaptive: ASAM (True) or SAM.
+    """
+
+    value: torch.Tensor
+    loss: torch.Tensor
+    perturbed_loss: torch.Tensor
+    gradient_norm: torch.Tensor
+    rho: float
+    adaptive: bool
+
+    def __float__(self) -> float:
+        return float(self.value)
+
+
+def sam_sharpness(
+    model: nn.Module,
+    batch: Mapping[str, Any],
+    wrt: Wrt = None,
+    *,
+    rho: float = 0.05,
+    adaptive: bool = False,
+    eta: float = 0.0,
+    loss_fn: LossFn | None = None,
+) -> SAMSharpness:
+    """One-step SAM sharpness ``L(w + ε̂) − L(w)`` on ``batch``.
+
+    Args:
+        model: run as it is: call ``model.eval()`` first, or dropout draws different masks in the two
+            forward passes and the difference measures noise as well as sharpness.
+        batch: a transformers batch with labels (``model(**batch).loss``), or what ``loss_fn`` takes.
+        wrt: what is perturbed: None (default: every trainable parameter, as SAM does), a parameter or a
+            sequence of parameters, or a layer spec (that layer's weight map ``W: (d, m)``).
+        rho: the radius ``ρ`` (SAM's default 0.05; ASAM's papers use larger ones, e.g. 0.5–2).
+        adaptive: ASAM's ``ε̂ = ρ T² g / ‖T g‖``, ``T = |w| + η`` elementwise, instead of SAM's.
+        eta: ASAM's ``η`` (its code defaults to 0.01, which keeps zero weights perturbable).
+        loss_fn: ``loss_fn(model, batch) -> loss`` for models that do not compute their own loss.
+
+    Returns:
+        :class:`SAMSharpness`.
+
+    The weights are never written: ``L(w + ε̂)`` is evaluated through ``torch.func.functional_call``
+    (or a forward hook for a layer), so the model, its ``.grad`` and any optimizer state are bit-identical
+    afterwards. Cost: two forward passes and one backward pass.
+    """
+    if rho < 0:
+        raise ValueError(f"rho={rho} must be non-negative")
+    subset = resolve_subset(model, wrt)
+    zeros = [torch.zeros_like(w, requires_grad=True) for w in subset.values]
+    with torch.enable_grad():
+        loss = perturbed_loss(model, batch, subset, zeros, loss_fn)
+        grads = torch.autograd.grad(loss, zeros, allow_unused=True)
+    grads = [torch.zeros_like(z) if g is None else g for g, z in zip(grads, zeros)]
+    if adaptive:
+        scales = [w.abs() + eta for w in subset.values]
+        directions = [t * g for t, g in zip(scales, grads)]  # T g
+        norm = torch.sqrt(sum(d.pow(2).sum() for d in directions))
+        directions = [t * d for t, d in zip(scales, directions)]  # T² g
+    else:
+        directions = grads
+        norm = torch.sqrt(sum(g.pow(2).sum() for g in grads))
+    if norm > 0:
+        epsilon = [rho * d / norm for d in directions]
+        with torch.no_grad():
+            perturbed = perturbed_loss(model, batch, subset, epsilon, loss_fn).detach()
+    else:  # a stationary point of the subset: the first-order ascent has no direction
+        perturbed = loss.detach()
+    loss = loss.detach()
+    return SAMSharpness(perturbed - loss, loss, perturbed, norm, rho, adaptive)
