@@ -21,6 +21,7 @@ __version__ = "0.1.0"
 __all__ = [
     "FAMConfig",
     "FAMTrainer",
+    "FlatnessCallback",
     "FlatnessResult",
     "HeadLoss",
     "Layer",
@@ -54,4 +55,8 @@ def __getattr__(name: str):
         from .trainer import FAMTrainer
 
         return FAMTrainer
+    if name == "FlatnessCallback":
+        from .callback import FlatnessCallback
+
+        return FlatnessCallback
     raise AttributeError(f"module 'fam_hf' has no attribute {name!r}")

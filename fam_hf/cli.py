@@ -2,6 +2,10 @@
 
 fam-hf layers MODEL_DIR [--task sequence-classification|causal-lm]
     list the layers fam_layer can name, with the one fam_layer='auto' picks
+fam-hf measure --model DIR --data FILE.jsonl|csv [--measures kappa,hessian_trace,...] [--json OUT.json]
+    flatness measures of a saved model on a few batches of a small local data file
+fam-hf plot RUN_DIR [RUN_DIR ...] --out DIR
+    κ, Hessian trace, top eigenvalue, gap, … against the step, from each run's trainer_state.json
 """
 
 from __future__ import annotations
@@ -38,6 +42,130 @@ def _layers(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_rows(path: str, limit: int) -> list[dict]:
+    import csv
+    import json
+
+    with open(path, newline="") as f:
+        if path.endswith(".csv"):
+            rows = list(csv.DictReader(f))
+        elif path.endswith((".jsonl", ".json")):
+            rows = [json.loads(line) for line in f if line.strip()]
+        else:
+            raise SystemExit(f"--data {path}: expected a .jsonl or .csv file")
+    return rows[:limit]
+
+
+def _label_id(value, model) -> int:
+    label2id = getattr(model.config, "label2id", None) or {}
+    if isinstance(value, str) and value in label2id:
+        return int(label2id[value])
+    try:
+        return int(value)
+    except ValueError:
+        raise SystemExit(
+            f"label {value!r} is neither an integer nor one of the model's labels {sorted(label2id)}"
+        ) from None
+
+
+def _batches(args: argparse.Namespace, model, tokenizer) -> list[dict]:
+    import torch
+
+    rows = _read_rows(args.data, args.max_examples)
+    if not rows:
+        raise SystemExit(f"--data {args.data} has no rows")
+    missing = {args.text_column} - rows[0].keys()
+    if missing:
+        raise SystemExit(f"--data {args.data} has no column {args.text_column!r}; columns: {', '.join(rows[0])}")
+    causal = type(model).__name__.endswith("ForCausalLM") or type(model).__name__.endswith("LMHeadModel")
+    if tokenizer.pad_token is None:  # GPT-style tokenizers: padded positions are masked out of the loss anyway
+        tokenizer.pad_token = tokenizer.eos_token
+    batches = []
+    for start in range(0, len(rows), args.batch_size):
+        chunk = rows[start : start + args.batch_size]
+        batch = dict(
+            tokenizer(
+                [str(r[args.text_column]) for r in chunk],
+                padding=True,
+                truncation=True,
+                max_length=args.max_length,
+                return_tensors="pt",
+            )
+        )
+        if "token_type_ids" not in _forward_args(model):  # tokenizers return it for models that take none
+            batch.pop("token_type_ids", None)
+        if causal:
+            labels = batch["input_ids"].clone()
+            labels[batch["attention_mask"] == 0] = -100
+        else:
+            if args.label_column not in chunk[0]:
+                raise SystemExit(f"--data {args.data} has no label column {args.label_column!r} (--label-column)")
+            labels = torch.tensor([_label_id(r[args.label_column], model) for r in chunk])
+        batch["labels"] = labels
+        batches.append(batch)
+    return batches
+
+
+def _forward_args(model) -> set[str]:
+    import inspect
+
+    return set(inspect.signature(model.forward).parameters)
+
+
+def _measure(args: argparse.Namespace) -> int:
+    import json
+    import math
+
+    import transformers
+
+    from .callback import check_measures, measure_batches
+
+    measures = [m.strip() for m in args.measures.split(",") if m.strip()]
+    try:
+        check_measures(measures)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    model = _load(args.model, args.task)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(args.model)
+    batches = _batches(args, model, tokenizer)
+    values = measure_batches(
+        model, batches, measures, layer=args.layer, probes=args.probes, trace_probes=args.trace_probes, rho=args.rho
+    )
+    summary = {}
+    print(f"{type(model).__name__} on {sum(len(b['labels']) for b in batches)} examples in {len(batches)} batches")
+    print(f"{'measure':<16} {'mean':>12} {'± s.e.':>10}")
+    for name, vals in values.items():
+        mean = sum(vals) / len(vals)
+        sem = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1) / len(vals)) if len(vals) > 1 else None
+        summary[name] = {"mean": mean, "std_error": sem, "per_batch": vals}
+        print(f"{name:<16} {mean:>12.6g} {'' if sem is None else f'{sem:.3g}':>10}")
+    if args.json:
+        report = {
+            "model": args.model,
+            "data": args.data,
+            "layer": args.layer,
+            "examples": sum(len(b["labels"]) for b in batches),
+            "batches": len(batches),
+            "measures": summary,
+        }
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from .plots import plot_runs
+
+    quantities = args.quantities.split(",") if args.quantities else None
+    written = plot_runs(args.runs, args.out, names=args.names, quantities=quantities, log_y=args.log_y)
+    if not written:
+        print("nothing to plot: no fam/*, flatness/* or loss entries in the runs' log_history", file=sys.stderr)
+        return 1
+    for path in written:
+        print(path)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from . import __version__
 
@@ -53,6 +181,41 @@ def main(argv: list[str] | None = None) -> int:
         help="load with this head (default: the saved architecture)",
     )
     layers.set_defaults(run=_layers)
+    measure = commands.add_parser("measure", help="flatness measures of a saved model on a small local data file")
+    measure.add_argument("--model", required=True, help="a saved model folder with its tokenizer")
+    measure.add_argument("--task", choices=["auto", *_TASKS], default="auto", help="load with this head")
+    measure.add_argument("--data", required=True, help="a .jsonl or .csv file, one example per row")
+    measure.add_argument("--text-column", default="text", help="column with the input text (default: text)")
+    measure.add_argument(
+        "--label-column",
+        default="label",
+        help="column with the class (id or name in the model's label2id; default: label); causal LMs use the text",
+    )
+    measure.add_argument("--layer", default="auto", help="layer for κ and the Hessian measures (default: the head)")
+    measure.add_argument(
+        "--measures",
+        default="kappa,hessian_trace,top_eigenvalue",
+        help="comma-separated: kappa,hessian_trace,top_eigenvalue,sam_sharpness,jacobian_norm",
+    )
+    measure.add_argument("--batch-size", type=int, default=8, help="examples per batch (default: 8)")
+    measure.add_argument("--max-examples", type=int, default=64, help="first N rows of --data (default: 64)")
+    measure.add_argument("--max-length", type=int, default=128, help="truncate inputs to N tokens (default: 128)")
+    measure.add_argument("--probes", type=int, default=16, help="probes for κ and the Jacobian (default: 16)")
+    measure.add_argument("--trace-probes", type=int, default=64, help="HVPs for the Hessian trace (default: 64)")
+    measure.add_argument("--rho", type=float, default=0.05, help="SAM radius (default: 0.05)")
+    measure.add_argument("--json", help="also write the results (means, standard errors, per batch) here")
+    measure.set_defaults(run=_measure)
+    plot = commands.add_parser("plot", help="plot flatness over training from runs' trainer_state.json")
+    plot.add_argument("runs", nargs="+", metavar="RUN_DIR", help="Trainer output folders (or trainer_state.json)")
+    plot.add_argument("--out", required=True, help="folder for the PNGs (created if missing)")
+    plot.add_argument("--names", nargs="+", help="legend names for the runs (default: their folder names)")
+    plot.add_argument(
+        "--quantities",
+        help="comma-separated subset of kappa,hessian_trace,top_eigenvalue,sam_sharpness,jacobian_norm,gap,loss "
+        "(default: every one logged)",
+    )
+    plot.add_argument("--log-y", action="store_true", help="logarithmic y axis (except the gap)")
+    plot.set_defaults(run=_plot)
     args = parser.parse_args(argv)
     return args.run(args)
 

@@ -1,0 +1,214 @@
+"""``FlatnessCallback``: log κ and other flatness measures on fixed probe batches while a Trainer trains.
+
+Works with any ``transformers.Trainer`` (FAMTrainer or not)::
+
+    callback = FlatnessCallback(train_batch, eval_batch, every_n_steps=50)
+    trainer.add_callback(callback.attach(trainer))      # or FlatnessCallback(..., trainer=trainer)
+    trainer.train()
+    # trainer.state.log_history holds {"flatness/train/kappa": …, "flatness/eval/kappa": …, "flatness/gap": …}
+
+How the numbers reach ``log_history`` and the ``report_to`` integrations: callbacks are not handed the
+trainer, and ``Trainer.log`` appends a *copy* of ``logs`` to ``state.log_history`` before it calls
+``on_log``, while the integration callbacks (TensorBoard, W&B, …) come before user callbacks in the list.
+Adding keys to ``logs`` inside ``on_log`` would therefore reach neither. So the callback keeps a reference
+to the trainer and calls ``trainer.log(metrics)`` itself, as TRL's ``WinRateCallback`` does: one
+``log_history`` entry (with ``step`` and ``epoch``) per measurement, seen by every integration. (That
+call clears ``control.should_log``; the callback restores it so the Trainer's own log of the step is kept.)
+
+Distributed runs: the measures run no collective operation, and every rank would compute the same numbers
+on the same probe batches, so only the main process (``state.is_world_process_zero``) computes and logs;
+the other ranks wait for it at their next collective. (FSDP/ZeRO-3-sharded weights are refused by the
+measures themselves.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from .flatness import relative_flatness
+from .measures import hessian_trace, jacobian_norm, sam_sharpness, top_eigenvalues
+
+Batch = Mapping[str, Any]
+DEFAULT_MEASURES = ("kappa", "hessian_trace", "top_eigenvalue")
+MEASURES = ("kappa", "hessian_trace", "top_eigenvalue", "sam_sharpness", "jacobian_norm")
+
+
+def check_measures(measures: Sequence[str]) -> None:
+    unknown = [m for m in measures if m not in MEASURES]
+    if unknown:
+        raise ValueError(f"unknown measure(s) {', '.join(map(repr, unknown))}; choose from {', '.join(MEASURES)}")
+
+
+def measure_batches(
+    model: nn.Module,
+    batches: Sequence[Batch],
+    measures: Sequence[str] = DEFAULT_MEASURES,
+    *,
+    layer: str = "auto",
+    estimator: str = "auto",
+    probes: int = 16,
+    trace_probes: int = 64,
+    scale: str = "paper",
+    rho: float = 0.05,
+    seed: int = 0,
+) -> dict[str, list[float]]:
+    """Each measure (and ``"loss"``, the model's mean loss) on each batch: ``{name: [value per batch]}``.
+
+    The model is run in eval mode and put back in its mode afterwards; batches are moved to its device;
+    each measure draws its probes from a generator seeded with ``seed`` and the global torch RNG state is
+    restored, so measuring does not change what a training run does next. See :class:`FlatnessCallback`
+    for the measures and options.
+    """
+    check_measures(measures)
+
+    def value(name: str, batch: Batch) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(seed)
+        if name == "kappa":
+            return relative_flatness(
+                model, batch, layer, estimator, probes=probes, scale=scale, generator=generator
+            ).value
+        if name == "hessian_trace":
+            return hessian_trace(model, batch, layer, probes=trace_probes, generator=generator).value
+        if name == "top_eigenvalue":
+            return top_eigenvalues(model, batch, layer, k=1, generator=generator).sharpness
+        if name == "sam_sharpness":
+            return sam_sharpness(model, batch, layer, rho=rho).value
+        return jacobian_norm(model, batch, probes=probes, generator=generator).value
+
+    device = next(model.parameters()).device
+    was_training = model.training
+    values: dict[str, list[float]] = {name: [] for name in ("loss", *measures)}
+    try:
+        model.eval()
+        # fork_rng: nothing here should draw from the global RNG, but a run must train identically either way
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            for batch in batches:
+                batch = _to_device(batch, device)
+                with torch.no_grad():
+                    values["loss"].append(float(model(**batch).loss))
+                for name in measures:
+                    values[name].append(float(value(name, batch)))
+    finally:
+        model.train(was_training)
+    return values
+
+
+class FlatnessCallback(TrainerCallback):
+    """Compute flatness measures on fixed train and eval probe batches and log them through the Trainer.
+
+    Args:
+        train_batch: a collated batch (dict of tensors, labels included, so ``model(**batch).loss`` is the
+            loss) or a list of them; measures are averaged over the list with equal weight per batch.
+        eval_batch: the same for held-out data, or None (then no ``flatness/eval/*`` and no gap).
+        measures: names from ``"kappa"`` (:func:`fam_hf.relative_flatness`), ``"hessian_trace"``,
+            ``"top_eigenvalue"`` (``λ_max``), ``"sam_sharpness"`` (``L(w+ε̂) − L(w)``, radius ``rho``),
+            ``"jacobian_norm"`` (input–output, w.r.t. input embeddings). The Hessian measures and SAM are
+            taken w.r.t. ``layer``'s weight, so they describe the same matrix as κ.
+        layer: the layer spec (``"auto"``: the output head); see :func:`fam_hf.resolve_layer`.
+        every_n_steps: measure at every ``n``-th optimizer step (``global_step % n == 0``); None: never.
+        on_evaluate: measure after each evaluation (``Trainer.evaluate``, in or outside training).
+        estimator, probes, scale: for κ (see :func:`fam_hf.relative_flatness`); ``probes`` also sets the
+            Jacobian projections.
+        trace_probes: Hessian-vector products for the Hutchinson trace.
+        rho: SAM radius.
+        seed: every measurement draws its probes from a generator seeded with ``seed``, so repeated
+            measurements of the same weights agree and the run's own RNG streams are untouched.
+        trainer: the trainer to log through; or call :meth:`attach` later.
+
+    Logged keys (one ``trainer.log`` call per measurement): ``flatness/{train,eval}/{measure}``,
+    ``flatness/{train,eval}/loss`` (the probe batches' mean loss) and ``flatness/gap`` = eval − train loss.
+    The model is measured in eval mode (its mode is restored afterwards), its weights and ``.grad`` are not
+    touched, and the global torch RNG state is restored, so a run trains identically with or without it.
+    Cost per measurement: per batch, one forward pass for the loss plus each measure's own cost.
+    """
+
+    def __init__(
+        self,
+        train_batch: Batch | Sequence[Batch],
+        eval_batch: Batch | Sequence[Batch] | None = None,
+        *,
+        measures: Sequence[str] = DEFAULT_MEASURES,
+        layer: str = "auto",
+        every_n_steps: int | None = None,
+        on_evaluate: bool = True,
+        estimator: str = "auto",
+        probes: int = 16,
+        trace_probes: int = 64,
+        scale: str = "paper",
+        rho: float = 0.05,
+        seed: int = 0,
+        trainer: Trainer | None = None,
+    ) -> None:
+        check_measures(measures)
+        if every_n_steps is not None and every_n_steps < 1:
+            raise ValueError(
+                f"every_n_steps={every_n_steps} must be at least 1 (or None to measure only at evaluation)"
+            )
+        self.batches = {"train": _as_list(train_batch), "eval": [] if eval_batch is None else _as_list(eval_batch)}
+        if not self.batches["train"]:
+            raise ValueError("train_batch is empty; pass a collated batch (a dict of tensors with labels) or a list")
+        self.measures = tuple(measures)
+        self.every_n_steps = every_n_steps
+        self.measure_on_evaluate = on_evaluate
+        self._options = dict(
+            layer=layer, estimator=estimator, probes=probes, trace_probes=trace_probes, scale=scale, rho=rho, seed=seed
+        )
+        self.trainer = trainer
+        self._last_step: int | None = None
+
+    def attach(self, trainer: Trainer) -> FlatnessCallback:
+        """Log through ``trainer``; returns self, for ``trainer.add_callback(callback.attach(trainer))``."""
+        self.trainer = trainer
+        return self
+
+    # -- measurement --------------------------------------------------------------------------------------
+
+    def compute(self, model: nn.Module) -> dict[str, float]:
+        """The logged metrics for ``model`` now, without logging them."""
+        metrics: dict[str, float] = {}
+        for split, batches in self.batches.items():
+            if batches:
+                values = measure_batches(model, batches, self.measures, **self._options)
+                metrics.update({f"flatness/{split}/{name}": sum(v) / len(v) for name, v in values.items()})
+        if "flatness/eval/loss" in metrics:
+            metrics["flatness/gap"] = metrics["flatness/eval/loss"] - metrics["flatness/train/loss"]
+        return metrics
+
+    def _measure_and_log(self, state: TrainerState, model: nn.Module | None) -> None:
+        if not state.is_world_process_zero or state.global_step == self._last_step:
+            return  # a step measured already (e.g. every_n_steps and an evaluation at the same step)
+        if self.trainer is None:
+            raise RuntimeError(
+                "FlatnessCallback has no trainer to log through; add it with "
+                "trainer.add_callback(callback.attach(trainer)) or FlatnessCallback(..., trainer=trainer)"
+            )
+        self._last_step = state.global_step
+        metrics = self.compute(model if model is not None else self.trainer.model)
+        # Trainer.log ends in CallbackHandler.on_log, which clears control.should_log: from on_step_end that
+        # would swallow the Trainer's own `loss` log of this step, so the flag is put back.
+        should_log = self.trainer.control.should_log
+        self.trainer.log(metrics)
+        self.trainer.control.should_log = should_log
+
+    # -- Trainer events -----------------------------------------------------------------------------------
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        if self.every_n_steps and state.global_step % self.every_n_steps == 0:
+            self._measure_and_log(state, kwargs.get("model"))
+
+    def on_evaluate(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        if self.measure_on_evaluate:
+            self._measure_and_log(state, kwargs.get("model"))
+
+
+def _as_list(batches: Batch | Sequence[Batch]) -> list[Batch]:
+    return [batches] if isinstance(batches, Mapping) else list(batches)
+
+
+def _to_device(batch: Batch, device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}

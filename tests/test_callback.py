@@ -1,0 +1,109 @@
+"""FlatnessCallback: its numbers land in log_history at the right steps, equal the measures computed by hand,
+and leave training untouched."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_trainer import COMMON, bert, cls_data, fam_trainer, gpt2, lm_data, params
+from transformers import Trainer, TrainingArguments
+
+from fam_hf import relative_flatness
+from fam_hf.callback import MEASURES, FlatnessCallback
+from fam_hf.measures import hessian_trace
+
+
+def collate(trainer, dataset, n=8):
+    return trainer.data_collator([dataset[i] for i in range(n)])
+
+
+def flatness_logs(trainer):
+    return {h["step"]: h for h in trainer.state.log_history if "flatness/train/kappa" in h}
+
+
+def test_plain_trainer_logs_every_n_steps_and_at_evaluation_and_matches_hand_computed(tmp_path):
+    model, data = bert(), cls_data(32)
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=4,
+        per_device_train_batch_size=8,
+        eval_strategy="steps",
+        eval_steps=3,
+        **COMMON,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=data, eval_dataset=cls_data(16, length=6))
+    train_batch, eval_batch = collate(trainer, data), collate(trainer, trainer.eval_dataset)
+    callback = FlatnessCallback(
+        train_batch, eval_batch, measures=MEASURES, every_n_steps=2, estimator="probe", probes=4, trace_probes=8
+    )
+    trainer.add_callback(callback.attach(trainer))
+    trainer.train()
+
+    logs = flatness_logs(trainer)
+    assert sorted(logs) == [2, 3, 4]  # every 2nd step, and the evaluation at step 3
+    assert [h["step"] for h in trainer.state.log_history if "loss" in h] == [1, 2, 3, 4]  # Trainer's own logs kept
+    for entry in logs.values():
+        for split in ("train", "eval"):
+            assert {f"flatness/{split}/{m}" for m in (*MEASURES, "loss")} <= entry.keys()
+        assert entry["flatness/gap"] == pytest.approx(entry["flatness/eval/loss"] - entry["flatness/train/loss"])
+
+    model.eval()
+    kappa = relative_flatness(
+        model, eval_batch, estimator="probe", probes=4, generator=torch.Generator().manual_seed(0)
+    )
+    trace = hessian_trace(model, train_batch, probes=8, generator=torch.Generator().manual_seed(0))
+    assert logs[4]["flatness/eval/kappa"] == pytest.approx(float(kappa.value), rel=1e-6)
+    assert logs[4]["flatness/train/hessian_trace"] == pytest.approx(float(trace.value), rel=1e-6)
+    with torch.no_grad():
+        loss = float(model(**train_batch).loss)
+    assert logs[4]["flatness/train/loss"] == pytest.approx(loss, rel=1e-6)
+
+
+def test_fam_trainer_with_callback_trains_exactly_as_without(tmp_path):
+    def run(with_callback):
+        model = gpt2()
+        trainer = fam_trainer(
+            model, lm_data(), tmp_path / str(with_callback), max_steps=3, per_device_train_batch_size=8, fam_lambda=0.1
+        )
+        if with_callback:
+            train = trainer.train_dataset
+            batches = [collate(trainer, train, 4), trainer.data_collator([train[i] for i in range(4, 8)])]
+            eval_batch = collate(trainer, lm_data(8, 12), 4)
+            trainer.add_callback(FlatnessCallback(batches, eval_batch, every_n_steps=1, trainer=trainer))
+        trainer.train()
+        return model, trainer
+
+    plain_model, _ = run(False)
+    model, trainer = run(True)
+    for (name, a), b in zip(params(plain_model).items(), params(model).values()):
+        torch.testing.assert_close(b, a, rtol=0, atol=0, msg=name)
+    logs = flatness_logs(trainer)
+    assert sorted(logs) == [1, 2, 3]
+    fam = [h for h in trainer.state.log_history if "loss" in h]
+    assert [h["step"] for h in fam] == [1, 2, 3] and all("fam/kappa" in h for h in fam)  # FAM's own logs intact
+    assert all(logs[s]["flatness/gap"] > 0 for s in logs)  # random-token LM: held-out loss is higher
+
+
+def test_compute_restores_the_model_mode_and_leaves_weights_and_grads_alone():
+    model = bert()
+    batch = {"input_ids": torch.randint(0, 32, (4, 8)), "labels": torch.tensor([0, 1, 2, 0])}
+    callback = FlatnessCallback(batch, batch, measures=MEASURES, probes=2, trace_probes=2)
+    before = params(model)
+    for mode in (True, False):
+        model.train(mode)
+        metrics = callback.compute(model)
+        assert model.training is mode and all(m.training is mode for m in model.modules())
+    assert metrics["flatness/gap"] == 0.0
+    assert all(p.grad is None for p in model.parameters())
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p, before[name], rtol=0, atol=0)
+
+
+def test_errors_name_the_fix():
+    batch = {"input_ids": torch.zeros(1, 2, dtype=torch.long), "labels": torch.zeros(1, dtype=torch.long)}
+    with pytest.raises(ValueError, match="unknown measure.*'curvature'.*choose from"):
+        FlatnessCallback(batch, measures=["kappa", "curvature"])
+    callback = FlatnessCallback(batch)
+    state = type("State", (), {"is_world_process_zero": True, "global_step": 1})()
+    with pytest.raises(RuntimeError, match="attach"):
+        callback.on_evaluate(None, state, None, model=bert())
