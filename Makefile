@@ -5,14 +5,17 @@ TORCH := torch==2.13.0
 
 .PHONY: install test test-all lint
 
+.DEFAULT_GOAL := install
+include mk/recipes.mk
+
 install:
 	$(PIP) install --quiet $(TORCH)
 	$(PIP) install --quiet -e ".[dev]"
 
-test: install
+test: install install-assets
 	$(PYTHON) -m pytest -q
 
-test-all: install
+test-all: install install-assets
 	$(PYTHON) -m pytest -q -m ""
 
 lint:

@@ -1,0 +1,185 @@
+"""Fine-tune a sequence classifier with a relative-flatness penalty (FAM) on its classifier head.
+
+    python recipes/finetune_classification.py --config configs/classification_minilm.yaml
+    python recipes/finetune_classification.py --config configs/classification_minilm.yaml --fam_lambda 0 --max_steps 20
+    accelerate launch --config_file configs/accelerate/cpu_2proc.yaml \\
+        recipes/finetune_classification.py --config configs/classification_minilm.yaml
+
+Every knob is in the YAML config; any key can be overridden on the command line. Writes the model and
+tokenizer (reload with ``AutoModelForSequenceClassification.from_pretrained(output_dir)``),
+``metrics.json`` (accuracy and F1 on validation and held-out test, κ at start and end) and
+``fam_config.json`` (the FAM settings and the layer they resolved to) into ``output_dir``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from transformers import DataCollatorWithPadding, set_seed
+
+import fam_hf
+from fam_hf import FAMConfig, FAMTrainer
+from fam_hf.assets import load_metric, load_model_and_tokenizer, parse_config
+from fam_hf.data import encode_labels, load_splits, require_columns
+
+KAPPA_SPLITS = ("train", "test")  # κ is reported on fixed batches of these splits
+
+
+@dataclass
+class ScriptArguments:
+    model_name_or_path: str = field(metadata={"help": "Alias (minilm-l6, smollm2-135m), local folder or Hub id."})
+    dataset: str = field(metadata={"help": "Alias (rotten-tomatoes), local csv/json/parquet file, or Hub id."})
+    text_column: str = field(default="text", metadata={"help": "Column holding the text."})
+    label_column: str = field(default="label", metadata={"help": "Column holding the class (ints or strings)."})
+    group_column: str | None = field(
+        default=None, metadata={"help": "Keep rows sharing this column's value in one split (aliases bring their own)."}
+    )
+    test_size: float = field(default=0.2, metadata={"help": "Fraction of groups held out as test (if no test split)."})
+    validation_size: float = field(default=0.1, metadata={"help": "Fraction of groups for validation."})
+    max_length: int = field(default=128, metadata={"help": "Truncate texts to this many tokens."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Train on a seeded random slice."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on a slice of validation/test."})
+    kappa_batches: int = field(default=4, metadata={"help": "Fixed train/test batches on which κ is reported."})
+    kappa_probes: int = field(default=16, metadata={"help": "Probes per batch when κ is measured with the probe."})
+    overwrite_output: bool = field(default=False, metadata={"help": "Write into a non-empty output_dir."})
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    if int(os.environ.get("LOCAL_RANK", -1)) >= 0 and not torch.cuda.is_available():
+        # ranks without GPUs (configs/accelerate/cpu_2proc.yaml): DDP over gloo on the CPU
+        os.environ["ACCELERATE_USE_CPU"] = "true"
+    script, args = parse_config([ScriptArguments, FAMConfig], argv)
+    check_output_dir(args.output_dir, script.overwrite_output or args.resume_from_checkpoint is not None)
+    set_seed(args.seed)  # the new head's initialisation too
+
+    # -- data: train / validation / held-out test, split by group (movie) --------------------------------
+    splits = load_splits(
+        script.dataset,
+        seed=args.seed,
+        test_size=script.test_size,
+        validation_size=script.validation_size,
+        group_column=script.group_column,
+    )
+    require_columns(splits, script.dataset, text_column=script.text_column, label_column=script.label_column)
+    labels = encode_labels(splits, script.label_column)
+    for split, limit in (("train", script.max_train_samples), ("validation", script.max_eval_samples),
+                         ("test", script.max_eval_samples)):  # fmt: skip
+        if limit is not None:
+            splits[split] = splits[split].shuffle(seed=args.seed).select(range(min(limit, len(splits[split]))))
+
+    # -- model --------------------------------------------------------------------------------------------
+    model, tokenizer = load_model_and_tokenizer(
+        script.model_name_or_path,
+        "sequence-classification",
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id={name: i for i, name in enumerate(labels)},
+    )
+    tokenized = splits.map(
+        lambda batch: tokenizer(batch[script.text_column], truncation=True, max_length=script.max_length),
+        batched=True,
+        remove_columns=[c for c in splits["train"].column_names if c != script.label_column],
+    ).rename_column(script.label_column, "labels")
+
+    accuracy, f1 = load_metric("accuracy"), load_metric("f1")
+
+    def compute_metrics(prediction) -> dict[str, float]:
+        predicted = np.argmax(prediction.predictions, axis=-1)
+        average = "binary" if len(labels) == 2 else "macro"
+        return {
+            **accuracy.compute(predictions=predicted, references=prediction.label_ids),
+            **f1.compute(predictions=predicted, references=prediction.label_ids, average=average),
+        }
+
+    # -- train --------------------------------------------------------------------------------------------
+    collator = DataCollatorWithPadding(tokenizer)
+    trainer = FAMTrainer(
+        model=model,
+        args=args,
+        train_dataset=tokenized["train"],
+        eval_dataset=tokenized["validation"],
+        processing_class=tokenizer,
+        data_collator=collator,
+        compute_metrics=compute_metrics,
+    )
+    batches = {split: fixed_batches(tokenized[split], collator, args, script.kappa_batches) for split in KAPPA_SPLITS}
+    kappa_start = {split: mean_kappa(trainer.model, b, args, script) for split, b in batches.items()}
+    train_metrics = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint).metrics
+
+    # -- evaluate: validation and held-out test; κ on the same fixed batches ------------------------------
+    metrics = {**train_metrics, **trainer.evaluate(metric_key_prefix="validation")}
+    metrics.update(trainer.evaluate(tokenized["test"], metric_key_prefix="test"))
+    kappa_end = {split: mean_kappa(trainer.model, b, args, script) for split, b in batches.items()}
+    for split in batches:
+        metrics[f"kappa_{split}_start"], metrics[f"kappa_{split}_end"] = kappa_start[split], kappa_end[split]
+    metrics["world_size"] = args.world_size
+
+    # -- save ---------------------------------------------------------------------------------------------
+    trainer.save_model(args.output_dir)  # model + tokenizer (an adapter if the model is a PEFT model)
+    trainer.save_state()  # trainer_state.json: the log history, fam/kappa included
+    if trainer.is_world_process_zero():
+        write_json(args.output_dir, "metrics.json", metrics)
+        write_json(args.output_dir, "fam_config.json", fam_settings(trainer, script))
+        layer = trainer.flatness.layer.name
+        print(
+            f"\nheld-out test: accuracy {metrics['test_accuracy']:.4f}, F1 {metrics['test_f1']:.4f} "
+            f"({len(tokenized['test'])} examples; validation accuracy {metrics['validation_accuracy']:.4f})\n"
+            f"κ({layer}) on {script.kappa_batches} fixed batches — train: {kappa_start['train']:.4g} → "
+            f"{kappa_end['train']:.4g}; test: {kappa_start['test']:.4g} → {kappa_end['test']:.4g}\n"
+            f"outputs in {os.path.abspath(args.output_dir)}: model + tokenizer (from_pretrained), metrics.json, "
+            "fam_config.json"
+        )
+    return metrics
+
+
+def fixed_batches(dataset, collator, args: FAMConfig, count: int) -> list[dict[str, torch.Tensor]]:
+    """The first ``count`` batches of ``dataset`` in order, so κ is measured on the same data every time."""
+    size = args.per_device_eval_batch_size
+    rows = [dataset[i] for i in range(min(len(dataset), count * size))]
+    return [collator(rows[i : i + size]) for i in range(0, len(rows), size)]
+
+
+def mean_kappa(model, batches, args: FAMConfig, script: ScriptArguments) -> float:
+    """Mean relative flatness of ``args.fam_layer`` over ``batches``, in eval mode (no dropout)."""
+    model.eval()
+    values = [
+        fam_hf.relative_flatness(
+            model,
+            {key: value.to(args.device) for key, value in batch.items()},
+            layer=args.fam_layer,
+            estimator=args.fam_estimator,
+            probes=script.kappa_probes,
+            scale=args.fam_scale,
+            generator=torch.Generator().manual_seed(args.seed),
+        ).value.item()
+        for batch in batches
+    ]
+    return float(np.mean(values))
+
+
+def fam_settings(trainer: FAMTrainer, script) -> dict:
+    """The FAM fields of the config, what they resolved to, and the recipe's own arguments."""
+    settings = {key: value for key, value in asdict(trainer.args).items() if key.startswith("fam_")}
+    settings.update(resolved_layer=trainer.flatness.layer.name, resolved_estimator=trainer.flatness.estimator)
+    return {"fam": settings, "script": asdict(script)}
+
+
+def check_output_dir(output_dir: str, overwrite: bool) -> None:
+    if os.path.isdir(output_dir) and os.listdir(output_dir) and not overwrite:
+        raise FileExistsError(
+            f"output_dir '{output_dir}' is not empty (an earlier run?); choose another --output_dir, or pass "
+            "--overwrite_output true to write into it (or --resume_from_checkpoint to continue it)"
+        )
+
+
+def write_json(folder: str, name: str, values: dict) -> None:
+    with open(os.path.join(folder, name), "w") as f:
+        json.dump(values, f, indent=2, default=str)
+
+
+if __name__ == "__main__":
+    main()

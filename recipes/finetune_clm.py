@@ -1,0 +1,185 @@
+"""Fine-tune a causal language model (full or LoRA) with a relative-flatness penalty (FAM).
+
+    python recipes/finetune_clm.py --config configs/clm_smollm2.yaml                # full, FAM on lm_head
+    python recipes/finetune_clm.py --config configs/clm_smollm2_lora.yaml           # LoRA, FAM on a q_proj
+    accelerate launch --config_file configs/accelerate/multi_gpu.yaml \\
+        recipes/finetune_clm.py --config configs/clm_smollm2.yaml --bf16 true
+
+Every knob is in the YAML config; any key can be overridden on the command line. The text is cut into
+fixed-length blocks; validation and test are held-out documents (for Shakespeare: whole plays).
+Writes the model (or the LoRA adapter, which reloads with ``peft.PeftModel.from_pretrained``), the
+tokenizer, ``metrics.json`` (held-out perplexity, κ at start and end) and ``fam_config.json`` into
+``output_dir``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import default_data_collator, set_seed
+
+import fam_hf
+from fam_hf import FAMConfig, FAMTrainer
+from fam_hf.assets import load_model_and_tokenizer, parse_config
+from fam_hf.data import chunk_texts, load_splits, require_columns
+
+KAPPA_SPLITS = ("train", "test")  # κ is reported on fixed batches of these splits
+
+
+@dataclass
+class ScriptArguments:
+    model_name_or_path: str = field(metadata={"help": "Alias (smollm2-135m), local folder or Hub id."})
+    dataset: str = field(metadata={"help": "Alias (shakespeare), local txt/csv/json/parquet file, or Hub id."})
+    text_column: str = field(default="text", metadata={"help": "Column holding the documents."})
+    group_column: str | None = field(
+        default=None, metadata={"help": "Keep rows sharing this column's value in one split (aliases bring their own)."}
+    )
+    test_size: float = field(default=0.15, metadata={"help": "Fraction of groups (plays) held out as test."})
+    validation_size: float = field(default=0.1, metadata={"help": "Fraction of groups (plays) for validation."})
+    block_size: int = field(default=256, metadata={"help": "Tokens per training block."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Train on a seeded random slice of blocks."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on a slice of the blocks."})
+    use_lora: bool = field(default=False, metadata={"help": "Train a LoRA adapter instead of every weight."})
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input."})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "v_proj"], metadata={"help": "Module names LoRA adapts."}
+    )
+    kappa_batches: int = field(default=2, metadata={"help": "Fixed train/test batches on which κ is reported."})
+    kappa_probes: int = field(default=8, metadata={"help": "Probes per batch when κ is measured with the probe."})
+    overwrite_output: bool = field(default=False, metadata={"help": "Write into a non-empty output_dir."})
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    if int(os.environ.get("LOCAL_RANK", -1)) >= 0 and not torch.cuda.is_available():
+        # ranks without GPUs (configs/accelerate/cpu_2proc.yaml): DDP over gloo on the CPU
+        os.environ["ACCELERATE_USE_CPU"] = "true"
+    script, args = parse_config([ScriptArguments, FAMConfig], argv)
+    check_output_dir(args.output_dir, script.overwrite_output or args.resume_from_checkpoint is not None)
+    set_seed(args.seed)  # what is initialised before Trainer seeds: LoRA matrices
+
+    # -- model --------------------------------------------------------------------------------------------
+    model, tokenizer = load_model_and_tokenizer(script.model_name_or_path, "causal-lm")
+    if script.use_lora:
+        lora = LoraConfig(
+            r=script.lora_r,
+            lora_alpha=script.lora_alpha,
+            lora_dropout=script.lora_dropout,
+            target_modules=script.lora_target_modules,
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, lora)
+
+    # -- data: documents split by group (play), then tokenized and cut into blocks ------------------------
+    splits = load_splits(
+        script.dataset,
+        seed=args.seed,
+        test_size=script.test_size,
+        validation_size=script.validation_size,
+        group_column=script.group_column,
+    )
+    require_columns(splits, script.dataset, text_column=script.text_column)
+    with args.main_process_first(desc="tokenizing"):
+        blocks = {
+            name: chunk_texts(split, tokenizer, script.text_column, script.block_size) for name, split in splits.items()
+        }
+    for split, limit in (("train", script.max_train_samples), ("validation", script.max_eval_samples),
+                         ("test", script.max_eval_samples)):  # fmt: skip
+        if limit is not None:
+            blocks[split] = blocks[split].shuffle(seed=args.seed).select(range(min(limit, len(blocks[split]))))
+
+    # -- train --------------------------------------------------------------------------------------------
+    trainer = FAMTrainer(
+        model=model,
+        args=args,
+        train_dataset=blocks["train"],
+        eval_dataset=blocks["validation"],
+        processing_class=tokenizer,
+        data_collator=default_data_collator,
+    )
+    batches = {split: fixed_batches(blocks[split], args, script.kappa_batches) for split in KAPPA_SPLITS}
+    kappa_start = {split: mean_kappa(trainer.model, b, args, script) for split, b in batches.items()}
+    train_metrics = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint).metrics
+
+    # -- evaluate: perplexity on held-out documents; κ on the same fixed batches --------------------------
+    metrics = {**train_metrics, **trainer.evaluate(metric_key_prefix="validation")}
+    metrics.update(trainer.evaluate(blocks["test"], metric_key_prefix="test"))
+    for split in ("validation", "test"):
+        metrics[f"{split}_perplexity"] = math.exp(min(metrics[f"{split}_loss"], 50.0))
+    kappa_end = {split: mean_kappa(trainer.model, b, args, script) for split, b in batches.items()}
+    for split in batches:
+        metrics[f"kappa_{split}_start"], metrics[f"kappa_{split}_end"] = kappa_start[split], kappa_end[split]
+    metrics["world_size"] = args.world_size
+
+    # -- save ---------------------------------------------------------------------------------------------
+    trainer.save_model(args.output_dir)  # the full model, or only the adapter for a PEFT model
+    trainer.save_state()  # trainer_state.json: the log history, fam/kappa included
+    if trainer.is_world_process_zero():
+        write_json(args.output_dir, "metrics.json", metrics)
+        write_json(args.output_dir, "fam_config.json", fam_settings(trainer, script))
+        layer = trainer.flatness.layer.name
+        print(
+            f"\nheld-out perplexity: test {metrics['test_perplexity']:.2f} ({len(blocks['test'])} blocks of "
+            f"{script.block_size} tokens), validation {metrics['validation_perplexity']:.2f}\n"
+            f"κ({layer}) on {script.kappa_batches} fixed batches — train: {kappa_start['train']:.4g} → "
+            f"{kappa_end['train']:.4g}; test: {kappa_start['test']:.4g} → {kappa_end['test']:.4g}\n"
+            f"outputs in {os.path.abspath(args.output_dir)}: {'adapter' if script.use_lora else 'model'} + "
+            "tokenizer (from_pretrained), metrics.json, fam_config.json"
+        )
+    return metrics
+
+
+def fixed_batches(dataset, args: FAMConfig, count: int) -> list[dict[str, torch.Tensor]]:
+    """The first ``count`` batches of ``dataset`` in order, so κ is measured on the same data every time."""
+    size = args.per_device_eval_batch_size
+    rows = [dataset[i] for i in range(min(len(dataset), count * size))]
+    return [default_data_collator(rows[i : i + size]) for i in range(0, len(rows), size)]
+
+
+def mean_kappa(model, batches, args: FAMConfig, script: ScriptArguments) -> float:
+    """Mean relative flatness of ``args.fam_layer`` over ``batches``, in eval mode (no dropout)."""
+    model.eval()
+    values = [
+        fam_hf.relative_flatness(
+            model,
+            {key: value.to(args.device) for key, value in batch.items()},
+            layer=args.fam_layer,
+            estimator=args.fam_estimator,
+            probes=script.kappa_probes,
+            scale=args.fam_scale,
+            generator=torch.Generator().manual_seed(args.seed),
+        ).value.item()
+        for batch in batches
+    ]
+    return float(np.mean(values))
+
+
+def fam_settings(trainer: FAMTrainer, script) -> dict:
+    """The FAM fields of the config, what they resolved to, and the recipe's own arguments."""
+    settings = {key: value for key, value in asdict(trainer.args).items() if key.startswith("fam_")}
+    settings.update(resolved_layer=trainer.flatness.layer.name, resolved_estimator=trainer.flatness.estimator)
+    return {"fam": settings, "script": asdict(script)}
+
+
+def check_output_dir(output_dir: str, overwrite: bool) -> None:
+    if os.path.isdir(output_dir) and os.listdir(output_dir) and not overwrite:
+        raise FileExistsError(
+            f"output_dir '{output_dir}' is not empty (an earlier run?); choose another --output_dir, or pass "
+            "--overwrite_output true to write into it (or --resume_from_checkpoint to continue it)"
+        )
+
+
+def write_json(folder: str, name: str, values: dict) -> None:
+    with open(os.path.join(folder, name), "w") as f:
+        json.dump(values, f, indent=2, default=str)
+
+
+if __name__ == "__main__":
+    main()

