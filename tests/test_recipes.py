@@ -260,7 +260,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
 def test_two_real_ranks_via_accelerate_launch(tmp_path):
     accelerate = shutil.which("accelerate") or pytest.skip("accelerate CLI not on PATH")
     out = tmp_path / "out"
@@ -288,7 +287,6 @@ def test_two_real_ranks_via_accelerate_launch(tmp_path):
     assert 0 <= metrics["test_accuracy"] <= 1
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("config", [CLM_CONFIG, CLM_LORA_CONFIG], ids=["full", "lora"])
 def test_clm_recipe_on_smollm2(tmp_path, config):
     from peft import PeftModel
