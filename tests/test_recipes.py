@@ -1,5 +1,5 @@
-"""The recipes end to end: plumbing on tiny random models (fast), real packaged models and two real DDP
-ranks (slow: `python3 -m pytest -m slow tests/test_recipes.py`)."""
+"""The recipes end to end: plumbing on tiny random models (seconds), then real packaged models and two
+real DDP ranks (~30 s each; the first SmolLM2 test also converts the GGUF file once, ~25 s)."""
 
 from __future__ import annotations
 
@@ -251,7 +251,7 @@ def test_make_targets_parse():
     assert "recipes/finetune_classification.py --config configs/classification_minilm.yaml" in proc.stdout
 
 
-# -- real models, real ranks (slow) ---------------------------------------------------------------------
+# -- real models, real ranks -----------------------------------------------------------------------------
 
 
 def free_port() -> int:
