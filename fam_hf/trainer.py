@@ -30,7 +30,8 @@ class FAMTrainer(Trainer):
     pass as ``L``: the layer's input and output are captured with a hook.
 
     Evaluation and prediction are untouched. Logged with ``loss``, averaged the same way:
-    ``fam/kappa``, ``fam/penalty`` (``λ_t·κ`` as added to the loss), ``fam/lambda``, ``fam/kappa_stderr``
+    ``fam/kappa``, ``fam/penalty`` (``λ_t·κ`` as added to the loss), ``fam/task_loss`` (``loss`` without the
+    penalty), ``fam/lambda``, ``fam/kappa_stderr``
     (probe estimator with ≥ 2 probes) and ``fam/skipped`` (penalties dropped because κ was not finite).
     """
 
@@ -190,6 +191,7 @@ class FAMTrainer(Trainer):
             # Every rank logs at the same steps, so the mean over processes is safe here (as for `loss`).
             means = self.accelerator.reduce(self._fam_sums / self._fam_steps, reduction="mean").tolist()
             logs["fam/kappa"], logs["fam/penalty"] = means[0], means[1]
+            logs["fam/task_loss"] = logs["loss"] - means[1]  # the model's own loss, comparable across λ
             if self.flatness.estimator == "probe" and self.flatness.probes > 1:
                 logs["fam/kappa_stderr"] = means[2]
             logs["fam/lambda"] = self._fam_lambda

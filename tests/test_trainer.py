@@ -134,6 +134,7 @@ def test_one_step_equals_hand_computed_sgd_on_loss_plus_lambda_kappa(tmp_path, m
     for (name, p), g in zip(reference.named_parameters(), grads):
         torch.testing.assert_close(model.state_dict()[name], p.detach() - lr * g, rtol=0, atol=1e-6, msg=name)
     assert fam_logs(trainer)[0]["fam/kappa"] == pytest.approx(float(kappa.value), rel=1e-5)
+    assert fam_logs(trainer)[0]["fam/task_loss"] == pytest.approx(float(objective - lam * kappa.value), rel=1e-5)
 
 
 @pytest.mark.parametrize("make_model,data", [(gpt2, lm_data), (bert, cls_data)], ids=["causal-lm", "classifier"])
@@ -206,6 +207,7 @@ def test_lazy_schedule_and_warmup(tmp_path):
     assert steps == [1, 3]  # κ computed on optimizer steps 0 and 2, logged after them
     for h in fam_logs(trainer):
         assert h["fam/penalty"] == pytest.approx(2 * h["fam/lambda"] * h["fam/kappa"], rel=1e-6)
+        assert h["fam/task_loss"] == pytest.approx(h["loss"] - h["fam/penalty"], rel=1e-9)
 
 
 def test_evaluation_is_untouched(tmp_path):
