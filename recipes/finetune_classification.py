@@ -13,18 +13,17 @@ tokenizer (reload with ``AutoModelForSequenceClassification.from_pretrained(outp
 
 from __future__ import annotations
 
-import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from transformers import DataCollatorWithPadding, set_seed
 
-import fam_hf
 from fam_hf import FAMConfig, FAMTrainer
 from fam_hf.assets import load_metric, load_model_and_tokenizer, parse_config
 from fam_hf.data import encode_labels, load_splits, require_columns
+from fam_hf.runs import check_output_dir, fam_settings, fixed_batches, mean_kappa, write_json
 
 KAPPA_SPLITS = ("train", "test")  # κ is reported on fixed batches of these splits
 
@@ -107,13 +106,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         compute_metrics=compute_metrics,
     )
     batches = {split: fixed_batches(tokenized[split], collator, args, script.kappa_batches) for split in KAPPA_SPLITS}
-    kappa_start = {split: mean_kappa(trainer.model, b, args, script) for split, b in batches.items()}
+    kappa_start = {split: mean_kappa(trainer.model, b, args, script.kappa_probes) for split, b in batches.items()}
     train_metrics = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint).metrics
 
     # -- evaluate: validation and held-out test; κ on the same fixed batches ------------------------------
     metrics = {**train_metrics, **trainer.evaluate(metric_key_prefix="validation")}
     metrics.update(trainer.evaluate(tokenized["test"], metric_key_prefix="test"))
-    kappa_end = {split: mean_kappa(trainer.model, b, args, script) for split, b in batches.items()}
+    kappa_end = {split: mean_kappa(trainer.model, b, args, script.kappa_probes) for split, b in batches.items()}
     for split in batches:
         metrics[f"kappa_{split}_start"], metrics[f"kappa_{split}_end"] = kappa_start[split], kappa_end[split]
     metrics["world_size"] = args.world_size
@@ -134,51 +133,6 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             "fam_config.json"
         )
     return metrics
-
-
-def fixed_batches(dataset, collator, args: FAMConfig, count: int) -> list[dict[str, torch.Tensor]]:
-    """The first ``count`` batches of ``dataset`` in order, so κ is measured on the same data every time."""
-    size = args.per_device_eval_batch_size
-    rows = [dataset[i] for i in range(min(len(dataset), count * size))]
-    return [collator(rows[i : i + size]) for i in range(0, len(rows), size)]
-
-
-def mean_kappa(model, batches, args: FAMConfig, script: ScriptArguments) -> float:
-    """Mean relative flatness of ``args.fam_layer`` over ``batches``, in eval mode (no dropout)."""
-    model.eval()
-    values = [
-        fam_hf.relative_flatness(
-            model,
-            {key: value.to(args.device) for key, value in batch.items()},
-            layer=args.fam_layer,
-            estimator=args.fam_estimator,
-            probes=script.kappa_probes,
-            scale=args.fam_scale,
-            generator=torch.Generator().manual_seed(args.seed),
-        ).value.item()
-        for batch in batches
-    ]
-    return float(np.mean(values))
-
-
-def fam_settings(trainer: FAMTrainer, script) -> dict:
-    """The FAM fields of the config, what they resolved to, and the recipe's own arguments."""
-    settings = {key: value for key, value in asdict(trainer.args).items() if key.startswith("fam_")}
-    settings.update(resolved_layer=trainer.flatness.layer.name, resolved_estimator=trainer.flatness.estimator)
-    return {"fam": settings, "script": asdict(script)}
-
-
-def check_output_dir(output_dir: str, overwrite: bool) -> None:
-    if os.path.isdir(output_dir) and os.listdir(output_dir) and not overwrite:
-        raise FileExistsError(
-            f"output_dir '{output_dir}' is not empty (an earlier run?); choose another --output_dir, or pass "
-            "--overwrite_output true to write into it (or --resume_from_checkpoint to continue it)"
-        )
-
-
-def write_json(folder: str, name: str, values: dict) -> None:
-    with open(os.path.join(folder, name), "w") as f:
-        json.dump(values, f, indent=2, default=str)
 
 
 if __name__ == "__main__":
