@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_trainer import COMMON, bert, cls_data, fam_trainer, gpt2, lm_data, params
+from models import COMMON, bert, cls_data, fam_trainer, gpt2, lm_data, params
 from transformers import Trainer, TrainingArguments
 
 from fam_hf import relative_flatness

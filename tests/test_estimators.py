@@ -5,14 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 from brute_force import functional_loss, kappa_from_loss_fn
+from models import tiny_bert, tiny_gpt2
 from peft import LoraConfig, get_peft_model
 from torch import nn
 from torch.nn import functional as F
 from transformers import (
-    BertConfig,
-    BertForSequenceClassification,
-    GPT2Config,
-    GPT2LMHeadModel,
     LlamaConfig,
     LlamaForSequenceClassification,
 )
@@ -20,38 +17,6 @@ from transformers import (
 from fam_hf import RelativeFlatness, closed_form, relative_flatness
 
 RTOL_CLOSED = 1e-8
-
-
-def tiny_bert(num_labels=3, problem_type=None):
-    cfg = BertConfig(
-        vocab_size=40,
-        hidden_size=12,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=16,
-        max_position_embeddings=16,
-        num_labels=num_labels,
-        problem_type=problem_type,
-        attn_implementation="eager",
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    return BertForSequenceClassification(cfg).double().eval()
-
-
-def tiny_gpt2():
-    cfg = GPT2Config(
-        vocab_size=24,
-        n_positions=16,
-        n_embd=8,
-        n_layer=1,
-        n_head=2,
-        attn_implementation="eager",
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-    )
-    return GPT2LMHeadModel(cfg).double().eval()
 
 
 def lm_batch(model, batch_size=3, length=6):

@@ -9,11 +9,11 @@ import copy
 import pytest
 import torch
 from brute_force import functional_loss
+from models import tiny_bert, tiny_gpt2
 from peft import LoraConfig, get_peft_model
 from torch import nn
 from torch.autograd.functional import hessian, jacobian
 from torch.nn import functional as F
-from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
 
 from fam_hf import RelativeFlatness
 from fam_hf.measures import (
@@ -34,39 +34,8 @@ from fam_hf.measures import (
 F64 = torch.float64
 
 
-def tiny_bert():
-    cfg = BertConfig(
-        vocab_size=40,
-        hidden_size=12,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=16,
-        max_position_embeddings=16,
-        num_labels=3,
-        attn_implementation="eager",
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    return BertForSequenceClassification(cfg).double().eval()
-
-
 def bert_batch():
     return {"input_ids": torch.randint(0, 40, (4, 5)), "labels": torch.tensor([0, 2, 1, 1])}
-
-
-def tiny_gpt2():
-    cfg = GPT2Config(
-        vocab_size=24,
-        n_positions=16,
-        n_embd=8,
-        n_layer=1,
-        n_head=2,
-        attn_implementation="eager",
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-    )
-    return GPT2LMHeadModel(cfg).double().eval()
 
 
 def gpt2_batch():

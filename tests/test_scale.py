@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from models import fam_logs, fam_trainer, gpt2, lm_data, params
 from peft import LoraConfig, PeftModel, get_peft_model
-from test_trainer import fam_logs, fam_trainer, gpt2, lm_data, params
 
 from fam_hf import RelativeFlatness, relative_flatness
 

@@ -1,0 +1,119 @@
+"""Tiny randomly initialised models and datasets shared by the tests (built from configs; no downloads)."""
+
+from __future__ import annotations
+
+import torch
+from datasets import Dataset
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+)
+
+from fam_hf import FAMConfig, FAMTrainer
+
+# -- float64 models in eval mode, for checks against brute-force Hessians -----------------------------------
+
+
+def tiny_bert(num_labels=3, problem_type=None):
+    cfg = BertConfig(
+        vocab_size=40,
+        hidden_size=12,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=16,
+        max_position_embeddings=16,
+        num_labels=num_labels,
+        problem_type=problem_type,
+        attn_implementation="eager",
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    return BertForSequenceClassification(cfg).double().eval()
+
+
+def tiny_gpt2():
+    cfg = GPT2Config(
+        vocab_size=24,
+        n_positions=16,
+        n_embd=8,
+        n_layer=1,
+        n_head=2,
+        attn_implementation="eager",
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
+    return GPT2LMHeadModel(cfg).double().eval()
+
+
+# -- float32 models and data for Trainer runs ----------------------------------------------------------------
+
+COMMON = dict(
+    report_to=[],
+    use_cpu=True,
+    save_strategy="no",
+    optim="sgd",
+    lr_scheduler_type="constant",
+    learning_rate=0.5,
+    logging_steps=1,
+    seed=3,
+    dataloader_drop_last=True,
+    disable_tqdm=True,
+)
+
+
+def gpt2(seed=0):
+    torch.manual_seed(seed)
+    cfg = GPT2Config(
+        vocab_size=32, n_positions=16, n_embd=16, n_layer=1, n_head=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
+    )
+    return GPT2LMHeadModel(cfg)
+
+
+def bert(seed=0):
+    torch.manual_seed(seed)
+    cfg = BertConfig(
+        vocab_size=32,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        num_labels=3,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    return BertForSequenceClassification(cfg)
+
+
+def lm_data(n=32, length=10):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 32, (n, length), generator=g)
+    labels = ids.clone()
+    prompt = torch.randint(0, length - 2, (n,), generator=g)
+    labels[torch.arange(length) < prompt[:, None]] = -100  # uneven token counts across micro-batches
+    return Dataset.from_dict({"input_ids": ids.tolist(), "labels": labels.tolist()})
+
+
+def cls_data(n=32, length=8):
+    g = torch.Generator().manual_seed(2)
+    return Dataset.from_dict(
+        {
+            "input_ids": torch.randint(0, 32, (n, length), generator=g).tolist(),
+            "labels": torch.randint(0, 3, (n,), generator=g).tolist(),
+        }
+    )
+
+
+def fam_trainer(model, data, tmp_path, **kw):
+    args = FAMConfig(output_dir=str(tmp_path), **{**COMMON, **kw})
+    return FAMTrainer(model=model, args=args, train_dataset=data)
+
+
+def params(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def fam_logs(trainer):
+    return [h for h in trainer.state.log_history if "fam/kappa" in h]
