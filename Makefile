@@ -6,7 +6,7 @@ TORCH := torch==2.13.0
 .PHONY: install test test-all lint
 
 .DEFAULT_GOAL := install
-include mk/recipes.mk
+include mk/recipes.mk mk/bench.mk mk/study.mk
 
 install:
 	$(PIP) install --quiet $(TORCH)

@@ -26,6 +26,7 @@ from contextlib import contextmanager
 import torch
 
 LOSS_TYPES = ("cross_entropy", "mse", "bce")
+CHUNK_ELEMENTS = 1 << 24  # logits entries per chunk of the cross-entropy closed form: 64 MiB in float32
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -39,6 +40,8 @@ def closed_form(
     logits: torch.Tensor,
     position_weights: torch.Tensor,
     loss_type: str,
+    *,
+    chunk_elements: int = CHUNK_ELEMENTS,
 ) -> torch.Tensor:
     """Exact κ of an output head feeding a per-position loss.
 
@@ -59,21 +62,24 @@ def closed_form(
         logits: ``z: (N, d)``, the head's outputs at those positions.
         position_weights: ``c: (N,)``.
         loss_type: one of ``"cross_entropy"``, ``"mse"``, ``"bce"``.
+        chunk_elements: cross-entropy works through the logits in row chunks of about this many
+            entries, so no extra ``(N, d)`` tensor is kept (see :func:`softmax_curvature`).
 
     Returns:
         Scalar κ in ``compute_dtype(weight.dtype)``, differentiable w.r.t. every input. Detach
         ``features`` and ``logits`` for the ``"detached"`` gradient semantics.
 
-    Cost: one ``(N, d) × (d, m)`` product (``p W``) for cross-entropy, ``O(N·d)`` otherwise.
+    Cost (cross-entropy): three ``N·d·m`` matrix products — ``P W`` forward, ``V Wᵀ`` and ``Pᵀ V``
+    backward (one fewer when ``logits`` are detached); ``O(N·d)`` for MSE and BCE.
     """
     dtype = compute_dtype(weight.dtype)
-    weight, features, logits = weight.to(dtype), features.to(dtype), logits.to(dtype)
-    feature_sq = features.pow(2).sum(-1)  # (N,)
-    row_sq = weight.pow(2).sum(-1)  # (d,)
+    feature_sq = features.to(dtype).pow(2).sum(-1)  # (N,)
     if loss_type == "cross_entropy":
-        probs = torch.softmax(logits, dim=-1)
-        curvature = probs @ row_sq - (probs @ weight).pow(2).sum(-1)
-    elif loss_type == "mse":
+        curvature = softmax_curvature(logits, weight, chunk_rows=max(1, chunk_elements // logits.shape[-1]))
+        return (position_weights.to(dtype) * feature_sq * curvature).sum()
+    weight, logits = weight.to(dtype), logits.to(dtype)
+    row_sq = weight.pow(2).sum(-1)  # (d,)
+    if loss_type == "mse":
         curvature = 2 * row_sq.sum()
     elif loss_type == "bce":
         sig = torch.sigmoid(logits)
@@ -81,6 +87,83 @@ def closed_form(
     else:
         raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}")
     return (position_weights.to(dtype) * feature_sq * curvature).sum()
+
+
+def softmax_curvature(logits: torch.Tensor, weight: torch.Tensor, *, chunk_rows: int) -> torch.Tensor:
+    """``c_t = Σ_s p_{t,s} ‖w_s‖² − ‖Wᵀ p_t‖²`` with ``p_t = softmax(z_t)``: ``Tr(W Wᵀ ∇²ℓ_t)`` for cross-entropy.
+
+    Args:
+        logits: ``z: (N, d)`` (any float dtype; computed in float32 or wider).
+        weight: ``W: (d, m)``.
+        chunk_rows: rows of ``z`` processed at a time.
+
+    Returns:
+        ``(N,)`` in ``compute_dtype(weight.dtype)``, differentiable w.r.t. ``logits`` and ``weight``.
+
+    A custom autograd function: the forward keeps only ``V = P W: (N, m)`` and the log-normaliser
+    ``(N,)``, and the backward recomputes ``P`` chunk by chunk, so the penalty adds no ``(N, d)`` tensor
+    to what the loss already keeps (an LM head's ``d`` is the vocabulary).
+    """
+    return _SoftmaxCurvature.apply(logits, weight, chunk_rows)
+
+
+class _SoftmaxCurvature(torch.autograd.Function):
+    # Gradients, with s_t = r − 2 W v_t (r_s = ‖w_s‖², v_t = Wᵀ p_t) and g_t the incoming gradient:
+    #   ∂c_t/∂z_t = p_t ⊙ (s_t − p_t·s_t)                        (softmax Jacobian applied to ∂c_t/∂p_t = s_t)
+    #   ∂Σ g_t c_t/∂W = 2 diag(Σ_t g_t p_t) W − 2 (g ⊙ P)ᵀ V
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, weight: torch.Tensor, chunk_rows: int) -> torch.Tensor:
+        dtype = compute_dtype(weight.dtype)
+        with torch.autocast(logits.device.type, enabled=False):
+            w = weight.to(dtype)
+            row_sq = w.pow(2).sum(-1)
+            n = logits.shape[0]
+            curvature = logits.new_empty(n, dtype=dtype)
+            mixed = logits.new_empty(n, w.shape[1], dtype=dtype)  # V = P W
+            log_norm = logits.new_empty(n, dtype=dtype)
+            for rows in _chunks(n, chunk_rows):
+                z = logits[rows].to(dtype)
+                log_norm[rows] = torch.logsumexp(z, dim=-1)
+                probs = torch.exp(z - log_norm[rows, None])
+                mixed[rows] = probs @ w
+                curvature[rows] = probs @ row_sq - mixed[rows].pow(2).sum(-1)
+        ctx.save_for_backward(logits, weight, mixed, log_norm)
+        ctx.chunk_rows = chunk_rows
+        return curvature
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        logits, weight, mixed, log_norm = ctx.saved_tensors
+        need_logits, need_weight = ctx.needs_input_grad[:2]
+        dtype = mixed.dtype
+        grad_logits = torch.empty_like(logits) if need_logits else None
+        grad_weight = None
+        with torch.autocast(logits.device.type, enabled=False):
+            w = weight.to(dtype)
+            row_sq = w.pow(2).sum(-1)
+            if need_weight:
+                grad_weight = torch.zeros_like(w)
+                prob_mass = w.new_zeros(w.shape[0])  # Σ_t g_t p_t
+            for rows in _chunks(logits.shape[0], ctx.chunk_rows):
+                probs = torch.exp(logits[rows].to(dtype) - log_norm[rows, None])
+                g, v = grad[rows].to(dtype), mixed[rows]
+                if need_logits:
+                    s = row_sq - 2 * (v @ w.T)
+                    ps = probs @ row_sq - 2 * v.pow(2).sum(-1)  # p·s
+                    grad_logits[rows] = (g[:, None] * probs * (s - ps[:, None])).to(logits.dtype)
+                if need_weight:
+                    weighted = g[:, None] * probs
+                    prob_mass += weighted.sum(0)
+                    grad_weight -= 2 * (weighted.T @ v)
+            if need_weight:
+                grad_weight = (grad_weight + 2 * prob_mass[:, None] * w).to(weight.dtype)
+        return grad_logits, grad_weight, None
+
+
+def _chunks(n: int, size: int) -> list[slice]:
+    return [slice(start, min(start + size, n)) for start in range(0, n, size)]
 
 
 def rademacher(

@@ -15,6 +15,7 @@ from transformers import (
 )
 
 from fam_hf import RelativeFlatness, closed_form, relative_flatness
+from fam_hf.estimators import softmax_curvature
 
 RTOL_CLOSED = 1e-8
 
@@ -115,6 +116,38 @@ def test_closed_form_function_on_mlp_head():
     truth = kappa_from_loss_fn(lambda e: F.cross_entropy(features @ (head + e).T, targets), head)
     value = closed_form(head, features, features @ head.T, torch.full((5,), 0.2, dtype=torch.float64), "cross_entropy")
     torch.testing.assert_close(value, truth, rtol=RTOL_CLOSED, atol=0)
+
+
+def test_softmax_curvature_in_chunks_matches_autograd_of_the_formula():
+    """The custom autograd function (P recomputed chunk by chunk in backward) against plain autograd."""
+    logits = torch.randn(7, 11, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(11, 5, dtype=torch.float64, requires_grad=True)
+    probs = torch.softmax(logits, -1)
+    expected = probs @ weight.pow(2).sum(-1) - (probs @ weight).pow(2).sum(-1)
+    got = softmax_curvature(logits, weight, chunk_rows=3)  # chunks of 3, 3, 1 rows
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=0)
+    upstream = torch.randn(7, dtype=torch.float64)
+    for g, e in zip(
+        torch.autograd.grad(got, (logits, weight), upstream),
+        torch.autograd.grad(expected, (logits, weight), upstream, retain_graph=True),
+    ):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda z, w: softmax_curvature(z, w, chunk_rows=2), (logits, weight))
+    # detached logits ("detached" semantics): only W gets a gradient
+    (g_weight,) = torch.autograd.grad(softmax_curvature(logits.detach(), weight, chunk_rows=2).sum(), weight)
+    torch.testing.assert_close(g_weight, torch.autograd.grad(expected.sum(), weight)[0], rtol=1e-10, atol=1e-12)
+
+
+def test_softmax_curvature_of_bf16_logits_is_float32_under_autocast():
+    logits, weight = torch.randn(6, 50), torch.randn(50, 8, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = softmax_curvature(logits.bfloat16(), weight, chunk_rows=4)
+    assert got.dtype == torch.float32
+    probs = torch.softmax(logits.bfloat16().float(), -1)
+    expected = probs @ weight.pow(2).sum(-1) - (probs @ weight).pow(2).sum(-1)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)  # float32 arithmetic on the bf16 logits
+    got.sum().backward()
+    assert weight.grad.dtype == torch.float32 and torch.isfinite(weight.grad).all()
 
 
 def test_all_ignored_labels_give_zero_not_nan():
