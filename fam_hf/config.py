@@ -65,7 +65,16 @@ class FAMConfig(TrainingArguments):
         default=0,
         metadata={"help": "Ramp λ linearly from λ/n to λ over the first n optimizer steps (0: no ramp)."},
     )
-    fam_seed: int | None = field(default=None, metadata={"help": "Seed of the probe RNG (default: the training seed)."})
+    fam_token_fraction: float = field(
+        default=1.0,
+        metadata={
+            "help": "Closed form only: compute κ on this fraction of the loss's positions (tokens), drawn uniformly "
+            "each step and reweighted so κ stays unbiased; 1 is exact. Cuts an LM head's penalty cost by that factor."
+        },
+    )
+    fam_seed: int | None = field(
+        default=None, metadata={"help": "Seed of the probe and token-sample RNG (default: the training seed)."}
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -78,6 +87,8 @@ class FAMConfig(TrainingArguments):
         ):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {', '.join(map(repr, choices))}")
+        if not 0 < self.fam_token_fraction <= 1:
+            raise ValueError(f"fam_token_fraction={self.fam_token_fraction} must be in (0, 1] (1: every position)")
         for name, minimum in (("fam_probes", 1), ("fam_every_n_steps", 1), ("fam_warmup_steps", 0)):
             if getattr(self, name) < minimum:
                 raise ValueError(f"{name}={getattr(self, name)} must be ≥ {minimum}")

@@ -100,8 +100,8 @@ def softmax_curvature(logits: torch.Tensor, weight: torch.Tensor, *, chunk_rows:
     Returns:
         ``(N,)`` in ``compute_dtype(weight.dtype)``, differentiable w.r.t. ``logits`` and ``weight``.
 
-    A custom autograd function: the forward keeps only ``V = P W: (N, m)`` and the log-normaliser
-    ``(N,)``, and the backward recomputes ``P`` chunk by chunk, so the penalty adds no ``(N, d)`` tensor
+    A custom autograd function: the forward keeps only ``V = P W: (N, m)`` and ``c: (N,)``, and the
+    backward recomputes ``P`` chunk by chunk, so the penalty adds no ``(N, d)`` tensor
     to what the loss already keeps (an LM head's ``d`` is the vocabulary).
     """
     return _SoftmaxCurvature.apply(logits, weight, chunk_rows)
@@ -111,54 +111,56 @@ class _SoftmaxCurvature(torch.autograd.Function):
     # Gradients, with s_t = r − 2 W v_t (r_s = ‖w_s‖², v_t = Wᵀ p_t) and g_t the incoming gradient:
     #   ∂c_t/∂z_t = p_t ⊙ (s_t − p_t·s_t)                        (softmax Jacobian applied to ∂c_t/∂p_t = s_t)
     #   ∂Σ g_t c_t/∂W = 2 diag(Σ_t g_t p_t) W − 2 (g ⊙ P)ᵀ V
+    # The (rows × d) work is memory-bound next to the three products, so it is done in place.
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, weight: torch.Tensor, chunk_rows: int) -> torch.Tensor:
         dtype = compute_dtype(weight.dtype)
         with torch.autocast(logits.device.type, enabled=False):
             w = weight.to(dtype)
-            row_sq = w.pow(2).sum(-1)
+            row_sq = torch.linalg.vector_norm(w, dim=-1).square()
             n = logits.shape[0]
             curvature = logits.new_empty(n, dtype=dtype)
             mixed = logits.new_empty(n, w.shape[1], dtype=dtype)  # V = P W
-            log_norm = logits.new_empty(n, dtype=dtype)
             for rows in _chunks(n, chunk_rows):
-                z = logits[rows].to(dtype)
-                log_norm[rows] = torch.logsumexp(z, dim=-1)
-                probs = torch.exp(z - log_norm[rows, None])
-                mixed[rows] = probs @ w
-                curvature[rows] = probs @ row_sq - mixed[rows].pow(2).sum(-1)
-        ctx.save_for_backward(logits, weight, mixed, log_norm)
+                probs = torch.softmax(logits[rows], dim=-1, dtype=dtype)
+                torch.mm(probs, w, out=mixed[rows])
+                torch.mv(probs, row_sq, out=curvature[rows])
+            curvature -= mixed.pow(2).sum(-1)
+        ctx.save_for_backward(logits, weight, mixed, curvature)
         ctx.chunk_rows = chunk_rows
         return curvature
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
-        logits, weight, mixed, log_norm = ctx.saved_tensors
+        logits, weight, mixed, curvature = ctx.saved_tensors
         need_logits, need_weight = ctx.needs_input_grad[:2]
         dtype = mixed.dtype
         grad_logits = torch.empty_like(logits) if need_logits else None
         grad_weight = None
         with torch.autocast(logits.device.type, enabled=False):
             w = weight.to(dtype)
-            row_sq = w.pow(2).sum(-1)
+            row_sq = torch.linalg.vector_norm(w, dim=-1).square()
+            grad = grad.to(dtype)
             if need_weight:
                 grad_weight = torch.zeros_like(w)
                 prob_mass = w.new_zeros(w.shape[0])  # Σ_t g_t p_t
             for rows in _chunks(logits.shape[0], ctx.chunk_rows):
-                probs = torch.exp(logits[rows].to(dtype) - log_norm[rows, None])
-                g, v = grad[rows].to(dtype), mixed[rows]
+                weighted = torch.softmax(logits[rows], dim=-1, dtype=dtype).mul_(grad[rows, None])  # g ⊙ P
+                v = mixed[rows]
                 if need_logits:
-                    s = row_sq - 2 * (v @ w.T)
-                    ps = probs @ row_sq - 2 * v.pow(2).sum(-1)  # p·s
-                    grad_logits[rows] = (g[:, None] * probs * (s - ps[:, None])).to(logits.dtype)
+                    s = torch.addmm(row_sq, v, w.T, alpha=-2)  # (rows, d)
+                    s.sub_((curvature[rows] - v.pow(2).sum(-1))[:, None])  # p·s = p·r − 2‖v‖² = c − ‖v‖²
+                    if grad_logits.dtype == dtype:
+                        torch.mul(s, weighted, out=grad_logits[rows])
+                    else:
+                        grad_logits[rows] = s.mul_(weighted)
                 if need_weight:
-                    weighted = g[:, None] * probs
                     prob_mass += weighted.sum(0)
-                    grad_weight -= 2 * (weighted.T @ v)
+                    grad_weight.addmm_(weighted.T, v, alpha=-2)
             if need_weight:
-                grad_weight = (grad_weight + 2 * prob_mass[:, None] * w).to(weight.dtype)
+                grad_weight = grad_weight.addcmul_(prob_mass[:, None], w, value=2).to(weight.dtype)
         return grad_logits, grad_weight, None
 
 

@@ -78,8 +78,10 @@ class RelativeFlatness:
             constant, as the reference implementation does).
         scale: ``"paper"`` (κ as defined) or ``"reference"`` (each block trace divided by ``m``, as the
             reference implementation's neuron-wise mode does, so its published λ values carry over).
-        generator: RNG for the probes; default: a fresh ``torch.Generator`` seeded with 0.
+        generator: RNG for the probes and the token sample; default: a fresh ``torch.Generator`` seeded with 0.
         max_exact_entries: largest ``d·m`` the exact estimator accepts.
+        token_fraction: closed form only: evaluate κ on ``⌈f·N⌉`` of the ``N`` positions, drawn uniformly
+            among those the loss counts and reweighted so the estimate stays unbiased (1: all, exact).
 
     Raises:
         ValueError: unknown layer (lists candidates), an estimator that cannot apply to this layer or
@@ -97,12 +99,15 @@ class RelativeFlatness:
         scale: str = "paper",
         generator: torch.Generator | None = None,
         max_exact_entries: int = DEFAULT_MAX_EXACT_ENTRIES,
+        token_fraction: float = 1.0,
     ) -> None:
         _check_choice("estimator", estimator, ESTIMATORS)
         _check_choice("hessian_grad", hessian_grad, HESSIAN_GRADS)
         _check_choice("scale", scale, SCALES)
         if probes < 1:
             raise ValueError(f"probes={probes} must be at least 1")
+        if not 0 < token_fraction <= 1:
+            raise ValueError(f"token_fraction={token_fraction} must be in (0, 1]")
         self.model = model
         self.layer: Layer = resolve_layer(model, layer)
         self.probes = probes
@@ -111,6 +116,12 @@ class RelativeFlatness:
         self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
         self.max_exact_entries = max_exact_entries
         self.estimator = self._choose(estimator)
+        self.token_fraction = token_fraction
+        if token_fraction < 1 and self.estimator != "closed_form":
+            raise ValueError(
+                f"token_fraction={token_fraction} subsamples the positions of the closed form, but '{self.layer.name}' "
+                f"uses the {self.estimator} estimator; leave token_fraction at 1 (fewer probes make the probe cheaper)"
+            )
         self._handle: torch.utils.hooks.RemovableHandle | None = None
         self._recording: Recording | None = None
 
@@ -320,6 +331,10 @@ class Recording:
                 input_ids=self.batch.get("input_ids"),
                 num_items_in_batch=self.num_items_in_batch,
             )
+            if fam.token_fraction < 1:
+                output, features, weights = _sample_positions(
+                    output, features, weights, fam.token_fraction, fam.generator
+                )
             return closed_form(weight, features, output, weights, head_loss.loss_type)
 
     def result(self, loss: torch.Tensor | None, *, logits: torch.Tensor | None = None) -> FlatnessResult:
@@ -376,6 +391,22 @@ class Recording:
         )
 
 
+def _sample_positions(
+    logits: torch.Tensor, features: torch.Tensor, weights: torch.Tensor, fraction: float, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``k = ⌈fraction·N⌉`` of the ``N`` positions, uniformly without replacement among the counted ones
+    (``weights ≠ 0``), reweighted by ``count / min(k, count)``: an unbiased estimate of ``Σ_t weights_t …``,
+    exact when ``k ≥ count``. Random keys instead of ``nonzero`` keep it free of host synchronisation."""
+    n = weights.shape[0]
+    k = min(n, math.ceil(fraction * n))
+    counted = weights != 0
+    keys = torch.rand(n, generator=generator).to(weights.device).masked_fill(~counted, 2.0)  # uncounted last
+    chosen = keys.topk(k, largest=False).indices
+    count = counted.sum()
+    scale = count.clamp_min(1) / count.clamp(1, k)
+    return logits[chosen], features[chosen], weights[chosen] * scale
+
+
 def _directions(features: torch.Tensor, probe_matrices: torch.Tensor, weight: torch.Tensor) -> list[torch.Tensor]:
     """``u_p = W R_p φ`` for every probe, shaped like the layer's output: ``(..., d)``."""
     weight = weight.to(features.dtype)
@@ -394,6 +425,7 @@ def relative_flatness(
     differentiable: bool = False,
     generator: torch.Generator | None = None,
     max_exact_entries: int = DEFAULT_MAX_EXACT_ENTRIES,
+    token_fraction: float = 1.0,
 ) -> FlatnessResult:
     """Relative flatness κ of ``layer`` on ``batch``: one forward pass of ``model(**batch)``.
 
@@ -416,6 +448,7 @@ def relative_flatness(
         scale=scale,
         generator=generator,
         max_exact_entries=max_exact_entries,
+        token_fraction=token_fraction,
     )
     if differentiable and flatness.estimator != "closed_form" and _checkpointing(model):
         raise ValueError(

@@ -70,9 +70,10 @@ class FAMTrainer(Trainer):
             hessian_grad=cfg.fam_hessian_grad,
             scale=cfg.fam_scale,
             generator=torch.Generator().manual_seed(seed),
+            token_fraction=cfg.fam_token_fraction,
         )
         self._fam_reset_logs()
-        self._fam_skipped = 0
+        self._fam_skipped = 0  # penalties dropped because κ was not finite, as of the last log
         self._fam_last_step = -1
         logger.info(
             "FAM: λ=%g on layer '%s' (%s), estimator %s",
@@ -119,17 +120,13 @@ class FAMTrainer(Trainer):
         kappa = result.value
         if result.estimator == "closed_form":  # the probe differentiated `loss`, so it is scaled already
             kappa = kappa * self._loss_scale(num_items_in_batch)
-        if not torch.isfinite(kappa.detach()).item():
-            self._fam_skipped += 1
-            logger.warning(
-                "FAM: κ is not finite at step %d; this micro-batch trains without the penalty (%d skipped so far)",
-                self.state.global_step,
-                self._fam_skipped,
-            )
-        else:
-            if lam > 0:
-                loss = loss + (lam * multiplier * kappa).to(loss.dtype)
-            self._fam_record(kappa.detach(), result.std_error, lam, multiplier, num_items_in_batch)
+        # A non-finite κ (overflow) drops this micro-batch's penalty, value and gradient, without a host sync:
+        # it is counted on the device and reported at the next log.
+        finite = torch.isfinite(kappa.detach())
+        kappa = torch.where(finite, kappa, torch.zeros_like(kappa))
+        if lam > 0:
+            loss = loss + (lam * multiplier * kappa).to(loss.dtype)
+        self._fam_record(kappa.detach(), result.std_error, lam, multiplier, num_items_in_batch, skipped=~finite)
         return (loss, outputs) if return_outputs else loss
 
     def _loss_scale(self, num_items_in_batch) -> float:
@@ -168,11 +165,11 @@ class FAMTrainer(Trainer):
     # -- logging ----------------------------------------------------------------------------------------
 
     def _fam_reset_logs(self) -> None:
-        self._fam_sums: torch.Tensor | None = None  # [κ, penalty, stderr] summed like Trainer's tr_loss
+        self._fam_sums: torch.Tensor | None = None  # [κ, penalty, stderr, skipped] summed like Trainer's tr_loss
         self._fam_steps = 0
         self._fam_lambda = 0.0
 
-    def _fam_record(self, kappa, std_error, lam, multiplier, num_items_in_batch) -> None:
+    def _fam_record(self, kappa, std_error, lam, multiplier, num_items_in_batch, skipped) -> None:
         step = self.state.global_step
         if step != self._fam_last_step:
             self._fam_steps += 1
@@ -182,22 +179,138 @@ class FAMTrainer(Trainer):
         share = (
             1.0 if self._loss_is_scaled_for_ga(num_items_in_batch) else 1.0 / self.current_gradient_accumulation_steps
         )
-        stderr = torch.zeros_like(kappa) if std_error is None else std_error.to(kappa)
+        stderr = torch.zeros_like(kappa) if std_error is None else torch.where(skipped, 0, std_error.to(kappa))
         row = torch.stack([kappa, lam * multiplier * kappa, stderr]).float() * share
+        row = torch.cat([row, skipped.float().reshape(1)])
         self._fam_sums = row if self._fam_sums is None else self._fam_sums + row
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._fam_sums is not None:
             # Every rank logs at the same steps, so the mean over processes is safe here (as for `loss`).
-            means = self.accelerator.reduce(self._fam_sums / self._fam_steps, reduction="mean").tolist()
+            row = torch.cat([self._fam_sums[:3] / self._fam_steps, self._fam_sums[3:]])
+            *means, skipped = self.accelerator.reduce(row, reduction="sum").tolist()
+            means, skipped = [m / self.accelerator.num_processes for m in means], int(skipped)
             logs["fam/kappa"], logs["fam/penalty"] = means[0], means[1]
             logs["fam/task_loss"] = logs["loss"] - means[1]  # the model's own loss, comparable across λ
             if self.flatness.estimator == "probe" and self.flatness.probes > 1:
                 logs["fam/kappa_stderr"] = means[2]
             logs["fam/lambda"] = self._fam_lambda
+            if skipped:
+                self._fam_skipped += skipped
+                logger.warning(
+                    "FAM: κ was not finite on %d micro-batches since the last log (%d in all); they trained without "
+                    "the penalty",
+                    skipped,
+                    self._fam_skipped,
+                )
             logs["fam/skipped"] = self._fam_skipped
             self._fam_reset_logs()
         super().log(logs, start_time)
+
+    # -- model card and Hub (the card itself: fam_hf/hub.py) ------------------------------------------------
+
+    def create_model_card(
+        self,
+        language: str | None = None,
+        license: str | None = None,
+        tags: str | list[str] | None = None,
+        model_name: str | None = None,
+        finetuned_from: str | None = None,
+        tasks: str | list[str] | None = None,
+        dataset_tags: str | list[str] | None = None,
+        dataset: str | list[str] | None = None,
+        dataset_args: str | list[str] | None = None,
+    ) -> None:
+        """Write ``README.md`` into ``output_dir``: a card that records the FAM settings, κ, the evaluation
+        metrics and the citations (:func:`fam_hf.hub.model_card`), in place of Trainer's generic draft.
+        ``Trainer.push_to_hub`` calls it and passes on its own keyword arguments."""
+        if self.is_world_process_zero():
+            given = dict(language=language, license=license, tags=tags, model_name=model_name, tasks=tasks,
+                         finetuned_from=finetuned_from, dataset_tags=dataset_tags, dataset=dataset)  # fmt: skip
+            self._fam_write_card(self.args.output_dir, **{k: v for k, v in given.items() if v is not None})
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        # Trainer.save_model, with the model card written beside the weights (main process) before any push.
+        super().save_model(output_dir, _internal_call=True)
+        self._fam_saves = getattr(self, "_fam_saves", 0) + 1
+        if self.args.should_save:
+            self._fam_write_card(output_dir or self.args.output_dir)
+        if self.args.push_to_hub and not _internal_call:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+
+    def push_to_hub(
+        self,
+        commit_message: str | None = "End of training",
+        blocking: bool = True,
+        token: str | None = None,
+        revision: str | None = None,
+        private: bool | None = None,
+        **kwargs: Any,
+    ):
+        """``Trainer.push_to_hub``: save model, tokenizer and FAM model card, and upload ``output_dir`` with
+        ``huggingface_hub``. A failure raises :class:`~fam_hf.hub.HubPushError` naming the cause and the fix,
+        once the model is saved in ``output_dir`` (nothing trained is lost)."""
+        from .hub import HubPushError, mask_tokens, push_failure_message
+
+        saves = getattr(self, "_fam_saves", 0)
+        try:
+            return super().push_to_hub(
+                commit_message=commit_message,
+                blocking=blocking,
+                token=token,
+                revision=revision,
+                private=private,
+                **kwargs,
+            )
+        except Exception as error:
+            cause = error.__cause__ if isinstance(error, HubPushError) and error.__cause__ is not None else error
+            if getattr(self, "_fam_saves", 0) == saves:  # failed before Trainer saved (creating the repo): save now
+                self.save_model(_internal_call=True)
+            message = push_failure_message(
+                cause, repo_id=self._fam_repo_id(), endpoint=self._fam_hub_endpoint(), local_dir=self.args.output_dir
+            )
+            raise HubPushError(mask_tokens(message, (token, self.args.hub_token))) from cause
+
+    def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
+        from .hub import HubPushError, mask_tokens, push_failure_message
+
+        try:
+            super().init_hf_repo(token=token, private=private)
+        except Exception as error:
+            # Trainer.__init__ creates the repo when push_to_hub is set: fail there, before any training.
+            before_training = not hasattr(self, "flatness")
+            message = push_failure_message(
+                error, repo_id=self._fam_repo_id(), endpoint=self._fam_hub_endpoint(), before_training=before_training
+            )
+            raise HubPushError(mask_tokens(message, (token, self.args.hub_token))) from error
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        # Trainer pickles the whole TrainingArguments into training_args.bin, which push_to_hub uploads: keep an
+        # explicit hub_token out of that file (push_to_hub has read the token it uploads with before saving).
+        token, self.args.hub_token = self.args.hub_token, None
+        try:
+            super()._save(output_dir, state_dict)
+        finally:
+            self.args.hub_token = token
+
+    def _fam_write_card(self, folder: str, **card_args: Any) -> None:
+        from .hub import CARD_NAME, card_facts, model_card
+
+        card_args.setdefault("model_name", self._fam_repo_id().split("/")[-1])
+        try:
+            card = model_card(card_facts(self, **card_args), secrets=(self.args.hub_token,))
+            card.save(os.path.join(folder, CARD_NAME))
+        except Exception:  # a card is never worth a training run
+            logger.warning("FAM: could not write the model card into %s", folder, exc_info=True)
+
+    def _fam_repo_id(self) -> str:
+        return self.hub_model_id or self.args.hub_model_id or os.path.basename(os.path.abspath(self.args.output_dir))
+
+    @staticmethod
+    def _fam_hub_endpoint() -> str:
+        from transformers.utils.hub import hf_api  # the HfApi client Trainer pushes with (HF_ENDPOINT at import)
+
+        return hf_api().endpoint
 
 
 def _logits(outputs: Any) -> torch.Tensor | None:

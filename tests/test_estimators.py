@@ -150,6 +150,27 @@ def test_softmax_curvature_of_bf16_logits_is_float32_under_autocast():
     assert weight.grad.dtype == torch.float32 and torch.isfinite(weight.grad).all()
 
 
+def test_token_fraction_is_unbiased_and_exact_when_it_covers_the_counted_positions():
+    model = tiny_gpt2()
+    batch = lm_batch(model, batch_size=4, length=6)  # 24 positions, 15 counted (prompt, padding, shift)
+    exact = float(relative_flatness(model, batch).value)
+    flatness = RelativeFlatness(model, token_fraction=0.25)  # 6 of 24 positions, drawn among the 15 counted
+    draws = []
+    for _ in range(400):
+        with flatness.record(batch, differentiable=False) as recording:
+            model(**batch)
+        draws.append(float(recording.result(None).value))
+    draws = torch.tensor(draws, dtype=torch.float64)
+    assert draws.std() > 0  # it does sample
+    assert abs(draws.mean() - exact) <= 3 * draws.std() / 20, (float(draws.mean()), exact)
+    covering = relative_flatness(model, batch, token_fraction=0.7)  # 17 ≥ 15 counted: every one of them
+    torch.testing.assert_close(covering.value, torch.tensor(exact, dtype=torch.float64), rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match="token_fraction=0.5 subsamples the positions of the closed form"):
+        RelativeFlatness(model, "transformer.h.0.mlp.c_fc", token_fraction=0.5)
+    with pytest.raises(ValueError, match=r"token_fraction=0 must be in \(0, 1\]"):
+        RelativeFlatness(model, token_fraction=0)
+
+
 def test_all_ignored_labels_give_zero_not_nan():
     model = tiny_gpt2()
     batch = lm_batch(model)

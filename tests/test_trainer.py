@@ -155,7 +155,8 @@ def test_non_finite_kappa_skips_the_penalty_and_never_writes_nan(tmp_path, monke
     trainer = fam_trainer(model, lm_data(16), tmp_path, max_steps=2, per_device_train_batch_size=8, fam_lambda=1.0)
     trainer.train()
     assert all(torch.isfinite(p).all() for p in model.parameters())
-    assert trainer._fam_skipped == 2
+    assert [h["fam/skipped"] for h in fam_logs(trainer)] == [1, 2]
+    assert all(h["fam/kappa"] == 0 and h["fam/penalty"] == 0 for h in fam_logs(trainer))
 
 
 def test_config_errors_name_the_fix(tmp_path):
@@ -165,6 +166,8 @@ def test_config_errors_name_the_fix(tmp_path):
         FAMConfig(output_dir=str(tmp_path), fam_estimator="hessian")
     with pytest.raises(ValueError, match="fam_every_n_steps=0 must be ≥ 1"):
         FAMConfig(output_dir=str(tmp_path), fam_every_n_steps=0)
+    with pytest.raises(ValueError, match=r"fam_token_fraction=1.5 must be in \(0, 1\]"):
+        FAMConfig(output_dir=str(tmp_path), fam_token_fraction=1.5)
     with pytest.raises(TypeError, match=r"FAMTrainer needs args=FAMConfig\(...\), got TrainingArguments"):
         FAMTrainer(model=gpt2(), args=TrainingArguments(output_dir=str(tmp_path), report_to=[]))
     with pytest.raises(ValueError, match="unknown layer 'decoder'; name exactly one of: "):
