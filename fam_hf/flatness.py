@@ -187,17 +187,21 @@ class RelativeFlatness:
             recording.open = False
 
     def _forward_context(self):
-        if self.estimator == "closed_form":
-            return nullcontext()
-        # The probe and exact estimators differentiate twice through everything downstream of the layer.
-        # SDPA's flash and memory-efficient kernels have no double backward; its math kernel has. Under
-        # activation checkpointing the recomputation would run outside this context and see other
-        # kernels, so there the model's own choice stands (eager attention is the fix if it lacks one).
         stack = ExitStack()
-        stack.enter_context(torch.enable_grad())
-        if not _checkpointing(self.model):
-            stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
+        if self.estimator != "closed_form":
+            stack.enter_context(torch.enable_grad())
+        stack.enter_context(self.attention_kernels())
         return stack
+
+    def attention_kernels(self):
+        """Context in which the model's attention keeps a double backward, as the probe and exact estimators need.
+
+        SDPA's flash and memory-efficient kernels have none; its math kernel has. :meth:`record` and the
+        second-order pass use it; under activation checkpointing the backward pass recomputes the blocks and
+        must run inside it too (``FAMTrainer`` runs its whole training step inside it), or the recomputation
+        takes a different kernel than the forward. A no-op for the closed form.
+        """
+        return nullcontext() if self.estimator == "closed_form" else sdpa_kernel([SDPBackend.MATH])
 
     def close(self) -> None:
         """Remove the layer hook."""
@@ -214,22 +218,26 @@ class RelativeFlatness:
         return recording._on_forward(inputs[0], output)
 
 
-def _checkpointing(model: nn.Module) -> list[dict]:
-    """The keyword arguments of every active activation checkpoint in ``model`` (transformers' layers)."""
+def _checkpointing(model: nn.Module) -> list[dict | None]:
+    """The keyword arguments of every active activation checkpoint in ``model`` (transformers' layers); None
+    where the checkpoint function is not a ``functools.partial`` we can read."""
     return [
-        getattr(getattr(module, "_gradient_checkpointing_func", None), "keywords", {})
+        getattr(getattr(module, "_gradient_checkpointing_func", None), "keywords", None)
         for module in model.modules()
         if getattr(module, "gradient_checkpointing", False) is True
     ]
 
 
 def _refuse_reentrant_checkpointing(model: nn.Module) -> None:
-    if any(kwargs.get("use_reentrant") for kwargs in _checkpointing(model)):
+    # torch.utils.checkpoint is reentrant unless told otherwise (peft's prepare_model_for_kbit_training passes
+    # no use_reentrant, for instance)
+    if any(kwargs is not None and kwargs.get("use_reentrant", True) for kwargs in _checkpointing(model)):
         raise ValueError(
             "the probe and exact estimators take torch.autograd.grad through the model, which reentrant "
             "activation checkpointing does not support; enable it with "
-            "gradient_checkpointing_kwargs={'use_reentrant': False} (transformers' default), or put FAM on "
-            "the output head with the closed form"
+            "gradient_checkpointing_kwargs={'use_reentrant': False} (transformers' default; "
+            "prepare_model_for_kbit_training needs it passed explicitly), or put FAM on the output head with the "
+            "closed form"
         )
 
 
@@ -370,6 +378,10 @@ class Recording:
 
     @explain_missing_double_backward()
     def _second_order(self, loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        with self.flatness.attention_kernels():  # checkpointed blocks are recomputed here
+            return self._second_order_values(loss)
+
+    def _second_order_values(self, loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         fam = self.flatness
         if fam.estimator == "probe":
             values = self._probe_values(loss)

@@ -101,6 +101,11 @@ class FAMTrainer(Trainer):
 
     # -- loss -------------------------------------------------------------------------------------------
 
+    def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch=None) -> torch.Tensor:
+        # forward, backward and any activation-checkpoint recomputation all see the same attention kernels
+        with self.flatness.attention_kernels():
+            return super().training_step(model, inputs, num_items_in_batch)
+
     def compute_loss(
         self,
         model: nn.Module,

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 from models import fam_logs, fam_trainer, gpt2, lm_data, params
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from fam_hf import RelativeFlatness, relative_flatness
 
@@ -111,11 +112,75 @@ def test_lora_training_with_penalty_on_frozen_head_and_on_adapted_layer(tmp_path
         torch.testing.assert_close(dict(reloaded.named_parameters())[name], after[name])
 
 
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_kbit_style_frozen_base_with_lora(tmp_path, reentrant):
+    """peft's prepare_model_for_kbit_training (frozen fp32 base, checkpointing, input grads) + LoRA: the closed
+    form on the frozen head trains whatever the checkpointing; a probe on an adapted layer needs it
+    non-reentrant, and peft's default (no use_reentrant: torch's reentrant default) is refused with the fix."""
+    kwargs = None if reentrant else {"use_reentrant": False}
+    for layer, estimator in (("auto", "closed_form"), ("transformer.h.0.attn.c_attn", "probe")):
+        base = gpt2()
+        base.is_loaded_in_8bit = True  # what peft checks: take its k-bit path (frozen base, checkpointing, input grads)
+        base = prepare_model_for_kbit_training(base, gradient_checkpointing_kwargs=kwargs)
+        assert base.is_gradient_checkpointing
+        model = get_peft_model(base, LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True))
+        before = params(model)
+        trainer = fam_trainer(
+            model,
+            lm_data(16),
+            tmp_path / f"{layer}{reentrant}",
+            max_steps=2,
+            per_device_train_batch_size=8,
+            fam_lambda=0.5,
+            fam_layer=layer,
+            fam_estimator=estimator,
+        )
+        if reentrant and estimator == "probe":
+            with pytest.raises(ValueError, match="prepare_model_for_kbit_training needs it passed explicitly"):
+                trainer.train()
+            continue
+        trainer.train()
+        changed = {n for n, v in params(model).items() if not torch.equal(before[n], v)}
+        assert changed and all("lora_" in n for n in changed), changed
+        assert [h["fam/skipped"] for h in fam_logs(trainer)] == [0, 0]
+        assert all(h["fam/kappa"] != 0 for h in fam_logs(trainer))
+
+
+def test_sdpa_with_checkpointing_trains_with_the_probe(tmp_path):
+    """SDPA's fused CPU kernel has no double backward: the probe runs the forward, the second-order pass and
+    the backward's recomputation of checkpointed blocks with the math kernel, so training matches eager."""
+    runs = []
+    for attention in ("eager", "sdpa"):
+        model = gpt2()
+        model.set_attn_implementation(attention)
+        trainer = fam_trainer(
+            model,
+            lm_data(16),
+            tmp_path / attention,
+            max_steps=2,
+            per_device_train_batch_size=8,
+            fam_lambda=0.5,
+            gradient_checkpointing=True,
+            **{**PROBE, "fam_layer": "transformer.h.0.attn.c_attn"},
+        )
+        trainer.train()
+        runs.append(params(model))
+    for name, value in runs[0].items():
+        torch.testing.assert_close(runs[1][name], value, rtol=0, atol=1e-6, msg=name)
+
+
 def test_missing_double_backward_names_the_fix():
-    """Under activation checkpointing the model's SDPA kernel stands; on CPU it has no double backward."""
+    """A model that picks a fused attention kernel itself (as flash-attention models do) cannot give a second
+    derivative: the error says what to do."""
     model = gpt2()
-    model.train()
-    model.gradient_checkpointing_enable()
+    attention = model.transformer.h[0].attn
+    forward = attention.forward
+
+    def fused_forward(*args, **kwargs):
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+            return forward(*args, **kwargs)
+
+    attention.forward = fused_forward
     batch = {k: torch.tensor(v) for k, v in lm_data(4)[:4].items()}
     with pytest.raises(RuntimeError, match="attn_implementation='eager'"):
         relative_flatness(model, batch, "transformer.h.0.attn.c_attn", "probe")
