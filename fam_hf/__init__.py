@@ -26,6 +26,8 @@ __all__ = [
     "HeadLoss",
     "Layer",
     "RelativeFlatness",
+    "SAMConfig",
+    "SAMTrainer",
     "activity_weight_duality",
     "candidate_layers",
     "closed_form",
@@ -55,6 +57,14 @@ def __getattr__(name: str):
         from .trainer import FAMTrainer
 
         return FAMTrainer
+    if name == "SAMConfig":
+        from .sam_config import SAMConfig
+
+        return SAMConfig
+    if name == "SAMTrainer":
+        from .sam_trainer import SAMTrainer
+
+        return SAMTrainer
     if name == "FlatnessCallback":
         from .callback import FlatnessCallback
 
