@@ -174,7 +174,18 @@ def rademacher(
     """``count`` Rademacher matrices ``R: (size, size)`` (entries ±1), drawn from ``generator`` on the CPU
     (so the draw is the same whatever the device) and moved to ``device``."""
     signs = torch.randint(0, 2, (count, size, size), generator=generator, dtype=torch.int8)
-    return (signs.to(dtype) * 2 - 1).to(device)
+    return host_to_device(signs, device).to(dtype) * 2 - 1
+
+
+def host_to_device(tensor: torch.Tensor, device: torch.device | str | None) -> torch.Tensor:
+    """Copy a CPU tensor to ``device`` without a host synchronisation: a copy from pageable memory waits for
+    the device's queue, one from pinned memory does not."""
+    device = torch.device("cpu") if device is None else torch.device(device)
+    if device.type == "cpu":
+        return tensor
+    if device.type == "cuda":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
 
 
 def probe_quadratic_forms(

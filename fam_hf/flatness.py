@@ -23,6 +23,7 @@ from .estimators import (
     closed_form,
     compute_dtype,
     explain_missing_double_backward,
+    host_to_device,
     kappa_from_hessian,
     layer_hessian,
     probe_quadratic_forms,
@@ -412,7 +413,7 @@ def _sample_positions(
     n = weights.shape[0]
     k = min(n, math.ceil(fraction * n))
     counted = weights != 0
-    keys = torch.rand(n, generator=generator).to(weights.device).masked_fill(~counted, 2.0)  # uncounted last
+    keys = host_to_device(torch.rand(n, generator=generator), weights.device).masked_fill(~counted, 2.0)
     chosen = keys.topk(k, largest=False).indices
     count = counted.sum()
     scale = count.clamp_min(1) / count.clamp(1, k)
