@@ -6,6 +6,8 @@ fam-hf measure --model DIR --data FILE.jsonl|csv [--measures kappa,hessian_trace
     flatness measures of a saved model on a few batches of a small local data file
 fam-hf plot RUN_DIR [RUN_DIR ...] --out DIR
     κ, Hessian trace, top eigenvalue, gap, … against the step, from each run's trainer_state.json
+fam-hf publish RUN_DIR --repo-id OWNER/NAME [--private] [--token-env VAR] [--revision BRANCH]
+    push a finished run (model or adapter, tokenizer, metrics, the FAM model card) to the Hugging Face Hub
 """
 
 from __future__ import annotations
@@ -166,6 +168,34 @@ def _plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _publish(args: argparse.Namespace) -> int:
+    import os
+
+    from .hub import HubPushError, publish_run
+
+    token = None
+    if args.token_env:  # the token itself never goes on the command line (shell history, process list)
+        token = os.environ.get(args.token_env)
+        if not token:
+            raise SystemExit(
+                f"--token-env {args.token_env}: that environment variable is not set; export it, or leave "
+                "--token-env out to use HF_TOKEN or the token saved by `hf auth login`"
+            )
+    try:
+        url = publish_run(
+            args.run_dir,
+            args.repo_id,
+            private=True if args.private else None,
+            token=token,
+            revision=args.revision,
+            commit_message=args.message,
+        )
+    except (HubPushError, FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"fam-hf publish: {error}") from None
+    print(f"pushed {args.run_dir} to {args.repo_id}: {url}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from . import __version__
 
@@ -216,6 +246,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     plot.add_argument("--log-y", action="store_true", help="logarithmic y axis (except the gap)")
     plot.set_defaults(run=_plot)
+    publish = commands.add_parser(
+        "publish", help="push a finished run folder to the Hub (writes its model card first if it has none)"
+    )
+    publish.add_argument("run_dir", metavar="RUN_DIR", help="a run's output_dir (model or adapter saved)")
+    publish.add_argument("--repo-id", required=True, help="the Hub repository, owner/name (created if missing)")
+    publish.add_argument("--private", action="store_true", help="create the repository private")
+    publish.add_argument(
+        "--token-env",
+        metavar="VAR",
+        help="environment variable holding the token (default: HF_TOKEN, else the token of `hf auth login`)",
+    )
+    publish.add_argument("--revision", help="branch to push to (default: main)")
+    publish.add_argument("--message", help="commit message (default: 'Upload FAM run RUN_DIR')")
+    publish.set_defaults(run=_publish)
     args = parser.parse_args(argv)
     return args.run(args)
 

@@ -1,0 +1,302 @@
+"""Publishing to the Hub: the model card records FAM and κ, and pushes go through huggingface_hub's real
+client to a local stand-in of the Hub (tests/hub_server.py) — from FAMTrainer, a recipe and `fam-hf publish`.
+
+The first test points HF_ENDPOINT at the server in a fresh process, as a user would; the others point this
+process's client at it (:func:`point_client_at`). No part of huggingface_hub is mocked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import transformers.utils.hub
+from hub_server import HubServer
+from huggingface_hub import ModelCard, constants
+from models import COMMON, bert, cls_data, gpt2, lm_data
+
+from fam_hf import FAMConfig, FAMTrainer
+from fam_hf.cli import main
+from fam_hf.hub import HubPushError, card_facts, model_card
+from fam_hf.runs import fam_settings, write_json
+
+TESTS = Path(__file__).resolve().parent
+TOKEN = "fam-tests-secret-token-5c1e0b7d"  # not hf_-shaped, so only keeping it out (not pattern masking) passes
+
+
+def point_client_at(monkeypatch, endpoint: str) -> None:
+    """In this process, what HF_ENDPOINT does in a fresh one: huggingface_hub reads it into
+    ``constants.ENDPOINT`` at import, and Trainer pushes through one ``HfApi`` made on first use."""
+    monkeypatch.setenv("HF_ENDPOINT", endpoint)
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(transformers.utils.hub, "_hf_api", None)  # rebuilt on next use, with the endpoint above
+
+
+@pytest.fixture
+def hub(monkeypatch):
+    with HubServer() as server:
+        point_client_at(monkeypatch, server.endpoint)
+        yield server
+
+
+def closed_endpoint() -> str:
+    """An endpoint on 127.0.0.1 where nothing listens: connections are refused at once."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+def tiny_tokenizer():
+    """A word-level tokenizer over the 32 ids of tests/models.py's models (``w2`` … ``w31``)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[PAD]": 0, "[UNK]": 1, **{f"w{i}": i for i in range(2, 32)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="[PAD]", unk_token="[UNK]")
+
+
+def tiny_trainer(output_dir, **kw) -> FAMTrainer:
+    settings = {**COMMON, "max_steps": 2, "per_device_train_batch_size": 8, "fam_lambda": 0.5, **kw}
+    return FAMTrainer(
+        model=bert(),
+        args=FAMConfig(output_dir=str(output_dir), **settings),
+        train_dataset=cls_data(16),
+        eval_dataset=cls_data(8),
+        processing_class=tiny_tokenizer(),
+    )
+
+
+def train_and_push(output_dir: str, repo_id: str) -> None:
+    """A user's script, run in a fresh process: HF_ENDPOINT and HF_TOKEN come from its environment."""
+    trainer = tiny_trainer(output_dir, push_to_hub=True, hub_model_id=repo_id)
+    trainer.train()
+    trainer.evaluate()
+    trainer.save_state()
+    trainer.push_to_hub()
+
+
+def no_token_in(*texts: str | bytes) -> bool:
+    return all((TOKEN.encode() if isinstance(t, bytes) else TOKEN) not in t for t in texts)
+
+
+# -- FAMTrainer.push_to_hub, end to end --------------------------------------------------------------------
+
+
+def test_push_to_hub_uploads_weights_tokenizer_and_a_card_with_the_fam_settings_and_kappa(tmp_path, hub, caplog, capfd):
+    out = tmp_path / "run"
+    train_and_push(str(out), "tester/fam-tiny")
+    check_arrival(hub, out, logs=caplog.text + "".join(capfd.readouterr()))
+
+
+@pytest.mark.slow
+def test_push_to_hub_from_a_fresh_process_with_hf_endpoint_in_its_environment(tmp_path):
+    """The same, as a user runs it: a new process that reads HF_ENDPOINT and HF_TOKEN, its logs at their chattiest."""
+    out = tmp_path / "run"
+    with HubServer() as hub:
+        env = {
+            **os.environ,
+            "HF_ENDPOINT": hub.endpoint,
+            "HF_TOKEN": TOKEN,
+            "HF_HUB_OFFLINE": "0",
+            "TRANSFORMERS_OFFLINE": "0",
+            "HF_HOME": str(tmp_path / "hf_home"),
+            "HF_HUB_VERBOSITY": "debug",  # every request is logged too
+            "TRANSFORMERS_VERBOSITY": "info",
+            "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": str(TESTS),
+        }
+        script = f"import test_hub; test_hub.train_and_push({str(out)!r}, 'tester/fam-tiny')"
+        done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    check_arrival(hub, out, logs=done.stdout + done.stderr)
+
+
+def check_arrival(hub: HubServer, out: Path, logs: str) -> None:
+    """What train_and_push must have sent: weights, config, tokenizer and a card with FAM and κ; no token leaked."""
+    repo_calls = [call for call in hub.paths() if "/api/repos/" in call or "/api/models/" in call]
+    assert repo_calls == [
+        "POST /api/repos/create",  # by Trainer.__init__, before training
+        "POST /api/models/tester/fam-tiny/preupload/main",
+        "POST /api/models/tester/fam-tiny/commit/main",
+    ]
+    files = hub.repos["tester/fam-tiny"].files
+    assert {"model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json", "README.md"} <= set(files)
+    assert files["model.safetensors"] == (out / "model.safetensors").read_bytes()
+    assert "classifier.weight" in safetensors.torch.load(files["model.safetensors"])
+    assert json.loads(files["config.json"])["architectures"] == ["BertForSequenceClassification"]
+
+    card = ModelCard(files["README.md"].decode())  # metadata parses back with huggingface_hub
+    kappa = [h["fam/kappa"] for h in json.loads(files["trainer_state.json"])["log_history"] if "fam/kappa" in h]
+    assert card.data.library_name == "transformers" and card.data.pipeline_tag == "text-classification"
+    assert {"fam", "relative-flatness", "generated_from_trainer"} <= set(card.data.tags)
+    assert card.data.fam["lambda"] == 0.5 and card.data.fam["layer"] == "classifier"
+    assert card.data.fam["estimator"] == "closed_form" and card.data.fam["kappa"] == pytest.approx(kappa[-1])
+    assert "| fam_lambda | 0.5 |" in card.text and "| resolved_layer | classifier |" in card.text
+    assert f"| last logged | 2 | {kappa[-1]:.6g} |" in card.text and "| eval_loss |" in card.text
+    assert "@inproceedings{petzka2021relative" in card.text and "eprint        = {2307.02337}" in card.text
+    assert "- PEFT " in card.text and "- huggingface_hub " in card.text
+
+    # the client sent the token to the Hub, and it went nowhere else: files, bodies, the local folder, the logs
+    repo_requests = [r for r in hub.requests if "/api/repos/" in r.path or "/api/models/" in r.path]
+    assert all(r.headers.get("authorization") == f"Bearer {TOKEN}" for r in repo_requests)
+    assert no_token_in(logs, *files.values(), *(r.body for r in hub.requests))
+    assert no_token_in(*(p.read_bytes() for p in out.rglob("*") if p.is_file()))
+
+
+def test_push_without_a_reachable_hub_fails_clearly_and_keeps_the_local_save(tmp_path, monkeypatch, caplog, capfd):
+    endpoint = closed_endpoint()
+    point_client_at(monkeypatch, endpoint)
+    out = tmp_path / "run"
+    trainer = tiny_trainer(out, hub_token=TOKEN)
+    trainer.train()
+    with pytest.raises(HubPushError) as failure:
+        trainer.push_to_hub()  # fails creating the repository, before Trainer has saved anything
+    message = str(failure.value)
+    assert f"repository 'run' at {endpoint}: cannot connect" in message
+    assert "HF_ENDPOINT" in message and f"saved locally at {out}" in message and "fam-hf publish" in message
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    assert ModelCard.load(out / "README.md").data.fam["lambda"] == 0.5
+
+    with pytest.raises(HubPushError, match="Nothing has been trained yet") as failure:
+        tiny_trainer(tmp_path / "other", push_to_hub=True, hub_model_id="tester/other")  # fails at once
+    logs = caplog.text + "".join(capfd.readouterr())
+    assert no_token_in(logs, message, str(failure.value), *(p.read_bytes() for p in out.rglob("*") if p.is_file()))
+
+
+# -- PEFT: an adapter card --------------------------------------------------------------------------------
+
+
+def test_lora_run_pushes_an_adapter_whose_card_names_its_base_model(tmp_path, hub, monkeypatch):
+    from peft import LoraConfig, get_peft_model
+
+    # peft asks the Hub whether the base model's embeddings were resized, through huggingface_hub's default
+    # client (bound to huggingface.co at import): HF_HUB_OFFLINE, which peft reads, skips that lookup
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    base = gpt2()
+    base.config._name_or_path = base.name_or_path = "fam-tests/tiny-gpt2"  # as if loaded from the Hub
+    lora = LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True, task_type="CAUSAL_LM")
+    settings = {**COMMON, "max_steps": 2, "per_device_train_batch_size": 8, "push_to_hub": True}
+    args = FAMConfig(output_dir=str(tmp_path / "lora"), hub_model_id="tester/fam-lora", **settings)
+    trainer = FAMTrainer(model=get_peft_model(base, lora), args=args, train_dataset=lm_data(16))
+    trainer.train()
+    trainer.push_to_hub()
+
+    files = hub.repos["tester/fam-lora"].files
+    assert {"adapter_model.safetensors", "adapter_config.json", "README.md"} <= set(files)
+    assert "model.safetensors" not in files
+    card = ModelCard(files["README.md"].decode())
+    assert card.data.library_name == "peft" and card.data.base_model == "fam-tests/tiny-gpt2"
+    assert {"fam", "relative-flatness", "lora", "base_model:adapter:fam-tests/tiny-gpt2"} <= set(card.data.tags)
+    assert card.data.pipeline_tag == "text-generation" and card.data.fam["layer"] == "lm_head"
+    assert 'PeftModel.from_pretrained(base, "tester/fam-lora")' in card.text
+
+
+# -- fam-hf publish ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class RecipeArguments:  # what a recipe records in fam_config.json
+    model_name_or_path: str = "minilm-l6"
+    dataset: str = "rotten-tomatoes"
+    max_length: int = 64
+
+
+def test_fam_hf_publish_pushes_a_finished_run_and_rebuilds_a_missing_card(tmp_path, hub, monkeypatch, capsys):
+    run = tmp_path / "run"
+    trainer = tiny_trainer(run)
+    trainer.train()
+    trainer.evaluate()
+    trainer.save_model()
+    trainer.save_state()
+    write_json(str(run), "fam_config.json", fam_settings(trainer, RecipeArguments()))
+    write_json(str(run), "metrics.json", {"test_accuracy": 0.75, "kappa_train_start": 0.5, "kappa_train_end": 0.25})
+    (run / "README.md").unlink()  # a run saved before cards existed
+    monkeypatch.delenv("HF_TOKEN")
+    monkeypatch.setenv("MY_HUB_TOKEN", TOKEN)
+
+    assert main(["publish", str(run), "--repo-id", "tester/published", "--private", "--token-env", "MY_HUB_TOKEN"]) == 0
+    assert "pushed" in capsys.readouterr().out
+    repo = hub.repos["tester/published"]
+    assert repo.private and all(r.headers.get("authorization") == f"Bearer {TOKEN}" for r in hub.requests)
+    assert {"model.safetensors", "README.md", "metrics.json", "fam_config.json", "trainer_state.json"} <= set(
+        repo.files
+    )
+    card = ModelCard(repo.files["README.md"].decode())
+    assert card.data.base_model == "sentence-transformers/all-MiniLM-L6-v2"  # the alias's Hub model
+    assert card.data.fam["layer"] == "classifier" and card.data.fam["lambda"] == 0.5
+    assert "| train | 0.5 | 0.25 |" in card.text and "| test_accuracy | 0.75 |" in card.text
+    assert "| max_length | 64 |" in card.text and (run / "README.md").is_file()
+    assert no_token_in(*repo.files.values())
+
+
+def test_fam_hf_publish_errors_name_the_fix(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    bert().save_pretrained(run)
+    point_client_at(monkeypatch, closed_endpoint())
+    with pytest.raises(SystemExit, match="cannot connect(.|\n)*HF_ENDPOINT(.|\n)*saved locally"):
+        main(["publish", str(run), "--repo-id", "tester/x"])
+    with pytest.raises(SystemExit, match="holds no saved model"):
+        main(["publish", str(tmp_path), "--repo-id", "tester/x"])
+    with pytest.raises(SystemExit, match="MISSING_VAR: that environment variable is not set"):
+        main(["publish", str(run), "--repo-id", "tester/x", "--token-env", "MISSING_VAR"])
+
+
+# -- the recipes: --push_to_hub -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tiny_classifier(tmp_path) -> tuple[str, str]:
+    """A 1-layer random BERT with the tiny tokenizer, and a 40-review csv in its vocabulary."""
+    from transformers import BertConfig, BertModel
+
+    folder = tmp_path / "tiny_bert"
+    BertModel(BertConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=32)).save_pretrained(folder)  # fmt: skip
+    tiny_tokenizer().save_pretrained(folder)
+    rng = random.Random(0)
+    rows = [f"{' '.join(f'w{rng.randrange(2, 32)}' for _ in range(6))},{i % 2}" for i in range(40)]
+    (tmp_path / "reviews.csv").write_text("text,label\n" + "\n".join(rows) + "\n")
+    return str(folder), str(tmp_path / "reviews.csv")
+
+
+def test_classification_recipe_pushes_the_run_with_test_metrics_and_kappa_in_the_card(tmp_path, hub, tiny_classifier):
+    from test_recipes import classification_args, recipe
+
+    model, reviews = tiny_classifier
+    argv = classification_args(tmp_path, model, "--dataset", reviews, "--push_to_hub", "true",
+                               "--hub_model_id", "tester/recipe")  # fmt: skip
+    metrics = recipe("finetune_classification").main(argv)
+    files = hub.repos["tester/recipe"].files
+    assert {"model.safetensors", "tokenizer.json", "metrics.json", "fam_config.json", "trainer_state.json"} <= set(
+        files
+    )
+    card = ModelCard(files["README.md"].decode())
+    assert card.data.base_model is None  # a local folder is no Hub id
+    assert f"| test_accuracy | {metrics['test_accuracy']:.6g} |" in card.text
+    assert f"| train | {metrics['kappa_train_start']:.6g} | {metrics['kappa_train_end']:.6g} |" in card.text
+    assert "reviews.csv" in card.text and str(tmp_path) not in card.text  # no local paths in a public card
+
+
+# -- the card on its own ------------------------------------------------------------------------------------
+
+
+def test_card_masks_tokens_and_leaves_token_settings_out(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    trainer = tiny_trainer(tmp_path, hub_token=TOKEN)
+    facts = card_facts(trainer)
+    facts.script = {"hub_token": TOKEN, "note": f"token {TOKEN} and hf_{'x' * 30}"}  # a careless recipe argument
+    text = str(model_card(facts))
+    assert no_token_in(text) and "hf_xxxx" not in text and "<redacted>" in text
