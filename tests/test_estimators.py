@@ -150,6 +150,21 @@ def test_softmax_curvature_of_bf16_logits_is_float32_under_autocast():
     assert weight.grad.dtype == torch.float32 and torch.isfinite(weight.grad).all()
 
 
+def test_softmax_curvature_with_bf16_products_stays_close():
+    """The GPU bf16 path (products in bf16, the rest in float32), run on the CPU: close to float32, same
+    gradients to bf16 accuracy."""
+    logits = (3 * torch.randn(64, 300)).requires_grad_()
+    weight = (0.1 * torch.randn(300, 32)).requires_grad_()
+    exact = softmax_curvature(logits, weight, chunk_rows=40)
+    bf16 = softmax_curvature(logits, weight, chunk_rows=40, product_dtype=torch.bfloat16)
+    assert bf16.dtype == torch.float32
+    torch.testing.assert_close(bf16.sum(), exact.sum(), rtol=1e-3, atol=0)
+    for g, e in zip(
+        torch.autograd.grad(bf16.sum(), (logits, weight)), torch.autograd.grad(exact.sum(), (logits, weight))
+    ):
+        assert (g - e).norm() <= 1e-2 * e.norm()
+
+
 def test_token_fraction_is_unbiased_and_exact_when_it_covers_the_counted_positions():
     model = tiny_gpt2()
     batch = lm_batch(model, batch_size=4, length=6)  # 24 positions, 15 counted (prompt, padding, shift)
