@@ -255,7 +255,8 @@ class FAMTrainer(Trainer):
         """``Trainer.push_to_hub``: save model, tokenizer and FAM model card, and upload ``output_dir`` with
         ``huggingface_hub``. A failure raises :class:`~fam_hf.hub.HubPushError` naming the cause and the fix,
         once the model is saved in ``output_dir`` (nothing trained is lost)."""
-        from .hub import HubPushError, mask_tokens, push_failure_message
+        from .hub import HubPushError, push_failure_message
+        from .model_card import mask_tokens
 
         saves = getattr(self, "_fam_saves", 0)
         try:
@@ -277,7 +278,8 @@ class FAMTrainer(Trainer):
             raise HubPushError(mask_tokens(message, (token, self.args.hub_token))) from cause
 
     def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
-        from .hub import HubPushError, mask_tokens, push_failure_message
+        from .hub import HubPushError, push_failure_message
+        from .model_card import mask_tokens
 
         try:
             super().init_hf_repo(token=token, private=private)
@@ -299,7 +301,7 @@ class FAMTrainer(Trainer):
             self.args.hub_token = token
 
     def _fam_write_card(self, folder: str, **card_args: Any) -> None:
-        from .hub import CARD_NAME, card_facts, model_card
+        from .model_card import CARD_NAME, card_facts, model_card
 
         card_args.setdefault("model_name", self._fam_repo_id().split("/")[-1])
         try:

@@ -25,7 +25,8 @@ from models import COMMON, bert, cls_data, gpt2, lm_data
 
 from fam_hf import FAMConfig, FAMTrainer
 from fam_hf.cli import main
-from fam_hf.hub import HubPushError, card_facts, model_card
+from fam_hf.hub import HubPushError
+from fam_hf.model_card import card_facts, model_card
 from fam_hf.runs import fam_settings, write_json
 
 TESTS = Path(__file__).resolve().parent
