@@ -251,6 +251,12 @@ def _refuse_sharded_parameters(model: nn.Module) -> None:
             "the forward pass, which FSDP does not support; put FAM on the output head with the closed form "
             "(verified under FSDP2), or train with DDP"
         )
+    if any(hasattr(parameter, "ds_id") for parameter in model.parameters()):
+        raise ValueError(
+            "the probe and exact estimators differentiate twice through layers whose weights DeepSpeed ZeRO-3 frees "
+            "after the forward pass; put FAM on the output head with the closed form (verified under ZeRO-3), or "
+            "train with DDP"
+        )
 
 
 class Recording:

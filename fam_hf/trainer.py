@@ -72,6 +72,13 @@ class FAMTrainer(Trainer):
             generator=torch.Generator().manual_seed(seed),
             token_fraction=cfg.fam_token_fraction,
         )
+        if self.is_deepspeed_enabled and self.flatness.estimator != "closed_form":
+            raise ValueError(
+                f"fam_estimator='{self.flatness.estimator}' takes torch.autograd.grad through the model, and DeepSpeed "
+                "runs its gradient reduction at the end of every backward pass, that one included (and ZeRO-3 frees "
+                "the weights it differentiates through); put FAM on the output head with the closed form (verified "
+                "under ZeRO-2 and ZeRO-3), or train with DDP"
+            )
         self._fam_reset_logs()
         self._fam_skipped = 0  # penalties dropped because κ was not finite, as of the last log
         self._fam_last_step = -1

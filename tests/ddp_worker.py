@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_trainer import COMMON, gpt2, lm_data  # noqa: E402
+from models import COMMON, gpt2, lm_data  # noqa: E402
 
 from fam_hf import FAMConfig, FAMTrainer  # noqa: E402
 

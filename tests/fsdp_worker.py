@@ -14,7 +14,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_trainer import gpt2, lm_data  # noqa: E402
+from models import gpt2, lm_data  # noqa: E402
 
 from fam_hf import RelativeFlatness  # noqa: E402
 

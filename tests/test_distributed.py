@@ -62,3 +62,27 @@ def test_fsdp2_closed_form_equals_one_process(tmp_path):
     torch.testing.assert_close(result["kappa"], result["ref_kappa"], rtol=1e-6, atol=0)
     for name, grad in result["ref_grads"].items():
         torch.testing.assert_close(result["grads"][name], grad, rtol=0, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_zero_closed_form_equals_one_process(tmp_path, stage):
+    """DeepSpeed's CPU accelerator (gloo): κ reads the head's weight inside its forward, where ZeRO-3 has gathered
+    it. The probe is refused: DeepSpeed reduces gradients at the end of every backward pass, the probe's too."""
+    pytest.importorskip("deepspeed")
+    from deepspeed_worker import train
+
+    launch("torchrun", "--nproc_per_node", "2", "--master_port", "29519", str(HERE / "deepspeed_worker.py"),
+           str(tmp_path), str(stage))  # fmt: skip
+    single = train(tmp_path / "single", per_device_batch=16, stage=None)
+    single_logs = [h for h in single.state.log_history if "fam/kappa" in h]
+    for rank in range(2):
+        result = torch.load(tmp_path / f"zero{stage}-rank{rank}.pt")
+        assert result["world_size"] == 2 and result["logs"][0]["fam/penalty"] > 0
+        for name, value in single.model.named_parameters():
+            torch.testing.assert_close(result["params"][name], value.detach(), rtol=0, atol=1e-6, msg=name)
+        for key in ("fam/kappa", "fam/penalty", "loss"):
+            assert [h[key] for h in result["logs"]] == pytest.approx([h[key] for h in single_logs], rel=1e-5), key
+        assert "DeepSpeed runs its gradient reduction at the end of every backward" in result["trainer_refusal"]
+        if stage == 3:
+            assert "DeepSpeed ZeRO-3 frees" in result["module_refusal"]
