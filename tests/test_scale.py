@@ -84,6 +84,35 @@ def test_bf16_autocast_on_cpu(tmp_path, estimator):
     assert logs[True] == pytest.approx(logs[False], rel=3e-2, abs=1e-3)
 
 
+@pytest.mark.parametrize("estimator", ["closed_form", "probe"])
+def test_grad_scaler_scales_the_penalty_with_the_loss(tmp_path, estimator):
+    """fp16's path on the CPU: a real GradScaler (scale 2¹²) in the accelerator. The penalty is part of the loss
+    that goes through the scaler, so the step equals the unscaled one (powers of two are exact); no gradient of
+    the penalty is taken outside it. fp16 autocast itself needs a GPU."""
+    kw = {} if estimator == "closed_form" else PROBE
+    runs = {}
+    for scaled in (False, True):
+        model = gpt2()
+        trainer = fam_trainer(
+            model,
+            lm_data(16),
+            tmp_path / f"{estimator}{scaled}",
+            max_steps=2,
+            per_device_train_batch_size=8,
+            fam_lambda=0.5,
+            max_grad_norm=0.0,  # accelerate unscales before clipping only when its own mixed precision is fp16
+            **kw,
+        )
+        if scaled:
+            trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+        trainer.train()
+        runs[scaled] = (params(model), [h["fam/penalty"] for h in fam_logs(trainer)])
+    assert trainer.accelerator.scaler.get_scale() == 2.0**12  # no step skipped
+    assert runs[True][1] == pytest.approx(runs[False][1], rel=1e-6) and runs[True][1][0] != 0
+    for name, value in runs[True][0].items():
+        torch.testing.assert_close(value, runs[False][0][name], rtol=0, atol=1e-7, msg=name)
+
+
 def test_lora_training_with_penalty_on_frozen_head_and_on_adapted_layer(tmp_path):
     for layer, estimator in (("auto", "closed_form"), ("transformer.h.0.attn.c_attn", "probe")):
         model = get_peft_model(
