@@ -1,0 +1,1 @@
+"""Benchmarks: FAM and SAM steps timed against the plain ``Trainer`` step (``make bench``, BENCHMARKS.md)."""

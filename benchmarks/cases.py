@@ -1,0 +1,402 @@
+"""What the benchmark measures: the cases (model, batch, variants), and how each is built.
+
+A :class:`Case` is one model with one fixed batch of real data; its :class:`Variant` list says which
+trainers are timed on it (the plain ``Trainer`` first). Add a variant by appending to a case in
+:func:`build_cases`; ``requires`` names ``FAMConfig`` fields it needs, so it is skipped with a note where
+the installed fam_hf lacks them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from .reference_fam import ReferenceFAMTrainer, hessian_bytes
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One way of running the step.
+
+    Attributes:
+        name: short id (command line, memory worker, table).
+        kind: ``"plain"`` (``Trainer``), ``"fam"`` (``FAMTrainer`` with ``fam``), ``"sam"`` (``SAMTrainer``
+            with ``sam``), ``"reference"`` (:class:`~benchmarks.reference_fam.ReferenceFAMTrainer`).
+        label: what the table says.
+        fam: ``FAMConfig`` fields (``fam_*``).
+        sam: ``SAMConfig`` fields (``sam_*``).
+        requires: ``FAMConfig`` fields that must exist, else the variant is skipped with a note.
+        time_target, memory_target: the issue's targets, as the largest ratio to the plain step.
+        reference_speedup_target: the reference method must be at least this many times slower than this variant.
+    """
+
+    name: str
+    kind: str
+    label: str
+    fam: dict[str, Any] = field(default_factory=dict)
+    sam: dict[str, Any] = field(default_factory=dict)
+    requires: tuple[str, ...] = ()
+    time_target: float | None = None
+    memory_target: float | None = None
+    reference_speedup_target: float | None = None
+
+    @property
+    def every_n(self) -> int:
+        return int(self.fam.get("fam_every_n_steps", 1))
+
+
+@dataclass
+class Case:
+    """A model, a batch shape and the variants timed on it."""
+
+    name: str
+    title: str
+    model: str  # "minilm-l6", "smollm2-135m", "tiny-bert", "tiny-llama"
+    data: str  # "rotten-tomatoes", "shakespeare", "random"
+    batch_size: int
+    seq_len: int
+    variants: list[Variant]
+    lora: bool = False
+    learning_rate: float = 1e-5
+    notes: list[str] = field(default_factory=list)
+
+
+PLAIN = Variant("plain", "plain", "plain `Trainer` step")
+
+
+def _sam(label: str = "SAM (ρ = 0.05, two forward/backward passes)") -> Variant:
+    return Variant("sam", "sam", label, sam={"sam_rho": 0.05})
+
+
+def build_cases(quick: bool, device: str) -> dict[str, Case]:
+    """Every case, sized for ``device`` (``--quick``: smaller SmolLM2 sequences)."""
+    gpu = device != "cpu"
+    # "batch as fits": on 2 CPU cores a SmolLM2 step on 16×256 tokens takes ~2 min; 1–2 blocks keep the full
+    # bench under ~40 min. A GPU takes the recipes' micro-batch.
+    full_batch, lora_batch, lm_len = (16, 16, 256) if gpu else ((1, 2, 256) if not quick else (1, 1, 128))
+    head = dict(fam_estimator="closed_form")
+    probe = dict(fam_layer="model.layers.29.self_attn.q_proj", fam_estimator="probe", fam_probes=1, fam_lambda=0.01)
+    cases = [
+        Case(
+            "minilm-head",
+            "MiniLM sequence classifier, FAM closed form on the head",
+            "minilm-l6",
+            "rotten-tomatoes",
+            32,
+            64,
+            [
+                PLAIN,
+                Variant(
+                    "fam",
+                    "fam",
+                    "FAM closed form on `classifier` (2×384)",
+                    {**head, "fam_lambda": 0.3},
+                    time_target=1.03,
+                    memory_target=1.05,
+                    reference_speedup_target=2.0,
+                ),
+                Variant(
+                    "fam-detached",
+                    "fam",
+                    "FAM closed form, `fam_hessian_grad=detached`",
+                    {**head, "fam_lambda": 0.3, "fam_hessian_grad": "detached"},
+                ),
+                Variant(
+                    "reference",
+                    "reference",
+                    "reference method: full head Hessian, `jacfwd(jacrev)`",
+                    {"fam_lambda": 0.3},
+                ),
+                _sam(),
+            ],  # fmt: skip
+            learning_rate=1e-4,
+            notes=["batch and length as `make demo` (configs/classification_minilm.yaml): 32 snippets × 64 tokens."],
+        ),
+        Case(
+            "smollm2-full-head",
+            "SmolLM2-135M full fine-tune, FAM closed form on the LM head",
+            "smollm2-135m",
+            "shakespeare",
+            full_batch,
+            lm_len,
+            [
+                PLAIN,
+                Variant(
+                    "fam",
+                    "fam",
+                    "FAM closed form on `lm_head` (49,152×576, tied)",
+                    {**head, "fam_lambda": 1e-5},
+                    time_target=1.20,
+                    memory_target=1.10,
+                ),
+                Variant(
+                    "fam-detached",
+                    "fam",
+                    "FAM closed form, `fam_hessian_grad=detached`",
+                    {**head, "fam_lambda": 1e-5, "fam_hessian_grad": "detached"},
+                ),
+                Variant(
+                    "fam-tf0.25",
+                    "fam",
+                    "FAM closed form, `fam_token_fraction=0.25`",
+                    {**head, "fam_lambda": 1e-5, "fam_token_fraction": 0.25},
+                    requires=("fam_token_fraction",),
+                ),
+                _sam(),
+            ],  # fmt: skip
+            notes=[_reference_note()],
+        ),
+        Case(
+            "smollm2-lora",
+            "SmolLM2-135M LoRA (r = 8 on q/v), FAM on the frozen LM head and on a LoRA-adapted layer",
+            "smollm2-135m",
+            "shakespeare",
+            lora_batch,
+            lm_len,
+            [
+                PLAIN,
+                Variant(
+                    "fam-head",
+                    "fam",
+                    "FAM closed form on the frozen `lm_head`",
+                    {**head, "fam_lambda": 1e-5},
+                    time_target=1.10,
+                    memory_target=1.10,
+                ),
+                Variant(
+                    "fam-head-tf0.25",
+                    "fam",
+                    "FAM closed form on `lm_head`, `fam_token_fraction=0.25`",
+                    {**head, "fam_lambda": 1e-5, "fam_token_fraction": 0.25},
+                    requires=("fam_token_fraction",),
+                ),
+                Variant(
+                    "probe",
+                    "fam",
+                    "FAM probe on `layers.29.self_attn.q_proj` (LoRA), 1 probe, `full`",
+                    probe,
+                    time_target=2.0,
+                ),
+                Variant(
+                    "probe-detached",
+                    "fam",
+                    "FAM probe, 1 probe, `detached`",
+                    {**probe, "fam_hessian_grad": "detached"},
+                    time_target=2.0,
+                ),
+                Variant(
+                    "probe-every4",
+                    "fam",
+                    "FAM probe, 1 probe, `full`, `fam_every_n_steps=4`",
+                    {**probe, "fam_every_n_steps": 4},
+                    time_target=1.3,
+                ),
+                Variant(
+                    "probe-detached-every4",
+                    "fam",
+                    "FAM probe, 1 probe, `detached`, `fam_every_n_steps=4`",
+                    {**probe, "fam_hessian_grad": "detached", "fam_every_n_steps": 4},
+                    time_target=1.3,
+                ),
+                _sam("SAM (ρ = 0.05) on the LoRA parameters"),
+            ],  # fmt: skip
+            lora=True,
+            learning_rate=1e-4,
+            notes=["LoRA as configs/clm_smollm2_lora.yaml: r = 8, α = 16, dropout 0, on q_proj and v_proj."],
+        ),
+        # Tiny random models: the harness's own smoke test (tests/test_benchmarks.py), seconds.
+        Case(
+            "tiny-bert",
+            "tiny random BERT classifier (smoke test)",
+            "tiny-bert",
+            "random",
+            4,
+            8,
+            [
+                PLAIN,
+                Variant(
+                    "fam",
+                    "fam",
+                    "FAM closed form on `classifier`",
+                    {**head, "fam_lambda": 0.3},
+                    time_target=1.03,
+                    memory_target=1.05,
+                    reference_speedup_target=2.0,
+                ),
+                Variant("reference", "reference", "reference method", {"fam_lambda": 0.3}),
+                _sam(),
+            ],  # fmt: skip
+        ),
+        Case(
+            "tiny-llama-lora",
+            "tiny random Llama + LoRA (smoke test)",
+            "tiny-llama",
+            "random",
+            2,
+            8,
+            [
+                PLAIN,
+                Variant("fam-head", "fam", "FAM closed form on `lm_head`", {**head, "fam_lambda": 1e-3}),
+                Variant(
+                    "fam-head-tf0.25",
+                    "fam",
+                    "FAM closed form, `fam_token_fraction=0.25`",
+                    {**head, "fam_lambda": 1e-3, "fam_token_fraction": 0.25},
+                    requires=("fam_token_fraction",),
+                ),
+                Variant(
+                    "probe-every4",
+                    "fam",
+                    "FAM probe, `fam_every_n_steps=4`",
+                    {**probe, "fam_layer": "model.layers.1.self_attn.q_proj", "fam_every_n_steps": 4},
+                    time_target=1.3,
+                ),
+            ],  # fmt: skip
+            lora=True,
+        ),
+    ]
+    return {case.name: case for case in cases}
+
+
+QUICK_CASES = ("minilm-head", "smollm2-lora")
+FULL_CASES = ("minilm-head", "smollm2-full-head", "smollm2-lora")
+QUICK_LORA_VARIANTS = ("plain", "fam-head", "fam-head-tf0.25", "probe", "probe-detached", "probe-every4", "sam")
+
+
+def _reference_note() -> str:
+    size = hessian_bytes(49152, 576)
+    return (
+        "The reference method (full layer Hessian by `jacfwd(jacrev)`) cannot run on this head: W is 49,152×576 = "
+        f"28.3M weights, so its Hessian has (V·m)² = 8.0·10¹⁴ entries, {size / 1e15:.1f} PB in float32 "
+        f"({size / 2**50:.2f} PiB), built from 28.3M forward-mode tangents. Not run."
+    )
+
+
+# -- building models, data and trainers ----------------------------------------------------------------------
+
+
+def load_model(case: Case, device: str, dtype: torch.dtype = torch.float32):
+    """The case's model (seed 0; LoRA adapters included) on ``device``."""
+    torch.manual_seed(0)
+    tokenizer = None
+    if case.model == "tiny-bert":
+        from transformers import BertConfig, BertForSequenceClassification
+
+        config = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                            intermediate_size=32, num_labels=2)  # fmt: skip
+        model = BertForSequenceClassification(config)
+    elif case.model == "tiny-llama":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                             num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)  # fmt: skip
+        model = LlamaForCausalLM(config)
+    else:
+        from fam_hf.assets import load_model_and_tokenizer
+
+        task = "sequence-classification" if case.data == "rotten-tomatoes" else "causal-lm"
+        kwargs = {"num_labels": 2} if task == "sequence-classification" else {}
+        model, tokenizer = load_model_and_tokenizer(case.model, task, dtype=dtype, **kwargs)
+    if case.lora:
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
+                          task_type="CAUSAL_LM")  # fmt: skip
+        model = get_peft_model(model, lora)
+    return model.to(device), tokenizer
+
+
+def load_batch(case: Case, tokenizer, vocab_size: int, device: str) -> dict[str, torch.Tensor]:
+    """One fixed batch of real data (or random tokens for the tiny models), on ``device``."""
+    rng = np.random.default_rng(0)
+    if case.data == "rotten-tomatoes":
+        from fam_hf.data import rotten_tomatoes
+
+        data = rotten_tomatoes()
+        rows = data.select(rng.choice(len(data), case.batch_size, replace=False))
+        batch = dict(tokenizer(list(rows["text"]), padding="max_length", truncation=True, max_length=case.seq_len,
+                               return_tensors="pt"))  # fmt: skip
+        batch["labels"] = torch.tensor(list(rows["label"]))
+    elif case.data == "shakespeare":
+        from fam_hf.data import chunk_texts, shakespeare
+
+        plays = shakespeare()
+        names = list(plays["play"])
+        play = plays.select([names.index("hamlet") if "hamlet" in names else 0])
+        blocks = chunk_texts(play, tokenizer, "text", case.seq_len)
+        rows = blocks[: case.batch_size]
+        batch = {key: torch.tensor(value) for key, value in rows.items()}
+    else:
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, vocab_size, (case.batch_size, case.seq_len), generator=g)
+        labels = ids.clone() if "llama" in case.model else torch.randint(0, 2, (case.batch_size,), generator=g)
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    return {key: value.to(device) for key, value in batch.items()}
+
+
+def fam_fields() -> set[str]:
+    from fam_hf import FAMConfig
+
+    return {f.name for f in dataclasses.fields(FAMConfig)}
+
+
+def sam_classes():
+    """``(SAMTrainer, SAMConfig)`` from fam_hf, or None where this fam_hf has none yet."""
+    try:
+        from fam_hf import SAMConfig, SAMTrainer
+    except ImportError:
+        return None
+    return SAMTrainer, SAMConfig
+
+
+def unavailable(variant: Variant) -> str | None:
+    """Why ``variant`` cannot run with the installed fam_hf, or None."""
+    missing = [name for name in variant.requires if name not in fam_fields()]
+    if missing:
+        return f"skipped: FAMConfig has no field {', '.join(f'`{m}`' for m in missing)} yet"
+    if variant.kind == "sam" and sam_classes() is None:
+        return "skipped: this fam_hf has no `SAMTrainer`/`SAMConfig` yet"
+    return None
+
+
+def make_trainer(case: Case, variant: Variant, model, output_dir: str, device: str, bf16: bool):
+    """A trainer for ``variant`` with the arguments every variant shares."""
+    from transformers import Trainer, TrainingArguments
+
+    from fam_hf import FAMConfig, FAMTrainer
+
+    common = dict(
+        output_dir=output_dir,
+        report_to=[],
+        use_cpu=device == "cpu",
+        save_strategy="no",
+        logging_strategy="no",
+        eval_strategy="no",
+        optim="adamw_torch",
+        learning_rate=case.learning_rate,
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        per_device_train_batch_size=case.batch_size,
+        seed=0,
+        disable_tqdm=True,
+        bf16=bf16,
+        dataloader_num_workers=0,
+    )
+    if variant.kind == "plain":
+        trainer = Trainer(model=model, args=TrainingArguments(**common))
+    elif variant.kind == "fam":
+        trainer = FAMTrainer(model=model, args=FAMConfig(**common, **variant.fam))
+    elif variant.kind == "sam":
+        sam_trainer, sam_config = sam_classes()
+        trainer = sam_trainer(model=model, args=sam_config(**common, **variant.sam))
+    elif variant.kind == "reference":
+        trainer = ReferenceFAMTrainer(model=model, args=TrainingArguments(**common), **variant.fam)
+    else:
+        raise ValueError(f"unknown variant kind {variant.kind!r}")
+    trainer.current_gradient_accumulation_steps = 1  # set by Trainer's training loop, which is not run here
+    return trainer
