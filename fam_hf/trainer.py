@@ -72,6 +72,14 @@ class FAMTrainer(Trainer):
             generator=torch.Generator().manual_seed(seed),
             token_fraction=cfg.fam_token_fraction,
         )
+        layer = self.flatness.layer
+        if cfg.fam_lambda > 0 and cfg.fam_hessian_grad == "detached" and not layer.weight().requires_grad:
+            raise ValueError(
+                f"fam_hessian_grad='detached' holds the Hessian constant, so the penalty's gradient flows only through "
+                f"the weight of '{layer.name}', which is frozen: the penalty would train nothing. Use "
+                "fam_hessian_grad='full' (its gradient reaches the layers that feed the head, adapters included), "
+                "or penalise a trainable layer"
+            )
         if self.is_deepspeed_enabled and self.flatness.estimator != "closed_form":
             raise ValueError(
                 f"fam_estimator='{self.flatness.estimator}' takes torch.autograd.grad through the model, and DeepSpeed "

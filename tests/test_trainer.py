@@ -170,6 +170,10 @@ def test_config_errors_name_the_fix(tmp_path):
         FAMConfig(output_dir=str(tmp_path), fam_token_fraction=1.5)
     with pytest.raises(TypeError, match=r"FAMTrainer needs args=FAMConfig\(...\), got TrainingArguments"):
         FAMTrainer(model=gpt2(), args=TrainingArguments(output_dir=str(tmp_path), report_to=[]))
+    frozen_head = gpt2()
+    frozen_head.lm_head.weight.requires_grad_(False)  # tied: the embeddings too
+    with pytest.raises(ValueError, match="frozen: the penalty would train nothing. Use fam_hessian_grad='full'"):
+        fam_trainer(frozen_head, lm_data(), tmp_path, fam_hessian_grad="detached")
     with pytest.raises(ValueError, match="unknown layer 'decoder'; name exactly one of: "):
         fam_trainer(gpt2(), lm_data(), tmp_path, fam_layer="decoder")
     with pytest.raises(ValueError, match="compute_loss_func or label smoothing; use fam_estimator='probe'"):
