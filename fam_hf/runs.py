@@ -1,19 +1,22 @@
 """What a recipe run measures and writes: fixed κ batches, the FAM settings, metrics JSON, a safe output dir.
 
-Shared by ``recipes/finetune_classification.py`` and ``recipes/finetune_clm.py``.
+Shared by ``recipes/finetune_classification.py``, ``recipes/finetune_clm.py`` and ``recipes/study.py``
+(which also uses the statistics at the end: mean ± t-interval over seeds, Kendall's τ).
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict
+from collections.abc import Sequence
+from dataclasses import asdict, fields
 
 import numpy as np
 import torch
 
 from .config import FAMConfig
 from .flatness import relative_flatness
+from .layers import resolve_layer
 
 
 def fixed_batches(dataset, collator, args: FAMConfig, count: int) -> list[dict[str, torch.Tensor]]:
@@ -41,10 +44,78 @@ def mean_kappa(model, batches, args: FAMConfig, probes: int) -> float:
     return float(np.mean(values))
 
 
-def fam_settings(trainer, script) -> dict:
-    """The FAM fields of the config, what they resolved to, and the recipe's own arguments."""
-    settings = {key: value for key, value in asdict(trainer.args).items() if key.startswith("fam_")}
-    settings.update(resolved_layer=trainer.flatness.layer.name, resolved_estimator=trainer.flatness.estimator)
+def fixed_batch_measures(model, batches, args: FAMConfig, probes: int) -> dict[str, float]:
+    """Mean loss and κ of ``args.fam_layer`` over ``batches`` in eval mode: ``{"loss": …, "kappa": …}``.
+
+    κ is :func:`mean_kappa`'s number (same estimator, probes and seed); the loss is the model's own mean
+    loss per batch, without dropout. Model mode and the global RNG state are restored afterwards.
+    """
+    from .callback import measure_batches  # imports transformers' Trainer machinery: only when measuring
+
+    values = measure_batches(
+        model,
+        batches,
+        ("kappa",),
+        layer=args.fam_layer,
+        estimator=args.fam_estimator,
+        probes=probes,
+        scale=args.fam_scale,
+        seed=args.seed,
+    )
+    return {name: float(np.mean(v)) for name, v in values.items()}
+
+
+def flatness_callback(trainer, batches: dict[str, list], args: FAMConfig, script):
+    """A :class:`~fam_hf.FlatnessCallback` on the fixed ``train``/``test`` batches, added to ``trainer``.
+
+    Logs ``script.flatness_measures`` of ``args.fam_layer`` every ``script.flatness_every_n_steps`` optimizer
+    steps and after each evaluation; None when the recipe asks for no measures.
+    """
+    if not script.flatness_measures:
+        return None
+    from .callback import FlatnessCallback
+
+    callback = FlatnessCallback(
+        batches["train"],
+        batches["test"],
+        measures=script.flatness_measures,
+        layer=args.fam_layer,
+        every_n_steps=script.flatness_every_n_steps,
+        estimator=args.fam_estimator,
+        probes=script.kappa_probes,
+        scale=args.fam_scale,
+        seed=args.seed,
+        trainer=trainer,
+    )
+    trainer.add_callback(callback)
+    return callback
+
+
+def as_config(args, config_class: type, **extra):
+    """``config_class`` (a ``TrainingArguments`` subclass) with ``args``' TrainingArguments fields and ``extra``.
+
+    The study trains its SAM baseline with ``as_config(fam_args, SAMConfig, sam_rho=0.05)``: every training
+    setting (seed, steps, batch sizes, schedule) is the one the FAM and plain runs get.
+    """
+    from transformers import TrainingArguments
+
+    shared = {f.name for f in fields(TrainingArguments) if f.init}
+    return config_class(**{name: getattr(args, name) for name in shared}, **extra)
+
+
+def fam_settings(trainer, script, args: FAMConfig | None = None) -> dict:
+    """The FAM fields of the config, what they resolved to, and the recipe's own arguments.
+
+    ``args``: the FAM config κ is measured with, where the trainer is not a ``FAMTrainer`` (the study's SAM runs).
+    """
+    args = args if args is not None else trainer.args
+    settings = {key: value for key, value in asdict(args).items() if key.startswith("fam_")}
+    if hasattr(trainer, "flatness"):
+        settings.update(resolved_layer=trainer.flatness.layer.name, resolved_estimator=trainer.flatness.estimator)
+    else:  # trained without the penalty: κ is only measured, on the same layer
+        settings.update(
+            resolved_layer=resolve_layer(trainer.model, args.fam_layer).name, trainer=type(trainer).__name__
+        )
     return {"fam": settings, "script": asdict(script)}
 
 
@@ -59,3 +130,34 @@ def check_output_dir(output_dir: str, overwrite: bool) -> None:
 def write_json(folder: str, name: str, values: dict) -> None:
     with open(os.path.join(folder, name), "w") as f:
         json.dump(values, f, indent=2, default=str)
+
+
+# -- statistics over runs (recipes/study.py) ----------------------------------------------------------------
+
+
+def mean_ci(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float]:
+    """Mean and the half-width of its two-sided t-interval: ``t_{(1+c)/2, n−1} · s / √n`` (``s``: n−1 std).
+
+    NaN half-width for fewer than two values (no spread to estimate).
+    """
+    from scipy import stats
+
+    x = np.asarray(values, dtype=float)
+    if len(x) < 2:
+        return (float(x.mean()) if len(x) else float("nan")), float("nan")
+    half = stats.t.ppf((1 + confidence) / 2, len(x) - 1) * x.std(ddof=1) / np.sqrt(len(x))
+    return float(x.mean()), float(half)
+
+
+def kendall_tau(x: Sequence[float], y: Sequence[float]) -> tuple[float, float, int]:
+    """Kendall's τ-b between ``x`` and ``y`` (``scipy.stats.kendalltau``), its two-sided p-value, and n.
+
+    Pairs with a NaN are dropped; NaN τ for fewer than three pairs.
+    """
+    from scipy import stats
+
+    pairs = [(a, b) for a, b in zip(x, y) if np.isfinite(a) and np.isfinite(b)]
+    if len(pairs) < 3:
+        return float("nan"), float("nan"), len(pairs)
+    result = stats.kendalltau([a for a, _ in pairs], [b for _, b in pairs])
+    return float(result.statistic), float(result.pvalue), len(pairs)

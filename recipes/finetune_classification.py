@@ -9,6 +9,9 @@ Every knob is in the YAML config; any key can be overridden on the command line.
 tokenizer (reload with ``AutoModelForSequenceClassification.from_pretrained(output_dir)``),
 ``metrics.json`` (accuracy and F1 on validation and held-out test, κ at start and end) and
 ``fam_config.json`` (the FAM settings and the layer they resolved to) into ``output_dir``.
+
+``main(argv)`` parses the config; ``run(script, args)`` is the job itself, which ``recipes/study.py`` also
+calls with another Trainer (its SAM baseline), κ still measured on ``args.fam_layer``.
 """
 
 from __future__ import annotations
@@ -18,12 +21,19 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from transformers import DataCollatorWithPadding, set_seed
+from transformers import DataCollatorWithPadding, Trainer, TrainingArguments, set_seed
 
 from fam_hf import FAMConfig, FAMTrainer
 from fam_hf.assets import load_metric, load_model_and_tokenizer, parse_config
 from fam_hf.data import encode_labels, load_splits, require_columns
-from fam_hf.runs import check_output_dir, fam_settings, fixed_batches, mean_kappa, write_json
+from fam_hf.runs import (
+    check_output_dir,
+    fam_settings,
+    fixed_batch_measures,
+    fixed_batches,
+    flatness_callback,
+    write_json,
+)
 
 KAPPA_SPLITS = ("train", "test")  # κ is reported on fixed batches of these splits
 
@@ -44,6 +54,15 @@ class ScriptArguments:
     max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on a slice of validation/test."})
     kappa_batches: int = field(default=4, metadata={"help": "Fixed train/test batches on which κ is reported."})
     kappa_probes: int = field(default=16, metadata={"help": "Probes per batch when κ is measured with the probe."})
+    flatness_measures: list[str] = field(
+        default_factory=list,
+        metadata={"help": "FlatnessCallback measures logged on the κ batches while training (kappa, hessian_trace, "
+                  "top_eigenvalue, sam_sharpness, jacobian_norm); empty: none."},
+    )  # fmt: skip
+    flatness_every_n_steps: int | None = field(
+        default=None, metadata={"help": "Log flatness_measures every n optimizer steps (and after evaluation)."}
+    )
+    save_model: bool = field(default=True, metadata={"help": "Save the trained model and tokenizer."})
     overwrite_output: bool = field(default=False, metadata={"help": "Write into a non-empty output_dir."})
 
 
@@ -52,6 +71,16 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         # ranks without GPUs (configs/accelerate/cpu_2proc.yaml): DDP over gloo on the CPU
         os.environ["ACCELERATE_USE_CPU"] = "true"
     script, args = parse_config([ScriptArguments, FAMConfig], argv)
+    return run(script, args)
+
+
+def run(
+    script: ScriptArguments,
+    args: FAMConfig,
+    trainer_class: type[Trainer] = FAMTrainer,
+    training_args: TrainingArguments | None = None,
+) -> dict[str, float]:
+    """Train and evaluate; ``trainer_class``/``training_args`` replace FAMTrainer/``args`` (the study's SAM)."""
     check_output_dir(args.output_dir, script.overwrite_output or args.resume_from_checkpoint is not None)
     set_seed(args.seed)  # the new head's initialisation too
 
@@ -96,9 +125,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     # -- train --------------------------------------------------------------------------------------------
     collator = DataCollatorWithPadding(tokenizer)
-    trainer = FAMTrainer(
+    trainer = trainer_class(
         model=model,
-        args=args,
+        args=args if training_args is None else training_args,
         train_dataset=tokenized["train"],
         eval_dataset=tokenized["validation"],
         processing_class=tokenizer,
@@ -106,31 +135,39 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         compute_metrics=compute_metrics,
     )
     batches = {split: fixed_batches(tokenized[split], collator, args, script.kappa_batches) for split in KAPPA_SPLITS}
-    kappa_start = {split: mean_kappa(trainer.model, b, args, script.kappa_probes) for split, b in batches.items()}
+    start = {split: fixed_batch_measures(trainer.model, b, args, script.kappa_probes) for split, b in batches.items()}
+    flatness_callback(trainer, batches, args, script)  # logs flatness/* during training, if asked for
     train_metrics = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint).metrics
 
     # -- evaluate: validation and held-out test; κ on the same fixed batches ------------------------------
     metrics = {**train_metrics, **trainer.evaluate(metric_key_prefix="validation")}
     metrics.update(trainer.evaluate(tokenized["test"], metric_key_prefix="test"))
-    kappa_end = {split: mean_kappa(trainer.model, b, args, script.kappa_probes) for split, b in batches.items()}
-    for split in batches:
-        metrics[f"kappa_{split}_start"], metrics[f"kappa_{split}_end"] = kappa_start[split], kappa_end[split]
+    end = {split: fixed_batch_measures(trainer.model, b, args, script.kappa_probes) for split, b in batches.items()}
+    for split in batches:  # eval mode, no dropout: the loss gap on these batches is test − train
+        for name in ("kappa", "loss"):
+            metrics[f"{name}_{split}_start"], metrics[f"{name}_{split}_end"] = start[split][name], end[split][name]
+    kappa_start = {split: start[split]["kappa"] for split in batches}
+    kappa_end = {split: end[split]["kappa"] for split in batches}
     metrics["world_size"] = args.world_size
 
     # -- save ---------------------------------------------------------------------------------------------
-    trainer.save_model(args.output_dir)  # model + tokenizer (an adapter if the model is a PEFT model)
     trainer.save_state()  # trainer_state.json: the log history, fam/kappa included
     if trainer.is_world_process_zero():
         write_json(args.output_dir, "metrics.json", metrics)
-        write_json(args.output_dir, "fam_config.json", fam_settings(trainer, script))
-        layer = trainer.flatness.layer.name
+        settings = fam_settings(trainer, script, args)
+        write_json(args.output_dir, "fam_config.json", settings)
+    if script.save_model:  # last: the model card (README.md) reads the files above; --push_to_hub uploads it all
+        trainer.save_model(args.output_dir)  # model + tokenizer (an adapter if the model is a PEFT model)
+    if trainer.is_world_process_zero():
+        layer = settings["fam"]["resolved_layer"]
         print(
             f"\nheld-out test: accuracy {metrics['test_accuracy']:.4f}, F1 {metrics['test_f1']:.4f} "
             f"({len(tokenized['test'])} examples; validation accuracy {metrics['validation_accuracy']:.4f})\n"
             f"κ({layer}) on {script.kappa_batches} fixed batches — train: {kappa_start['train']:.4g} → "
             f"{kappa_end['train']:.4g}; test: {kappa_start['test']:.4g} → {kappa_end['test']:.4g}\n"
-            f"outputs in {os.path.abspath(args.output_dir)}: model + tokenizer (from_pretrained), metrics.json, "
-            "fam_config.json"
+            f"outputs in {os.path.abspath(args.output_dir)}: "
+            f"{'model + tokenizer (from_pretrained), ' if script.save_model else ''}metrics.json, fam_config.json"
+            + (f"; pushed to the Hub: {trainer.hub_model_id}" if args.push_to_hub and script.save_model else "")
         )
     return metrics
 
