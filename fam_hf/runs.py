@@ -1,21 +1,18 @@
 """What a recipe run measures and writes: fixed κ batches, the FAM settings, metrics JSON, a safe output dir.
 
-Shared by ``recipes/finetune_classification.py``, ``recipes/finetune_clm.py`` and ``recipes/study.py``
-(which also uses the statistics at the end: mean ± t-interval over seeds, Kendall's τ).
+Shared by ``recipes/finetune_classification.py``, ``recipes/finetune_clm.py`` and ``recipes/study.py``.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
 from dataclasses import asdict, fields
 
 import numpy as np
 import torch
 
 from .config import FAMConfig
-from .flatness import relative_flatness
 from .layers import resolve_layer
 
 
@@ -26,29 +23,11 @@ def fixed_batches(dataset, collator, args: FAMConfig, count: int) -> list[dict[s
     return [collator(rows[i : i + size]) for i in range(0, len(rows), size)]
 
 
-def mean_kappa(model, batches, args: FAMConfig, probes: int) -> float:
-    """Mean relative flatness of ``args.fam_layer`` over ``batches``, in eval mode (no dropout)."""
-    model.eval()
-    values = [
-        relative_flatness(
-            model,
-            {key: value.to(args.device) for key, value in batch.items()},
-            layer=args.fam_layer,
-            estimator=args.fam_estimator,
-            probes=probes,
-            scale=args.fam_scale,
-            generator=torch.Generator().manual_seed(args.seed),
-        ).value.item()
-        for batch in batches
-    ]
-    return float(np.mean(values))
-
-
 def fixed_batch_measures(model, batches, args: FAMConfig, probes: int) -> dict[str, float]:
     """Mean loss and κ of ``args.fam_layer`` over ``batches`` in eval mode: ``{"loss": …, "kappa": …}``.
 
-    κ is :func:`mean_kappa`'s number (same estimator, probes and seed); the loss is the model's own mean
-    loss per batch, without dropout. Model mode and the global RNG state are restored afterwards.
+    κ with the config's layer, estimator and scale (``probes`` probes seeded with ``args.seed``); the loss is
+    the model's own mean loss per batch, without dropout. Model mode and the global RNG state are restored afterwards.
     """
     from .callback import measure_batches  # imports transformers' Trainer machinery: only when measuring
 
@@ -130,34 +109,3 @@ def check_output_dir(output_dir: str, overwrite: bool) -> None:
 def write_json(folder: str, name: str, values: dict) -> None:
     with open(os.path.join(folder, name), "w") as f:
         json.dump(values, f, indent=2, default=str)
-
-
-# -- statistics over runs (recipes/study.py) ----------------------------------------------------------------
-
-
-def mean_ci(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float]:
-    """Mean and the half-width of its two-sided t-interval: ``t_{(1+c)/2, n−1} · s / √n`` (``s``: n−1 std).
-
-    NaN half-width for fewer than two values (no spread to estimate).
-    """
-    from scipy import stats
-
-    x = np.asarray(values, dtype=float)
-    if len(x) < 2:
-        return (float(x.mean()) if len(x) else float("nan")), float("nan")
-    half = stats.t.ppf((1 + confidence) / 2, len(x) - 1) * x.std(ddof=1) / np.sqrt(len(x))
-    return float(x.mean()), float(half)
-
-
-def kendall_tau(x: Sequence[float], y: Sequence[float]) -> tuple[float, float, int]:
-    """Kendall's τ-b between ``x`` and ``y`` (``scipy.stats.kendalltau``), its two-sided p-value, and n.
-
-    Pairs with a NaN are dropped; NaN τ for fewer than three pairs.
-    """
-    from scipy import stats
-
-    pairs = [(a, b) for a, b in zip(x, y) if np.isfinite(a) and np.isfinite(b)]
-    if len(pairs) < 3:
-        return float("nan"), float("nan"), len(pairs)
-    result = stats.kendalltau([a for a, _ in pairs], [b for _, b in pairs])
-    return float(result.statistic), float(result.pvalue), len(pairs)

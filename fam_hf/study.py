@@ -8,13 +8,13 @@ import csv
 import json
 import math
 import platform
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from fam_hf.plots import plot_runs
-from fam_hf.runs import kendall_tau, mean_ci
+from .plots import plot_runs
 
 METHODS = ("plain", "fam", "sam")
 
@@ -56,6 +56,34 @@ def best_value(runs: list[dict], study: StudyArguments, method: str):
     sign = 1 if study.study_higher_is_better else -1
     best = max(runs, key=lambda r: sign * r["validation_metric"])  # max keeps the first of equals
     return best["lambda" if method == "fam" else "rho"]
+
+
+def mean_ci(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float]:
+    """Mean and the half-width of its two-sided t-interval: ``t_{(1+c)/2, n−1} · s / √n`` (``s``: n−1 std).
+
+    NaN half-width for fewer than two values (no spread to estimate).
+    """
+    from scipy import stats
+
+    x = np.asarray(values, dtype=float)
+    if len(x) < 2:
+        return (float(x.mean()) if len(x) else float("nan")), float("nan")
+    half = stats.t.ppf((1 + confidence) / 2, len(x) - 1) * x.std(ddof=1) / np.sqrt(len(x))
+    return float(x.mean()), float(half)
+
+
+def kendall_tau(x: Sequence[float], y: Sequence[float]) -> tuple[float, float, int]:
+    """Kendall's τ-b between ``x`` and ``y`` (``scipy.stats.kendalltau``), its two-sided p-value, and n.
+
+    Pairs with a NaN are dropped; NaN τ for fewer than three pairs.
+    """
+    from scipy import stats
+
+    pairs = [(a, b) for a, b in zip(x, y) if np.isfinite(a) and np.isfinite(b)]
+    if len(pairs) < 3:
+        return float("nan"), float("nan"), len(pairs)
+    result = stats.kendalltau([a for a, _ in pairs], [b for _, b in pairs])
+    return float(result.statistic), float(result.pvalue), len(pairs)
 
 
 # -- aggregation: tables, statistics, plots ---------------------------------------------------------------

@@ -89,6 +89,7 @@ class FAMTrainer(Trainer):
             )
         self._fam_reset_logs()
         self._fam_skipped = 0  # penalties dropped because κ was not finite, as of the last log
+        self._fam_saves = 0  # save_model calls, so a failed push knows whether the model reached output_dir
         self._fam_last_step = -1
         logger.info(
             "FAM: λ=%g on layer '%s' (%s), estimator %s",
@@ -252,7 +253,7 @@ class FAMTrainer(Trainer):
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         # Trainer.save_model, with the model card written beside the weights (main process) before any push.
         super().save_model(output_dir, _internal_call=True)
-        self._fam_saves = getattr(self, "_fam_saves", 0) + 1
+        self._fam_saves += 1
         if self.args.should_save:
             self._fam_write_card(output_dir or self.args.output_dir)
         if self.args.push_to_hub and not _internal_call:
@@ -273,7 +274,7 @@ class FAMTrainer(Trainer):
         from .hub import HubPushError, push_failure_message
         from .model_card import mask_tokens
 
-        saves = getattr(self, "_fam_saves", 0)
+        saves = self._fam_saves
         try:
             return super().push_to_hub(
                 commit_message=commit_message,
@@ -285,7 +286,7 @@ class FAMTrainer(Trainer):
             )
         except Exception as error:
             cause = error.__cause__ if isinstance(error, HubPushError) and error.__cause__ is not None else error
-            if getattr(self, "_fam_saves", 0) == saves:  # failed before Trainer saved (creating the repo): save now
+            if self._fam_saves == saves:  # failed before Trainer saved (creating the repo): save now
                 self.save_model(_internal_call=True)
             message = push_failure_message(
                 cause, repo_id=self._fam_repo_id(), endpoint=self._fam_hub_endpoint(), local_dir=self.args.output_dir
