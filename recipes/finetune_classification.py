@@ -9,6 +9,8 @@ Every knob is in the YAML config; any key can be overridden on the command line.
 tokenizer (reload with ``AutoModelForSequenceClassification.from_pretrained(output_dir)``),
 ``metrics.json`` (accuracy and F1 on validation and held-out test, κ at start and end) and
 ``fam_config.json`` (the FAM settings and the layer they resolved to) into ``output_dir``.
+A user's own data is checked before the model is loaded (README, "Your own data"): empty cells, mixed label
+types, a class train lacks, empty splits … stop the run with the rows and the fix (``drop_empty`` drops empty cells).
 
 ``main(argv)`` parses the config; ``run(script, args)`` is the job itself, which ``recipes/study.py`` also
 calls with another Trainer (its SAM baseline), κ still measured on ``args.fam_layer``.
@@ -25,7 +27,8 @@ from transformers import DataCollatorWithPadding, Trainer, TrainingArguments, se
 
 from fam_hf import FAMConfig, FAMTrainer
 from fam_hf.assets import load_metric, load_model_and_tokenizer, parse_config
-from fam_hf.data import encode_labels, load_splits, require_columns
+from fam_hf.data import carve_splits, encode_labels, load_source, require_columns, slice_splits
+from fam_hf.data_checks import check_cells, check_classes, check_overlap, check_sizes, require_pad_token
 from fam_hf.runs import (
     check_output_dir,
     fam_settings,
@@ -52,6 +55,11 @@ class ScriptArguments:
     max_length: int = field(default=128, metadata={"help": "Truncate texts to this many tokens."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Train on a seeded random slice."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on a slice of validation/test."})
+    drop_empty: bool = field(
+        default=False,
+        metadata={"help": "Drop rows whose text, label or group cell is empty (logs how many, per split); "
+                  "false: such rows are an error that names them."},
+    )  # fmt: skip
     kappa_batches: int = field(default=4, metadata={"help": "Fixed train/test batches on which κ is reported."})
     kappa_probes: int = field(default=16, metadata={"help": "Probes per batch when κ is measured with the probe."})
     flatness_measures: list[str] = field(
@@ -84,20 +92,26 @@ def run(
     check_output_dir(args.output_dir, script.overwrite_output or args.resume_from_checkpoint is not None)
     set_seed(args.seed)  # the new head's initialisation too
 
-    # -- data: train / validation / held-out test, split by group (movie) --------------------------------
-    splits = load_splits(
+    # -- data: checked as loaded (row numbers are the file's), split by group (movie), checked again --------
+    source = load_source(script.dataset)
+    columns = dict(text_column=script.text_column, label_column=script.label_column, group_column=script.group_column)
+    require_columns(source, script.dataset, **columns)
+    source = check_cells(source, script.dataset, **columns, drop_empty=script.drop_empty)
+    splits = carve_splits(
+        source,
         script.dataset,
         seed=args.seed,
         test_size=script.test_size,
         validation_size=script.validation_size,
         group_column=script.group_column,
     )
-    require_columns(splits, script.dataset, text_column=script.text_column, label_column=script.label_column)
-    labels = encode_labels(splits, script.label_column)
-    for split, limit in (("train", script.max_train_samples), ("validation", script.max_eval_samples),
-                         ("test", script.max_eval_samples)):  # fmt: skip
-        if limit is not None:
-            splits[split] = splits[split].shuffle(seed=args.seed).select(range(min(limit, len(splits[split]))))
+    check_sizes({name: len(split) for name, split in splits.items()}, script.dataset)  # what the data gives
+    labels = encode_labels(splits, script.label_column, script.dataset)
+    splits = slice_splits(
+        splits, max_train_samples=script.max_train_samples, max_eval_samples=script.max_eval_samples, seed=args.seed
+    )
+    check_classes(splits, script.dataset, script.label_column, labels, script.max_train_samples)
+    check_overlap(splits, script.dataset, script.text_column)  # a warning with the counts
 
     # -- model --------------------------------------------------------------------------------------------
     model, tokenizer = load_model_and_tokenizer(
@@ -107,6 +121,7 @@ def run(
         id2label=dict(enumerate(labels)),
         label2id={name: i for i, name in enumerate(labels)},
     )
+    require_pad_token(tokenizer, script.model_name_or_path)
     tokenized = splits.map(
         lambda batch: tokenizer(batch[script.text_column], truncation=True, max_length=script.max_length),
         batched=True,

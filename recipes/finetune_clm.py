@@ -10,6 +10,8 @@ fixed-length blocks; validation and test are held-out documents (for Shakespeare
 Writes the model (or the LoRA adapter, which reloads with ``peft.PeftModel.from_pretrained``), the
 tokenizer, ``metrics.json`` (held-out perplexity, κ at start and end) and ``fam_config.json`` into
 ``output_dir``.
+A user's own documents are checked before the model is loaded (README, "Your own data"), and a split with
+less text than one block stops the run with its token count.
 
 ``main(argv)`` parses the config; ``run(script, args)`` is the job itself, which ``recipes/study.py`` also
 calls with another Trainer (its SAM baseline), κ still measured on ``args.fam_layer``.
@@ -27,7 +29,8 @@ from transformers import Trainer, TrainingArguments, default_data_collator, set_
 
 from fam_hf import FAMConfig, FAMTrainer
 from fam_hf.assets import load_model_and_tokenizer, parse_config
-from fam_hf.data import chunk_texts, load_splits, require_columns
+from fam_hf.data import carve_splits, chunk_texts, load_source, require_columns, slice_splits
+from fam_hf.data_checks import check_blocks, check_cells, check_overlap, check_sizes
 from fam_hf.runs import (
     check_output_dir,
     fam_settings,
@@ -53,6 +56,11 @@ class ScriptArguments:
     block_size: int = field(default=256, metadata={"help": "Tokens per training block."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Train on a seeded random slice of blocks."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on a slice of the blocks."})
+    drop_empty: bool = field(
+        default=False,
+        metadata={"help": "Drop documents whose text or group cell is missing (null/NaN; logs how many, per split); "
+                  "false: such rows are an error that names them. Blank text is kept: it adds no tokens."},
+    )  # fmt: skip
     use_lora: bool = field(default=False, metadata={"help": "Train a LoRA adapter instead of every weight."})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
@@ -92,6 +100,22 @@ def run(
     check_output_dir(args.output_dir, script.overwrite_output or args.resume_from_checkpoint is not None)
     set_seed(args.seed)  # what is initialised before Trainer seeds: LoRA matrices
 
+    # -- data: documents checked as loaded (row numbers are the file's), split by group (play) -------------
+    source = load_source(script.dataset)
+    columns = dict(text_column=script.text_column, group_column=script.group_column)
+    require_columns(source, script.dataset, **columns)
+    source = check_cells(source, script.dataset, **columns, drop_empty=script.drop_empty, blank_text_is_empty=False)
+    splits = carve_splits(
+        source,
+        script.dataset,
+        seed=args.seed,
+        test_size=script.test_size,
+        validation_size=script.validation_size,
+        group_column=script.group_column,
+    )
+    check_sizes({name: len(split) for name, split in splits.items()}, script.dataset, "documents", warn_below=1)
+    check_overlap(splits, script.dataset, script.text_column)  # a warning with the counts
+
     # -- model --------------------------------------------------------------------------------------------
     model, tokenizer = load_model_and_tokenizer(script.model_name_or_path, "causal-lm")
     if script.use_lora:
@@ -104,23 +128,19 @@ def run(
         )
         model = get_peft_model(model, lora)
 
-    # -- data: documents split by group (play), then tokenized and cut into blocks ------------------------
-    splits = load_splits(
-        script.dataset,
-        seed=args.seed,
-        test_size=script.test_size,
-        validation_size=script.validation_size,
-        group_column=script.group_column,
-    )
-    require_columns(splits, script.dataset, text_column=script.text_column)
+    # -- blocks: documents tokenized and cut into block_size tokens (never padded: no pad token needed) ----
     with args.main_process_first(desc="tokenizing"):
         blocks = {
             name: chunk_texts(split, tokenizer, script.text_column, script.block_size) for name, split in splits.items()
         }
-    for split, limit in (("train", script.max_train_samples), ("validation", script.max_eval_samples),
-                         ("test", script.max_eval_samples)):  # fmt: skip
-        if limit is not None:
-            blocks[split] = blocks[split].shuffle(seed=args.seed).select(range(min(limit, len(blocks[split]))))
+    check_blocks(blocks, splits, tokenizer, script.text_column, script.block_size, script.dataset)
+    blocks = slice_splits(
+        blocks,
+        max_train_samples=script.max_train_samples,
+        max_eval_samples=script.max_eval_samples,
+        seed=args.seed,
+        unit="blocks",
+    )
 
     # -- train --------------------------------------------------------------------------------------------
     trainer = trainer_class(
