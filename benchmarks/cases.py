@@ -279,11 +279,27 @@ def _reference_note() -> str:
 # -- building models, data and trainers ----------------------------------------------------------------------
 
 
+# SmolLM2-135M's architecture (its GGUF file's config): for `smollm2-135m-random`, where the weights are not at
+# hand (a GPU machine without the 94 MB asset package). Step times and precision comparisons need the shapes only.
+SMOLLM2_135M_SHAPE = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                          num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+                          rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True)  # fmt: skip
+CLASSIFIER_MODELS = ("minilm-l6", "tiny-bert")  # the others are causal LMs (random data: labels = inputs)
+
+
 def load_model(case: Case, device: str, dtype: torch.dtype = torch.float32):
-    """The case's model (seed 0; LoRA adapters included) on ``device``."""
+    """The case's model (seed 0; LoRA adapters included) on ``device``.
+
+    ``case.model``: ``tiny-bert``, ``tiny-llama``, ``smollm2-135m-random`` (SmolLM2-135M's shapes, random
+    weights), or what :func:`fam_hf.assets.load_model_and_tokenizer` takes (an alias or a local folder).
+    """
     torch.manual_seed(0)
     tokenizer = None
-    if case.model == "tiny-bert":
+    if case.model == "smollm2-135m-random":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        model = LlamaForCausalLM(LlamaConfig(**SMOLLM2_135M_SHAPE)).to(dtype)
+    elif case.model == "tiny-bert":
         from transformers import BertConfig, BertForSequenceClassification
 
         config = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
@@ -333,7 +349,8 @@ def load_batch(case: Case, tokenizer, vocab_size: int, device: str) -> dict[str,
     else:
         g = torch.Generator().manual_seed(0)
         ids = torch.randint(0, vocab_size, (case.batch_size, case.seq_len), generator=g)
-        labels = ids.clone() if "llama" in case.model else torch.randint(0, 2, (case.batch_size,), generator=g)
+        causal = case.model not in CLASSIFIER_MODELS
+        labels = ids.clone() if causal else torch.randint(0, 2, (case.batch_size,), generator=g)
         batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
     return {key: value.to(device) for key, value in batch.items()}
 
