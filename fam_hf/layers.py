@@ -82,6 +82,12 @@ def _effective_weight(module: nn.Module) -> torch.Tensor:
             weight = weight + (delta.T if isinstance(base, Conv1D) else delta)
         return weight
     if isinstance(module, nn.Linear):
+        if not module.weight.is_floating_point():
+            # a k-bit base (bitsandbytes Linear4bit/Linear8bitLt, a LoRA's frozen base under QLoRA) stores packed
+            # integers; the layer computes with the dequantized float weight, so κ uses that one
+            from peft.utils.integrations import dequantize_module_weight
+
+            return dequantize_module_weight(module)
         return module.weight
     if isinstance(module, Conv1D):
         return module.weight.T

@@ -134,3 +134,20 @@ def test_dora_is_refused_with_a_reason():
     peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"], use_dora=True))
     with pytest.raises(ValueError, match="DoRA layer is not supported"):
         resolve_layer(peft_model, "model.layers.0.self_attn.q_proj")
+
+
+def test_lora_over_a_4bit_base_uses_the_dequantized_weight():
+    """QLoRA: the frozen base stores packed 4-bit integers; the effective weight is what the layer computes with."""
+    bnb = pytest.importorskip("bitsandbytes")
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential()
+    net.proj = bnb.nn.Linear4bit(16, 8, bias=False, compute_dtype=torch.float32, quant_type="nf4")
+    net.proj.weight = bnb.nn.Params4bit(torch.randn(8, 16), requires_grad=False, quant_type="nf4")
+    net.proj = net.proj.to("cpu")  # quantizes
+    assert not net.proj.weight.is_floating_point()
+    model = get_peft_model(net, LoraConfig(r=2, target_modules=["proj"], init_lora_weights=False))
+    layer = resolve_layer(model, "proj")
+    assert layer.shape == (8, 16)
+    x = torch.randn(4, 16)
+    torch.testing.assert_close(model.base_model.model.proj(x), x @ layer.weight().T, rtol=1e-5, atol=1e-5)
