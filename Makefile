@@ -2,14 +2,13 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 TORCH := torch==2.13.0
-# Only the slow tests need it (ZeRO-2/3 on two CPU ranks; its CPU accelerator JIT-builds one op on first use).
-DEEPSPEED := deepspeed==0.19.8
 
 .PHONY: install test test-all lint
 
 .DEFAULT_GOAL := install
-include mk/recipes.mk mk/bench.mk mk/study.mk
+include mk/recipes.mk mk/bench.mk mk/study.mk mk/packaging.mk
 
+# What the README's two commands need: the package with its test and plot extras (`dev` includes `plots`).
 install:
 	$(PIP) install --quiet $(TORCH)
 	$(PIP) install --quiet -e ".[dev]"
@@ -17,9 +16,11 @@ install:
 test: install install-assets
 	$(PYTHON) -m pytest -q
 
+# Also the tests marked slow; the DeepSpeed ones need the `deepspeed` extra (its CPU accelerator JIT-builds one
+# op on first use).
 test-all: install install-assets
-	$(PIP) install --quiet $(DEEPSPEED)
+	$(PIP) install --quiet -e ".[dev,deepspeed]"
 	$(PYTHON) -m pytest -q -m ""
 
 lint:
-	$(PYTHON) -m ruff check fam_hf tests
+	$(PYTHON) -m ruff check fam_hf tests recipes benchmarks

@@ -8,15 +8,16 @@ pulls dependencies that are not installed). Data sets live in :mod:`fam_hf.data`
   ``from_pretrained`` takes; SmolLM2 ships as a GGUF file and is converted once to a plain safetensors
   folder in :func:`cache_dir`.
 * :func:`load_model_and_tokenizer` loads both for a task, with a padding token the model agrees with.
-* :func:`load_metric` is ``evaluate.load`` with a built-in fallback for accuracy and F1, because the
-  ``evaluate`` package ships no metric code (``evaluate.load("accuracy")`` fetches a script from the Hub,
-  and that script needs scikit-learn).
+* :func:`load_metric` gives built-in accuracy and F1 (no network) and ``evaluate.load`` for any other
+  metric, because the ``evaluate`` package ships no metric code (``evaluate.load("accuracy")`` fetches a
+  script from the Hub, and that script needs scikit-learn).
 * :func:`parse_config` reads a recipe's dataclasses from ``--config file.yaml`` plus command-line flags.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import difflib
 import importlib.util
 import logging
@@ -24,6 +25,7 @@ import os
 import shutil
 import sys
 import tempfile
+import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -266,27 +268,22 @@ _BUILTIN_METRICS = {"accuracy": _accuracy, "f1": _f1}
 
 
 def load_metric(name: str):
-    """``evaluate.load(name)``, or fam_hf's own accuracy/F1 where that fails (no Hub, no scikit-learn).
+    """A metric with ``compute(predictions=..., references=..., **kwargs) -> dict``, without touching a network.
 
-    ``evaluate`` ≥ 0.4 ships no metric code: ``evaluate.load("accuracy")`` downloads a script from the
-    Hugging Face Hub (and the script imports scikit-learn). Offline, the built-in versions compute the
-    same numbers with NumPy.
+    ``accuracy`` and ``f1`` are fam_hf's own (NumPy, scikit-learn's definitions): the ``evaluate`` package
+    ships no metric code, so ``evaluate.load("accuracy")`` would download a script from the Hugging Face
+    Hub (one that imports scikit-learn). Any other name goes to ``evaluate.load``: a local metric script
+    or folder loads offline; a Hub metric id (``"precision"``, ``"owner/metric"``) downloads, which is
+    then what the user asked for.
+
+    Raises:
+        FileNotFoundError / ConnectionError (from ``evaluate``): a Hub metric without a network.
     """
+    if name in _BUILTIN_METRICS:
+        return _Metric(name, _BUILTIN_METRICS[name])
     import evaluate
 
-    try:
-        return evaluate.load(name)
-    except Exception as err:  # noqa: BLE001 - any failure (network, missing scikit-learn) means: fall back
-        if name not in _BUILTIN_METRICS:
-            raise
-        logger.warning(
-            "evaluate.load(%r) failed (%s; the evaluate package ships no metric code: it fetches it from the "
-            "Hugging Face Hub, and its accuracy/F1 need scikit-learn); using fam_hf's NumPy %s, same numbers",
-            name,
-            type(err).__name__,
-            name,
-        )
-        return _Metric(name, _BUILTIN_METRICS[name])
+    return evaluate.load(name)
 
 
 # -- configs ----------------------------------------------------------------------------------------------
@@ -308,6 +305,7 @@ def parse_config(dataclass_types: Sequence[type], args: Sequence[str] | None = N
     from transformers import HfArgumentParser
 
     parser = HfArgumentParser(dataclass_types)
+    optional = _accept_null(parser, dataclass_types)
     parser.add_argument("--config", help="YAML file whose keys are the defaults; flags override them")
     argv = list(sys.argv[1:] if args is None else args)
     pre = argparse.ArgumentParser(add_help=False)
@@ -332,7 +330,36 @@ def parse_config(dataclass_types: Sequence[type], args: Sequence[str] | None = N
     if remaining:
         flags = [arg.lstrip("-").split("=")[0] for arg in remaining if arg.startswith("--")] or remaining
         raise ValueError(f"command line: {_unknown_message(flags, fields, dataclass_types)}")
-    return tuple(outputs[: len(dataclass_types)])
+    outputs = outputs[: len(dataclass_types)]  # without the namespace holding --config
+    for output in outputs:
+        for name in optional & {f.name for f in dataclasses.fields(output)}:
+            if getattr(output, name) == [None]:  # a list field given as `--tags null`
+                setattr(output, name, None)
+    return tuple(outputs)
+
+
+# What undoes an optional field on the command line, as YAML's null does. Not "none": report_to takes it.
+NULLS = ("null", "None", "~")
+
+
+def _accept_null(parser: argparse.ArgumentParser, dataclass_types: Sequence[type]) -> set[str]:
+    """Let ``--field null`` (or ``None``) set every ``Optional`` field to None, as ``field: null`` does in YAML.
+
+    ``HfArgumentParser`` types ``int | None`` as ``int``, so ``--max_train_samples null`` would be an error
+    and a config's value could not be undone from the command line. Returns the optional fields' names.
+    """
+    optional = set()
+    for dataclass_type in dataclass_types:
+        hints = typing.get_type_hints(dataclass_type)
+        optional |= {f.name for f in dataclasses.fields(dataclass_type) if type(None) in typing.get_args(hints[f.name])}
+    for action in parser._actions:
+        if action.dest not in optional or action.type is None:
+            continue
+        convert = action.type
+        action.type = lambda text, convert=convert: None if text in NULLS else convert(text)
+        if action.choices is not None:
+            action.choices = [*action.choices, None]
+    return optional
 
 
 def _unknown_message(keys: Sequence[str], fields: Sequence[str], dataclass_types: Sequence[type]) -> str:

@@ -198,6 +198,7 @@ def _publish(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     from . import __version__
+    from .extras import MissingExtraError
 
     parser = argparse.ArgumentParser(prog="fam-hf", description="Relative Flatness Aware Minimization tools")
     parser.add_argument("--version", action="version", version=f"fam_hf {__version__}")
@@ -261,7 +262,10 @@ def main(argv: list[str] | None = None) -> int:
     publish.add_argument("--message", help="commit message (default: 'Upload FAM run RUN_DIR')")
     publish.set_defaults(run=_publish)
     args = parser.parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except MissingExtraError as err:
+        parser.exit(2, f"fam-hf {args.command}: {err}\n")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+from .extras import require
+
 STATE_NAME = "trainer_state.json"
 
 # quantity -> (title, y-axis label, [(log key, series label), ...])
@@ -93,6 +95,13 @@ def _run_names(run_dirs: Sequence[Path]) -> list[str]:
     return names
 
 
+def pyplot(feature: str):
+    """``matplotlib.pyplot`` on the file-only Agg backend (never needs a display), or an error naming the extra."""
+    matplotlib = require("matplotlib", feature)
+    matplotlib.use("Agg")
+    return require("matplotlib.pyplot", feature)
+
+
 def plot_runs(
     run_dirs: Sequence[str | Path],
     out_dir: str | Path,
@@ -113,10 +122,7 @@ def plot_runs(
     Returns:
         the paths written, in :data:`QUANTITIES` order.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only; never needs a display
-    import matplotlib.pyplot as plt
+    plt = pyplot("fam-hf plot")
     from matplotlib.ticker import MaxNLocator
 
     paths = [Path(p) for p in run_dirs]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .plots import plot_runs
+from .plots import plot_runs, pyplot
 
 METHODS = ("plain", "fam", "sam")
 
@@ -340,10 +340,7 @@ def markdown(summary: dict, study: StudyArguments) -> str:
 
 
 def write_plots(records, compared, summary, study: StudyArguments, out: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot("the study's plots")
 
     plots = out / "plots"
     plots.mkdir(parents=True, exist_ok=True)

@@ -162,9 +162,11 @@ class FAMTrainer(Trainer):
         return 1
 
     def _loss_is_scaled_for_ga(self, num_items_in_batch) -> bool:
-        # Trainer.training_step divides the loss by the accumulation steps unless this holds.
-        if self.loss_is_scaled_for_ga is not None:
-            return self.loss_is_scaled_for_ga
+        # Trainer.training_step divides the loss by the accumulation steps unless this holds. The class
+        # attribute that overrides the rule came with transformers 5.19; before it, the rule alone decides.
+        declared = getattr(self, "loss_is_scaled_for_ga", None)
+        if declared is not None:
+            return declared
         return (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
 
     # -- checkpoints ------------------------------------------------------------------------------------

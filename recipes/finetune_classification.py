@@ -39,6 +39,7 @@ from fam_hf.runs import (
 )
 
 KAPPA_SPLITS = ("train", "test")  # κ is reported on fixed batches of these splits
+AVERAGED_METRICS = ("f1", "precision", "recall")  # given average="binary" (2 classes) or "macro"
 
 
 @dataclass
@@ -55,6 +56,11 @@ class ScriptArguments:
     max_length: int = field(default=128, metadata={"help": "Truncate texts to this many tokens."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Train on a seeded random slice."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on a slice of validation/test."})
+    metrics: list[str] = field(
+        default_factory=lambda: ["accuracy", "f1"],
+        metadata={"help": "Scores on validation and test. accuracy and f1 are built in (no network); any other name "
+                  "goes to evaluate.load: a local metric script or folder works offline, a Hub metric downloads."},
+    )  # fmt: skip
     drop_empty: bool = field(
         default=False,
         metadata={"help": "Drop rows whose text, label or group cell is empty (logs how many, per split); "
@@ -113,6 +119,17 @@ def run(
     check_classes(splits, script.dataset, script.label_column, labels, script.max_train_samples)
     check_overlap(splits, script.dataset, script.text_column)  # a warning with the counts
 
+    # -- metrics: loaded before the model, so that a metric that cannot load fails in seconds ---------------
+    scorers = {name: load_metric(name) for name in script.metrics}
+    average = "binary" if len(labels) == 2 else "macro"
+
+    def compute_metrics(prediction) -> dict[str, float]:
+        predicted, scores = np.argmax(prediction.predictions, axis=-1), {}
+        for name, scorer in scorers.items():
+            options = {"average": average} if name in AVERAGED_METRICS else {}
+            scores.update(scorer.compute(predictions=predicted, references=prediction.label_ids, **options))
+        return scores
+
     # -- model --------------------------------------------------------------------------------------------
     model, tokenizer = load_model_and_tokenizer(
         script.model_name_or_path,
@@ -127,16 +144,6 @@ def run(
         batched=True,
         remove_columns=[c for c in splits["train"].column_names if c != script.label_column],
     ).rename_column(script.label_column, "labels")
-
-    accuracy, f1 = load_metric("accuracy"), load_metric("f1")
-
-    def compute_metrics(prediction) -> dict[str, float]:
-        predicted = np.argmax(prediction.predictions, axis=-1)
-        average = "binary" if len(labels) == 2 else "macro"
-        return {
-            **accuracy.compute(predictions=predicted, references=prediction.label_ids),
-            **f1.compute(predictions=predicted, references=prediction.label_ids, average=average),
-        }
 
     # -- train --------------------------------------------------------------------------------------------
     collator = DataCollatorWithPadding(tokenizer)
@@ -175,9 +182,11 @@ def run(
         trainer.save_model(args.output_dir)  # model + tokenizer (an adapter if the model is a PEFT model)
     if trainer.is_world_process_zero():
         layer = settings["fam"]["resolved_layer"]
+        scores = [name for name in script.metrics if f"test_{name}" in metrics]  # a metric may name its keys itself
+        held_out = ", ".join(f"{name} {metrics[f'test_{name}']:.4f}" for name in scores)
+        validation = f"validation {scores[0]} {metrics[f'validation_{scores[0]}']:.4f}" if scores else "validation"
         print(
-            f"\nheld-out test: accuracy {metrics['test_accuracy']:.4f}, F1 {metrics['test_f1']:.4f} "
-            f"({len(tokenized['test'])} examples; validation accuracy {metrics['validation_accuracy']:.4f})\n"
+            f"\nheld-out test: {held_out} ({len(tokenized['test'])} examples; {validation})\n"
             f"κ({layer}) on {script.kappa_batches} fixed batches — train: {kappa_start['train']:.4g} → "
             f"{kappa_end['train']:.4g}; test: {kappa_start['test']:.4g} → {kappa_end['test']:.4g}\n"
             f"outputs in {os.path.abspath(args.output_dir)}: "

@@ -36,7 +36,7 @@ import yaml
 
 from fam_hf import FAMConfig
 from fam_hf.assets import parse_config
-from fam_hf.plots import load_log_history
+from fam_hf.plots import load_log_history, pyplot
 from fam_hf.runs import as_config
 from fam_hf.study import METHODS, StudyArguments, aggregate, best_value
 
@@ -87,6 +87,7 @@ def load_recipe(argv: list[str]):
 
 
 def check_study(study: StudyArguments) -> None:
+    pyplot("the study's plots")  # before hours of training, not after them
     unknown = [m for m in study.study_methods if m not in METHODS]
     if unknown or not study.study_methods:
         raise ValueError(f"study_methods {study.study_methods}: choose from {', '.join(METHODS)}")

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
+import sys
+from pathlib import Path
+
 import torch
 from datasets import Dataset
 from transformers import (
@@ -12,6 +16,15 @@ from transformers import (
 )
 
 from fam_hf import FAMConfig, FAMTrainer
+
+
+def console_script(name: str) -> str:
+    """The ``accelerate`` / ``torchrun`` of the Python running the tests (also from a virtualenv that is not
+    activated), else the one on PATH. Both come with declared dependencies, so a missing one is a failure."""
+    found = shutil.which(name, path=str(Path(sys.executable).parent)) or shutil.which(name)
+    assert found, f"{name} is not installed beside {sys.executable} nor on PATH"
+    return found
+
 
 # -- float64 models in eval mode, for checks against brute-force Hessians -----------------------------------
 

@@ -236,13 +236,13 @@ def test_chunk_texts_makes_fixed_blocks_with_labels_equal_to_inputs():
 # -- metrics --------------------------------------------------------------------------------------------
 
 
-def test_metrics_fall_back_offline(monkeypatch):
+def test_builtin_metrics_never_touch_evaluate(monkeypatch):
     import evaluate
 
-    def offline(name, *args, **kwargs):
-        raise FileNotFoundError(f"Couldn't find a module script at {name}")
+    def network(name, *args, **kwargs):
+        raise AssertionError(f"evaluate.load({name!r}) called: a Hub download nobody asked for")
 
-    monkeypatch.setattr(evaluate, "load", offline)
+    monkeypatch.setattr(evaluate, "load", network)
     predictions, references = [1, 0, 1, 1, 0, 1], [1, 0, 0, 1, 1, 1]
     assert load_metric("accuracy").compute(predictions=predictions, references=references) == {
         "accuracy": pytest.approx(4 / 6)
@@ -251,8 +251,34 @@ def test_metrics_fall_back_offline(monkeypatch):
     f1 = load_metric("f1")
     assert f1.compute(predictions=predictions, references=references) == {"f1": pytest.approx(0.75)}
     assert f1.compute(predictions=predictions, references=references, average="macro")["f1"] == pytest.approx(0.625)
-    with pytest.raises(FileNotFoundError):
-        load_metric("bleu")  # no fallback: the original error
+    with pytest.raises(AssertionError, match="'precision'"):
+        load_metric("precision")  # any other name is evaluate's: asked for, so it may download
+
+
+MATCH_RATE = """
+import datasets
+import evaluate
+
+
+class MatchRate(evaluate.Metric):
+    def _info(self):
+        return evaluate.MetricInfo(
+            description="share of equal pairs", citation="", inputs_description="",
+            features=datasets.Features({"predictions": datasets.Value("int64"), "references": datasets.Value("int64")}),
+        )
+
+    def _compute(self, predictions, references):
+        return {"match_rate": sum(p == r for p, r in zip(predictions, references)) / len(references)}
+"""
+
+
+def test_a_local_evaluate_metric_script_loads_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    script = tmp_path / "match_rate" / "match_rate.py"
+    script.parent.mkdir()
+    script.write_text(MATCH_RATE)
+    metric = load_metric(str(script))
+    assert metric.compute(predictions=[1, 0, 1, 1], references=[1, 1, 1, 0]) == {"match_rate": 0.5}
 
 
 # -- configs --------------------------------------------------------------------------------------------
@@ -263,6 +289,7 @@ class Args:
     model_name_or_path: str
     max_length: int = 128
     tags: list[str] | None = None
+    limit: int | None = None
 
 
 def test_yaml_gives_defaults_and_the_command_line_wins(tmp_path):
@@ -278,6 +305,22 @@ def test_yaml_gives_defaults_and_the_command_line_wins(tmp_path):
     assert fam.fam_lambda == 0.25 and fam.learning_rate == 5e-5  # YAML 1.1 reads 5e-5 as a string: converted
     args, _ = parse_config([Args, FAMConfig], ["--model_name_or_path", "x", "--output_dir", str(tmp_path)])
     assert args.model_name_or_path == "x" and args.max_length == 128
+
+
+def test_null_on_the_command_line_undoes_an_optional_field(tmp_path, capsys):
+    from fam_hf import FAMConfig
+
+    config = tmp_path / "c.yaml"
+    config.write_text(f"model_name_or_path: m\nlimit: 5\ntags: [a]\noutput_dir: {tmp_path}\nfam_seed: 3\n")
+    args, fam = parse_config(
+        [Args, FAMConfig], ["--config", str(config), "--limit", "null", "--tags", "None", "--fam_seed", "null"]
+    )
+    assert (args.limit, args.tags, fam.fam_seed) == (None, None, None)
+    args, fam = parse_config([Args, FAMConfig], ["--config", str(config), "--limit", "7", "--report_to", "none"])
+    assert (args.limit, args.tags, fam.fam_seed, fam.report_to) == (7, ["a"], 3, [])  # "none" is report_to's own
+    with pytest.raises(SystemExit):  # a field that cannot be None still refuses it
+        parse_config([Args, FAMConfig], ["--config", str(config), "--max_length", "null"])
+    assert "invalid int value: 'null'" in capsys.readouterr().err
 
 
 def test_unknown_keys_are_named(tmp_path):

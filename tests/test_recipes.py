@@ -140,6 +140,35 @@ def test_classification_recipe_writes_a_reloadable_model_metrics_and_fam_setting
     assert (out / "tokenizer.json").is_file()
 
 
+def test_classification_recipe_scores_with_the_metrics_it_is_given_offline(tmp_path, tiny_bert, monkeypatch, capsys):
+    from test_assets import MATCH_RATE
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    script = tmp_path / "match_rate" / "match_rate.py"  # a local evaluate metric script
+    script.parent.mkdir()
+    script.write_text(MATCH_RATE)
+    metrics = recipe("finetune_classification").main(
+        classification_args(tmp_path, tiny_bert, "--metrics", "accuracy", str(script))
+    )
+    assert metrics["test_match_rate"] == pytest.approx(metrics["test_accuracy"])  # the same number, two ways
+    assert "test_f1" not in metrics
+    assert "held-out test: accuracy " in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name, config", [("finetune_classification", CLASSIFICATION_CONFIG), ("finetune_clm", CLM_CONFIG)])
+def test_null_on_the_command_line_undoes_the_configs_slice(name, config, tmp_path):
+    from fam_hf import FAMConfig
+    from fam_hf.assets import parse_config
+
+    module = recipe(name)
+    argv = ["--config", str(config), "--output_dir", str(tmp_path)]
+    script, _ = parse_config([module.ScriptArguments, FAMConfig], [*argv, "--max_train_samples", "12"])
+    assert script.max_train_samples == 12
+    for null in ("null", "None"):
+        script, _ = parse_config([module.ScriptArguments, FAMConfig], [*argv, "--max_train_samples", null])
+        assert script.max_train_samples is None
+
+
 def test_clm_recipe_full_fine_tune_reports_held_out_perplexity(tmp_path, tiny_llama, documents):
     from transformers import AutoModelForCausalLM
 
@@ -261,7 +290,9 @@ def free_port() -> int:
 
 
 def test_two_real_ranks_via_accelerate_launch(tmp_path):
-    accelerate = shutil.which("accelerate") or pytest.skip("accelerate CLI not on PATH")
+    from models import console_script
+
+    accelerate = console_script("accelerate")
     out = tmp_path / "out"
     command = [
         accelerate, "launch",

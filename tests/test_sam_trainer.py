@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-from models import COMMON, bert, cls_data, gpt2, lm_data, params
+from models import COMMON, bert, cls_data, console_script, gpt2, lm_data, params
 from transformers import Trainer, TrainingArguments
 
 from fam_hf import SAMConfig, SAMTrainer, sam_sharpness
@@ -268,7 +267,7 @@ def test_config_errors_name_the_fix(tmp_path):
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("sam_ddp")
-    executable = shutil.which("accelerate") or pytest.skip("accelerate not on PATH")
+    executable = console_script("accelerate")
     command = [executable, "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", "29543"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE)}
     proc = subprocess.run(
