@@ -26,6 +26,18 @@ def console_script(name: str) -> str:
     return found
 
 
+def save_tiny_bert(folder: Path) -> str:
+    """A 1-layer random BERT with MiniLM's (packaged) tokenizer saved in ``folder``: recipe plumbing in seconds."""
+    from transformers import AutoTokenizer, BertModel
+
+    from fam_hf.assets import model_path
+
+    config = BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    BertModel(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(model_path("minilm-l6")).save_pretrained(folder)
+    return str(folder)
+
+
 # -- float64 models in eval mode, for checks against brute-force Hessians -----------------------------------
 
 

@@ -11,7 +11,6 @@ import pytest
 from datasets import Dataset, DatasetDict
 from test_recipes import CLM_CONFIG, classification_args, clm_args, recipe
 
-from fam_hf.assets import model_path
 from fam_hf.data import SPLITS, chunk_texts, encode_labels, load_source, load_splits, slice_splits
 from fam_hf.data_checks import (
     check_blocks,
@@ -50,13 +49,9 @@ def cells(path: Path, **kw):
 @pytest.fixture(scope="module")
 def tiny_bert(tmp_path_factory) -> str:
     """A 1-layer random BERT with MiniLM's tokenizer (as in test_recipes)."""
-    from transformers import AutoTokenizer, BertConfig, BertModel
+    from models import save_tiny_bert
 
-    folder = tmp_path_factory.mktemp("tiny_bert")
-    config = BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
-    BertModel(config).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(model_path("minilm-l6")).save_pretrained(folder)
-    return str(folder)
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny_bert"))
 
 
 def bare_tokenizer():

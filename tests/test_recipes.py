@@ -37,13 +37,9 @@ def recipe(name: str):
 @pytest.fixture(scope="module")
 def tiny_bert(tmp_path_factory) -> str:
     """A 1-layer random BERT with MiniLM's tokenizer: the classification recipe's plumbing in seconds."""
-    from transformers import AutoTokenizer, BertConfig, BertModel
+    from models import save_tiny_bert
 
-    folder = tmp_path_factory.mktemp("tiny_bert")
-    config = BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
-    BertModel(config).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(model_path("minilm-l6")).save_pretrained(folder)
-    return str(folder)
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny_bert"))
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,6 @@ import pytest
 import yaml
 from scipy import stats
 
-from fam_hf.assets import model_path
-
 ROOT = Path(__file__).resolve().parents[1]
 STUDY_CONFIGS = sorted((ROOT / "configs").glob("study_*.yaml"))
 
@@ -40,13 +38,9 @@ def sam_available() -> bool:
 
 @pytest.fixture(scope="module")
 def tiny_bert(tmp_path_factory) -> str:
-    from transformers import AutoTokenizer, BertConfig, BertModel
+    from models import save_tiny_bert
 
-    folder = tmp_path_factory.mktemp("tiny_bert")
-    config = BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
-    BertModel(config).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(model_path("minilm-l6")).save_pretrained(folder)
-    return str(folder)
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny_bert"))
 
 
 @pytest.fixture(scope="module")
