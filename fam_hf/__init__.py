@@ -20,6 +20,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "FAMConfig",
+    "FAMFields",
+    "FAMMixin",
     "FAMTrainer",
     "FlatnessCallback",
     "FlatnessResult",
@@ -27,6 +29,8 @@ __all__ = [
     "Layer",
     "RelativeFlatness",
     "SAMConfig",
+    "SAMFields",
+    "SAMMixin",
     "SAMTrainer",
     "activity_weight_duality",
     "candidate_layers",
@@ -49,22 +53,22 @@ __all__ = [
 
 def __getattr__(name: str):
     # The Trainer layer imports transformers.Trainer (slow); load it only when asked for.
-    if name == "FAMConfig":
-        from .config import FAMConfig
+    if name in ("FAMConfig", "FAMFields"):
+        from . import config
 
-        return FAMConfig
-    if name == "FAMTrainer":
-        from .trainer import FAMTrainer
+        return getattr(config, name)
+    if name in ("FAMTrainer", "FAMMixin"):
+        from . import trainer
 
-        return FAMTrainer
-    if name == "SAMConfig":
-        from .sam_config import SAMConfig
+        return getattr(trainer, name)
+    if name in ("SAMConfig", "SAMFields"):
+        from . import sam_config
 
-        return SAMConfig
-    if name == "SAMTrainer":
-        from .sam_trainer import SAMTrainer
+        return getattr(sam_config, name)
+    if name in ("SAMTrainer", "SAMMixin"):
+        from . import sam_trainer
 
-        return SAMTrainer
+        return getattr(sam_trainer, name)
     if name == "FlatnessCallback":
         from .callback import FlatnessCallback
 

@@ -1,4 +1,9 @@
-"""``FAMConfig``: ``TrainingArguments`` plus the knobs of the relative-flatness penalty."""
+"""``FAMConfig``: ``TrainingArguments`` plus the knobs of the relative-flatness penalty.
+
+The ``fam_*`` fields are declared once, in :class:`FAMFields`, a plain dataclass that any training-arguments
+dataclass can mix in without re-declaring (and so resetting) the other's fields: ``FAMConfig`` is
+``FAMFields`` + ``TrainingArguments``, ``fam_hf.trl.FAMSFTConfig`` is ``FAMFields`` + TRL's ``SFTConfig``.
+"""
 
 from __future__ import annotations
 
@@ -10,13 +15,14 @@ from .flatness import ESTIMATORS, HESSIAN_GRADS, SCALES
 
 
 @dataclass
-class FAMConfig(TrainingArguments):
-    """Training arguments for :class:`~fam_hf.FAMTrainer`.
+class FAMFields:
+    """The ``fam_*`` fields, to mix in front of a ``TrainingArguments`` dataclass:
+    ``@dataclass class MyConfig(FAMFields, SFTConfig)`` keeps every default of ``SFTConfig``.
 
-    Everything :class:`transformers.TrainingArguments` takes, plus the ``fam_*`` fields below. The
-    training objective is ``L + λ_t · κ`` where ``κ`` is the relative flatness of ``fam_layer`` on the
-    current batch (Petzka et al., NeurIPS 2021) and ``λ_t`` follows ``fam_lambda``,
-    ``fam_warmup_steps`` and ``fam_every_n_steps``.
+    The training objective is ``L + λ_t · κ`` where ``κ`` is the relative flatness of ``fam_layer`` on the
+    current batch (Petzka et al., NeurIPS 2021) and ``λ_t`` follows ``fam_lambda``, ``fam_warmup_steps`` and
+    ``fam_every_n_steps``. :meth:`check_fam_fields` validates them (``__post_init__`` calls it; so does
+    ``FAMMixin``, whatever the order of the bases).
     """
 
     fam_lambda: float = field(
@@ -77,7 +83,13 @@ class FAMConfig(TrainingArguments):
     )
 
     def __post_init__(self) -> None:
-        super().__post_init__()
+        parent = getattr(super(), "__post_init__", None)
+        if parent is not None:
+            parent()
+        self.check_fam_fields()
+
+    def check_fam_fields(self) -> None:
+        """Raise ValueError naming the field and its allowed values when a ``fam_*`` value is out of range."""
         if self.fam_lambda < 0:
             raise ValueError(f"fam_lambda={self.fam_lambda} is negative; the penalty weight must be ≥ 0")
         for name, choices in (
@@ -92,3 +104,9 @@ class FAMConfig(TrainingArguments):
         for name, minimum in (("fam_probes", 1), ("fam_every_n_steps", 1), ("fam_warmup_steps", 0)):
             if getattr(self, name) < minimum:
                 raise ValueError(f"{name}={getattr(self, name)} must be ≥ {minimum}")
+
+
+@dataclass
+class FAMConfig(FAMFields, TrainingArguments):
+    """Training arguments for :class:`~fam_hf.FAMTrainer`: everything :class:`transformers.TrainingArguments`
+    takes, plus the ``fam_*`` fields of :class:`FAMFields`."""

@@ -9,10 +9,9 @@ from transformers import TrainingArguments
 
 
 @dataclass
-class SAMConfig(TrainingArguments):
-    """Training arguments for :class:`~fam_hf.SAMTrainer`.
-
-    Everything :class:`transformers.TrainingArguments` takes, plus the ``sam_*`` fields below. Each optimizer
+class SAMFields:
+    """The ``sam_*`` fields, to mix in front of a ``TrainingArguments`` dataclass (``SAMConfig`` is ``SAMFields`` +
+    ``TrainingArguments``; ``fam_hf.trl.SAMSFTConfig`` is ``SAMFields`` + TRL's ``SFTConfig``). Each optimizer
     step takes the gradient at ``w + ε̂`` with ``ε̂ = ρ g / ‖g‖`` (SAM; Foret et al., ICLR 2021) or
     ``ε̂ = ρ T² g / ‖T g‖``, ``T = |w| + η`` elementwise (adaptive SAM, ASAM; Kwon et al., ICML 2021): the
     same perturbation as :func:`fam_hf.sam_sharpness`, so the logged ``sam/sharpness`` is the measure's.
@@ -39,7 +38,13 @@ class SAMConfig(TrainingArguments):
     )
 
     def __post_init__(self) -> None:
-        super().__post_init__()
+        parent = getattr(super(), "__post_init__", None)
+        if parent is not None:
+            parent()
+        self.check_sam_fields()
+
+    def check_sam_fields(self) -> None:
+        """Raise ValueError naming the field when a ``sam_*`` value is out of range."""
         if not (math.isfinite(self.sam_rho) and self.sam_rho > 0):
             raise ValueError(
                 f"sam_rho={self.sam_rho} must be a finite number > 0 (the perturbation radius; SAM's default is "
@@ -47,3 +52,9 @@ class SAMConfig(TrainingArguments):
             )
         if not (math.isfinite(self.sam_eta) and self.sam_eta >= 0):
             raise ValueError(f"sam_eta={self.sam_eta} must be ≥ 0 (ASAM's offset in T = |w| + η; 0 or 0.01)")
+
+
+@dataclass
+class SAMConfig(SAMFields, TrainingArguments):
+    """Training arguments for :class:`~fam_hf.SAMTrainer`: everything :class:`transformers.TrainingArguments`
+    takes, plus the ``sam_*`` fields of :class:`SAMFields`."""

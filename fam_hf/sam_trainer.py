@@ -1,4 +1,5 @@
-"""``SAMTrainer``: ``transformers.Trainer`` that takes each optimizer step with SAM's (or ASAM's) gradient.
+"""``SAMMixin``: SAM's (or ASAM's) optimizer step in front of any ``Trainer`` subclass; ``SAMTrainer``: ``SAMMixin``
++ ``transformers.Trainer``.
 
 One SAM step (Foret, Kleiner, Mobahi, Neyshabur, ICLR 2021) on the step's batch:
 
@@ -19,16 +20,20 @@ from torch import nn
 from transformers import Trainer
 from transformers.training_args import OptimizerNames
 
-from .head_loss import head_loss_for
-from .sam_config import SAMConfig
+from .sam_config import SAMFields
+from .trainer_base import MetricSums, check_args, check_mixin_order, fix_sequence_classifier_loss
 
 logger = logging.getLogger(__name__)
 
 
-class SAMTrainer(Trainer):
-    """Sharpness-Aware Minimization (SAM, or adaptive SAM) on top of :class:`transformers.Trainer`.
+class SAMMixin:
+    """Sharpness-Aware Minimization (SAM, or adaptive SAM), in front of any :class:`transformers.Trainer` subclass.
 
-    Takes exactly what ``Trainer`` takes, with ``args`` a :class:`~fam_hf.SAMConfig`. Every optimizer step costs
+    ``class MyTrainer(SAMMixin, SomeTrainer)`` with ``args`` a dataclass that mixes in
+    :class:`~fam_hf.sam_config.SAMFields`; it overrides ``training_step`` and ``log`` and calls ``super()``
+    (after a ``Trainer`` subclass in the bases it would be bypassed: a TypeError when the class is defined).
+    A trainer whose ``compute_loss`` records metrics of its own (TRL's) keeps the first pass's only: see
+    :meth:`_sam_second_pass`. Every optimizer step costs
     two forward and two backward passes per micro-batch:
 
     - **first pass**, on each micro-batch as Trainer hands it over: the loss at ``w`` and its gradient,
@@ -66,15 +71,17 @@ class SAMTrainer(Trainer):
     backward also steps the optimizer), and the LOMO optimizers (their backward updates the weights).
     """
 
-    args: SAMConfig
+    args: SAMFields
+    _sam_config_name = "SAMConfig"  # named in the error when args lack the sam_* fields
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        check_mixin_order(cls, SAMMixin)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        if not isinstance(self.args, SAMConfig):
-            raise TypeError(
-                f"SAMTrainer needs args=SAMConfig(...), got {type(self.args).__name__}; "
-                "SAMConfig takes every TrainingArguments field plus the sam_* fields"
-            )
+        check_args(self, SAMFields, self._sam_config_name, "sam")
+        self.args.check_sam_fields()  # __post_init__ does it only where SAMFields comes first in the config's bases
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:
             raise ValueError(
                 "SAMTrainer supports one device and DDP, not DeepSpeed or FSDP (SAM perturbs the full, unsharded "
@@ -85,16 +92,12 @@ class SAMTrainer(Trainer):
                 f"optim={self.args.optim.value!r} updates the weights inside backward, before SAM's second pass; "
                 "use an optimizer that steps after backward (e.g. adamw_torch, sgd)"
             )
-        head_loss = head_loss_for(self.model)
-        if head_loss is not None and not head_loss.honours_num_items and self.compute_loss_func is None:
-            # See FAMTrainer: a per-micro-batch mean that Trainer would otherwise not divide by the accumulation
-            # steps (making k micro-batches differ from one batch of k times the size).
-            self.model_accepts_loss_kwargs = False
+        fix_sequence_classifier_loss(self)  # else k micro-batches would differ from one batch of k times the size
         self._sam_kept: list[tuple[dict[str, Any], torch.Tensor]] = []  # this step's inputs and first-pass losses
         self._sam_kept_step = -1
         self._sam_backup: list[tuple[nn.Parameter, torch.Tensor]] = []  # (parameter, its value at w)
         self._sam_skipped = 0
-        self._sam_sums: torch.Tensor | None = None  # [sharpness, grad_norm, steps] since the last log
+        self._sam_sums = MetricSums(("sharpness", "grad_norm", "steps"))  # since the last log
         logger.info("SAM: ρ=%g, %s", self.args.sam_rho, "adaptive (ASAM)" if self.args.sam_adaptive else "SAM")
 
     # -- one step ---------------------------------------------------------------------------------------
@@ -121,18 +124,24 @@ class SAMTrainer(Trainer):
         params = [p for p in model.parameters() if p.requires_grad and p.grad is not None]
         epsilon_norm = self._sam_perturb(params)  # weights now at w + ε̂ (or w if skipped); .grad cleared
         try:
-            sharpness = torch.zeros((), device=loss.device, dtype=_compute_dtype(loss.dtype))
-            for i, (micro_inputs, loss_at_w) in enumerate(kept):
-                # All-reduce (DDP) only with the step's last backward, as Trainer does for a plain step.
-                sync = contextlib.nullcontext() if i == len(kept) - 1 else self.accelerator.no_sync(model)
-                with sync:
-                    loss_at_eps = super().training_step(model, dict(micro_inputs), num_items_in_batch)
-                sharpness += loss_at_eps - loss_at_w
+            with self._sam_second_pass():
+                sharpness = torch.zeros((), device=loss.device, dtype=_compute_dtype(loss.dtype))
+                for i, (micro_inputs, loss_at_w) in enumerate(kept):
+                    # All-reduce (DDP) only with the step's last backward, as Trainer does for a plain step.
+                    sync = contextlib.nullcontext() if i == len(kept) - 1 else self.accelerator.no_sync(model)
+                    with sync:
+                        loss_at_eps = super().training_step(model, dict(micro_inputs), num_items_in_batch)
+                    sharpness += loss_at_eps - loss_at_w
         finally:
             self._sam_restore()
         if epsilon_norm is not None:
             self._sam_record(sharpness, epsilon_norm)
         return loss
+
+    def _sam_second_pass(self):
+        """Context around the second pass (at ``w + ε̂``). A trainer that records metrics in ``compute_loss``
+        (TRL's token counts, entropy, token accuracy) overrides it to keep only the first pass's."""
+        return contextlib.nullcontext()
 
     @torch.no_grad()
     def _sam_perturb(self, params: list[nn.Parameter]) -> torch.Tensor | None:
@@ -188,24 +197,24 @@ class SAMTrainer(Trainer):
 
     def _sam_record(self, sharpness: torch.Tensor, norm: torch.Tensor) -> None:
         norm = norm.detach().to(sharpness)
-        row = torch.stack([sharpness.detach(), norm, torch.ones_like(norm)])
-        self._sam_sums = row if self._sam_sums is None else self._sam_sums + row
+        self._sam_sums.add(sharpness=sharpness, grad_norm=norm, steps=torch.ones_like(norm))
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:
             # Every rank logs at the same steps (as for `loss`), so the collective below is safe. Sums and counts
             # are reduced separately: a rank that skipped its perturbation recorded no sharpness for that step.
-            # float32 on every rank: the ranks must agree on the dtype, whatever each one recorded.
-            sums = torch.zeros(3, device=self.args.device) if self._sam_sums is None else self._sam_sums.float()
-            row = torch.cat([sums, torch.tensor([float(self._sam_skipped)], device=sums.device)])
-            total = self.accelerator.reduce(row, reduction="sum").tolist()
+            total = self._sam_sums.reduce(self.accelerator, extra={"skipped": float(self._sam_skipped)})
             logs["sam/rho"] = self.args.sam_rho
-            if total[2] > 0:
-                logs["sam/grad_norm"] = total[1] / total[2]
-                logs["sam/sharpness"] = total[0] / total[2]
-            logs["sam/skipped"] = int(total[3])
-            self._sam_sums = None
+            if total["steps"] > 0:
+                logs["sam/grad_norm"] = total["grad_norm"] / total["steps"]
+                logs["sam/sharpness"] = total["sharpness"] / total["steps"]
+            logs["sam/skipped"] = int(total["skipped"])
         super().log(logs, start_time)
+
+
+class SAMTrainer(SAMMixin, Trainer):
+    """:class:`SAMMixin` on :class:`transformers.Trainer`: takes exactly what ``Trainer`` takes, with ``args`` a
+    :class:`~fam_hf.SAMConfig`. See :class:`SAMMixin` for what it adds."""
 
 
 def _compute_dtype(*dtypes: torch.dtype) -> torch.dtype:

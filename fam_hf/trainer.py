@@ -1,4 +1,4 @@
-"""``FAMTrainer``: ``transformers.Trainer`` whose training loss is ``L + λ · κ``."""
+"""``FAMMixin``: what FAM adds to a ``Trainer`` (any subclass); ``FAMTrainer``: ``FAMMixin`` + ``Trainer``."""
 
 from __future__ import annotations
 
@@ -10,22 +10,28 @@ import torch
 from torch import nn
 from transformers import Trainer
 
-from .config import FAMConfig
+from .config import FAMFields
 from .flatness import RelativeFlatness
-from .head_loss import head_loss_for
+from .trainer_base import MetricSums, check_args, check_mixin_order, fix_sequence_classifier_loss
 
 logger = logging.getLogger(__name__)
 
 FAM_STATE_NAME = "fam_state.pt"  # written into every checkpoint folder
 
 
-class FAMTrainer(Trainer):
-    """Relative Flatness Aware Minimization on top of :class:`transformers.Trainer`.
+class FAMMixin:
+    """Relative Flatness Aware Minimization, in front of any :class:`transformers.Trainer` subclass.
 
-    Takes exactly what ``Trainer`` takes, with ``args`` a :class:`~fam_hf.FAMConfig`. During training,
-    each micro-batch's loss becomes ``L + λ_t · κ``, where κ is the relative flatness of
-    ``args.fam_layer`` on that micro-batch, normalised exactly as the model normalises ``L`` (mean, or sum
-    over ``num_items_in_batch`` under gradient accumulation and multi-device token averaging), so that
+    ``class MyTrainer(FAMMixin, SomeTrainer)`` with ``args`` a dataclass that mixes in
+    :class:`~fam_hf.config.FAMFields` (``@dataclass class MyConfig(FAMFields, SomeConfig)``). It overrides
+    ``compute_loss`` (the penalty), ``training_step`` (attention kernels with a double backward, for the probe),
+    ``log`` (the ``fam/*`` metrics), the RNG checkpointing (the probe RNG) and the model card, each calling
+    ``super()``. Placed after a ``Trainer`` subclass in the bases it would be bypassed: that is a TypeError when
+    the class is defined.
+
+    During training, each micro-batch's loss becomes ``L + λ_t · κ``, where κ is the relative flatness of
+    ``args.fam_layer`` on that micro-batch, normalised exactly as the loss is (mean, or sum over
+    ``num_items_in_batch`` under gradient accumulation and multi-device token averaging), so that
     accumulated and all-reduced penalties equal κ of the whole batch. κ comes from the same forward
     pass as ``L``: the layer's input and output are captured with a hook.
 
@@ -35,43 +41,24 @@ class FAMTrainer(Trainer):
     (probe estimator with ≥ 2 probes) and ``fam/skipped`` (penalties dropped because κ was not finite).
     """
 
-    args: FAMConfig
+    args: FAMFields
+    _fam_config_name = "FAMConfig"  # named in the error when args lack the fam_* fields
+    # Whether compute_loss asks the wrapped trainer for its outputs (to check the closed form saw the loss's
+    # logits). Free for Trainer; a trainer whose loss never forms the logits (TRL's) recomputes them for it.
+    _fam_wants_outputs = True
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        check_mixin_order(cls, FAMMixin)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        if not isinstance(self.args, FAMConfig):
-            raise TypeError(
-                f"FAMTrainer needs args=FAMConfig(...), got {type(self.args).__name__}; "
-                "FAMConfig takes every TrainingArguments field plus the fam_* fields"
-            )
+        check_args(self, FAMFields, self._fam_config_name, "fam")
         cfg = self.args
-        head_loss = head_loss_for(self.model)
-        if head_loss is not None and not head_loss.honours_num_items and self.compute_loss_func is None:
-            # transformers' sequence classifiers accept **kwargs, so Trainer believes their loss is summed over
-            # num_items_in_batch, but they return a per-micro-batch mean: under gradient accumulation the loss
-            # (and so the penalty) would be k× too large, and ×world_size under DDP token averaging. Declaring
-            # that the model takes no loss kwargs makes Trainer average it like any mean loss.
-            self.model_accepts_loss_kwargs = False
-        estimator = cfg.fam_estimator
-        custom_loss = self.compute_loss_func is not None or self.label_smoother is not None
-        if custom_loss and estimator == "closed_form":
-            raise ValueError(
-                "fam_estimator='closed_form' mirrors the model's own loss, but this Trainer computes its loss "
-                "with compute_loss_func or label smoothing; use fam_estimator='probe' (or 'auto')"
-            )
-        if custom_loss and estimator == "auto":
-            estimator = "probe"
+        cfg.check_fam_fields()  # __post_init__ does it only where FAMFields comes first in the config's bases
+        fix_sequence_classifier_loss(self)
         seed = cfg.seed if cfg.fam_seed is None else cfg.fam_seed
-        self.flatness = RelativeFlatness(
-            self.model,
-            cfg.fam_layer,
-            estimator,
-            probes=cfg.fam_probes,
-            hessian_grad=cfg.fam_hessian_grad,
-            scale=cfg.fam_scale,
-            generator=torch.Generator().manual_seed(seed),
-            token_fraction=cfg.fam_token_fraction,
-        )
+        self.flatness = self._fam_flatness(torch.Generator().manual_seed(seed))
         layer = self.flatness.layer
         if cfg.fam_lambda > 0 and cfg.fam_hessian_grad == "detached" and not layer.weight().requires_grad:
             raise ValueError(
@@ -87,7 +74,9 @@ class FAMTrainer(Trainer):
                 "the weights it differentiates through); put FAM on the output head with the closed form (verified "
                 "under ZeRO-2 and ZeRO-3), or train with DDP"
             )
-        self._fam_reset_logs()
+        self._fam_sums = MetricSums(("kappa", "penalty", "stderr", "skipped"))
+        self._fam_steps = 0  # optimizer steps with a penalty since the last log
+        self._fam_lambda = 0.0
         self._fam_skipped = 0  # penalties dropped because κ was not finite, as of the last log
         self._fam_saves = 0  # save_model calls, so a failed push knows whether the model reached output_dir
         self._fam_last_step = -1
@@ -96,7 +85,30 @@ class FAMTrainer(Trainer):
             cfg.fam_lambda,
             self.flatness.layer.name,
             self.flatness.layer.kind,
-            self.flatness.estimator,
+            getattr(self.flatness, "description", self.flatness.estimator),
+        )
+
+    def _fam_flatness(self, generator: torch.Generator):
+        """The estimator of κ for this trainer's loss (a subclass whose loss never runs the head picks another)."""
+        cfg = self.args
+        estimator = cfg.fam_estimator
+        custom_loss = self.compute_loss_func is not None or self.label_smoother is not None
+        if custom_loss and estimator == "closed_form":
+            raise ValueError(
+                "fam_estimator='closed_form' mirrors the model's own loss, but this Trainer computes its loss "
+                "with compute_loss_func or label smoothing; use fam_estimator='probe' (or 'auto')"
+            )
+        if custom_loss and estimator == "auto":
+            estimator = "probe"
+        return RelativeFlatness(
+            self.model,
+            cfg.fam_layer,
+            estimator,
+            probes=cfg.fam_probes,
+            hessian_grad=cfg.fam_hessian_grad,
+            scale=cfg.fam_scale,
+            generator=generator,
+            token_fraction=cfg.fam_token_fraction,
         )
 
     # -- schedule ---------------------------------------------------------------------------------------
@@ -133,10 +145,12 @@ class FAMTrainer(Trainer):
         if schedule is None:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         lam, multiplier = schedule
-        batch = {key: inputs.get(key) for key in ("labels", "input_ids")}  # super() may pop the labels
-        model_items = num_items_in_batch if self.model_accepts_loss_kwargs else None  # what the model divides by
+        batch = {key: inputs.get(key) for key in ("labels", "shift_labels", "input_ids")}  # super() may pop labels
+        want_outputs = return_outputs or self._fam_wants_outputs
+        model_items = self._fam_loss_items(num_items_in_batch)
         with self.flatness.record(batch, num_items_in_batch=model_items, differentiable=lam > 0) as recording:
-            loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
+            loss = super().compute_loss(model, inputs, want_outputs, num_items_in_batch)
+        loss, outputs = loss if want_outputs else (loss, None)
         result = recording.result(loss, logits=_logits(outputs))
         kappa = result.value
         if result.estimator == "closed_form":  # the probe differentiated `loss`, so it is scaled already
@@ -149,6 +163,11 @@ class FAMTrainer(Trainer):
             loss = loss + (lam * multiplier * kappa).to(loss.dtype)
         self._fam_record(kappa.detach(), result.std_error, lam, multiplier, num_items_in_batch, skipped=~finite)
         return (loss, outputs) if return_outputs else loss
+
+    def _fam_loss_items(self, num_items_in_batch):
+        """The denominator of the loss's sum over positions, when it is ``num_items_in_batch`` (else None: the
+        loss is a mean over the micro-batch's counted positions)."""
+        return num_items_in_batch if self.model_accepts_loss_kwargs else None
 
     def _loss_scale(self, num_items_in_batch) -> float:
         # Trainer.compute_loss multiplies the loss by the number of processes when it averages tokens
@@ -187,11 +206,6 @@ class FAMTrainer(Trainer):
 
     # -- logging ----------------------------------------------------------------------------------------
 
-    def _fam_reset_logs(self) -> None:
-        self._fam_sums: torch.Tensor | None = None  # [κ, penalty, stderr, skipped] summed like Trainer's tr_loss
-        self._fam_steps = 0
-        self._fam_lambda = 0.0
-
     def _fam_record(self, kappa, std_error, lam, multiplier, num_items_in_batch, skipped) -> None:
         step = self.state.global_step
         if step != self._fam_last_step:
@@ -203,20 +217,20 @@ class FAMTrainer(Trainer):
             1.0 if self._loss_is_scaled_for_ga(num_items_in_batch) else 1.0 / self.current_gradient_accumulation_steps
         )
         stderr = torch.zeros_like(kappa) if std_error is None else torch.where(skipped, 0, std_error.to(kappa))
-        row = torch.stack([kappa, lam * multiplier * kappa, stderr]).float() * share
-        row = torch.cat([row, skipped.float().reshape(1)])
-        self._fam_sums = row if self._fam_sums is None else self._fam_sums + row
+        kappa, stderr = kappa.float() * share, stderr.float() * share
+        self._fam_sums.add(kappa=kappa, penalty=lam * multiplier * kappa, stderr=stderr, skipped=skipped.float())
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "loss" in logs and self._fam_sums is not None:
+        if "loss" in logs and self._fam_sums:
             # Every rank logs at the same steps, so the mean over processes is safe here (as for `loss`).
-            row = torch.cat([self._fam_sums[:3] / self._fam_steps, self._fam_sums[3:]])
-            *means, skipped = self.accelerator.reduce(row, reduction="sum").tolist()
-            means, skipped = [m / self.accelerator.num_processes for m in means], int(skipped)
-            logs["fam/kappa"], logs["fam/penalty"] = means[0], means[1]
-            logs["fam/task_loss"] = logs["loss"] - means[1]  # the model's own loss, comparable across λ
+            steps = self._fam_steps
+            sums = self._fam_sums.reduce(self.accelerator, divide={"kappa": steps, "penalty": steps, "stderr": steps})
+            means = {k: v / self.accelerator.num_processes for k, v in sums.items()}
+            skipped = int(sums["skipped"])
+            logs["fam/kappa"], logs["fam/penalty"] = means["kappa"], means["penalty"]
+            logs["fam/task_loss"] = logs["loss"] - means["penalty"]  # the model's own loss, comparable across λ
             if self.flatness.estimator == "probe" and self.flatness.probes > 1:
-                logs["fam/kappa_stderr"] = means[2]
+                logs["fam/kappa_stderr"] = means["stderr"]
             logs["fam/lambda"] = self._fam_lambda
             if skipped:
                 self._fam_skipped += skipped
@@ -227,7 +241,7 @@ class FAMTrainer(Trainer):
                     self._fam_skipped,
                 )
             logs["fam/skipped"] = self._fam_skipped
-            self._fam_reset_logs()
+            self._fam_steps = 0
         super().log(logs, start_time)
 
     # -- model card and Hub (the card itself: fam_hf/hub.py) ------------------------------------------------
@@ -243,10 +257,13 @@ class FAMTrainer(Trainer):
         dataset_tags: str | list[str] | None = None,
         dataset: str | list[str] | None = None,
         dataset_args: str | list[str] | None = None,
+        dataset_name: str | None = None,
     ) -> None:
         """Write ``README.md`` into ``output_dir``: a card that records the FAM settings, κ, the evaluation
         metrics and the citations (:func:`fam_hf.hub.model_card`), in place of Trainer's generic draft.
-        ``Trainer.push_to_hub`` calls it and passes on its own keyword arguments."""
+        ``Trainer.push_to_hub`` calls it and passes on its own keyword arguments (TRL's trainers pass
+        ``dataset_name``)."""
+        dataset = dataset if dataset is not None else dataset_name
         if self.is_world_process_zero():
             given = dict(language=language, license=license, tags=tags, model_name=model_name, tasks=tasks,
                          finetuned_from=finetuned_from, dataset_tags=dataset_tags, dataset=dataset)  # fmt: skip
@@ -342,3 +359,8 @@ def _logits(outputs: Any) -> torch.Tensor | None:
     if isinstance(outputs, dict):
         return outputs.get("logits")
     return None
+
+
+class FAMTrainer(FAMMixin, Trainer):
+    """:class:`FAMMixin` on :class:`transformers.Trainer`: takes exactly what ``Trainer`` takes, with ``args`` a
+    :class:`~fam_hf.FAMConfig`. See :class:`FAMMixin` for what it adds."""
