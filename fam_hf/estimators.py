@@ -20,6 +20,7 @@ factors carry gradient (the reference implementation's choice).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from contextlib import contextmanager
 
@@ -209,6 +210,28 @@ def host_to_device(tensor: torch.Tensor, device: torch.device | str | None) -> t
     return tensor.to(device, non_blocking=True)
 
 
+def sample_positions(
+    weights: torch.Tensor, fraction: float, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``k = ⌈fraction·N⌉`` of the ``N`` positions, uniformly without replacement among the counted ones
+    (``weights ≠ 0``), and their weights times ``count / min(k, count)``: an unbiased estimate of
+    ``Σ_t weights_t …``, exact when ``k ≥ count``. Random keys instead of ``nonzero`` avoid a host sync.
+
+    Returns ``(chosen indices: (k,), reweighted weights: (k,))``."""
+    n = weights.shape[0]
+    k = min(n, math.ceil(fraction * n))
+    counted = weights != 0
+    keys = host_to_device(torch.rand(n, generator=generator), weights.device).masked_fill(~counted, 2.0)
+    chosen = keys.topk(k, largest=False).indices
+    count = counted.sum()
+    scale = count.clamp_min(1) / count.clamp(1, k)
+    return chosen, weights[chosen] * scale
+
+
+class UnusedPerturbationError(RuntimeError):
+    """The loss does not depend on the probe's perturbation: its curvature is 0 and a penalty would train nothing."""
+
+
 def probe_quadratic_forms(
     loss: torch.Tensor,
     delta: torch.Tensor,
@@ -218,6 +241,7 @@ def probe_quadratic_forms(
     hessian_grad: str = "full",
     create_graph: bool = True,
     detached_directions: Sequence[torch.Tensor] | None = None,
+    unused_is_zero: bool = True,
 ) -> torch.Tensor:
     """Quadratic forms ``q_p = u_pᵀ H_z u_p = d²L/dδ_p²`` for directions added at a layer's output.
 
@@ -237,6 +261,8 @@ def probe_quadratic_forms(
             the Hessian held constant.
         create_graph: whether the result must be differentiable at all.
         detached_directions: required for ``"detached"`` with ``create_graph``.
+        unused_is_zero: when ``loss`` does not depend on ``delta`` at all, return zeros (a measurement: the
+            curvature is 0) or, if False, raise :class:`UnusedPerturbationError` (a penalty that trains nothing).
 
     Returns:
         ``(P,)`` tensor of ``q_p``.
@@ -244,6 +270,8 @@ def probe_quadratic_forms(
     Cost: one double-backward to ``δ`` (shared), then one per probe.
     """
     (first,) = torch.autograd.grad(loss, delta, create_graph=True, allow_unused=True)
+    if first is None and not unused_is_zero:
+        raise UnusedPerturbationError("the loss does not depend on the perturbation δ")
     if first is None or not first.requires_grad:  # loss does not depend on the layer: zero curvature
         return torch.zeros_like(delta)
     values = []
@@ -268,11 +296,20 @@ def probe_quadratic_forms(
 
 @contextmanager
 def explain_missing_double_backward():
-    """Re-raise autograd's "derivative for X is not implemented" with what to do about it."""
+    """Re-raise autograd's "derivative for X is not implemented" (and TRL's fused LM head's out= kernel error)
+    with what to do about it."""
     try:
         yield
     except RuntimeError as error:
-        if "derivative for" not in str(error) or "not implemented" not in str(error):
+        message = str(error)
+        if "arguments don't support automatic differentiation" in message:  # out=... kernels: TRL's fused LM head
+            raise RuntimeError(
+                f"{error}. The probe/exact estimators need a second derivative through everything after the layer, "
+                "and the loss runs through a kernel that has none: TRL's fused LM head (its chunked log-prob kernel "
+                "writes with out=). Penalise the LM head, whose closed form needs only a first derivative "
+                "(fam_hf.trl.FAMSFTTrainer takes it from the head's input), or compute the loss from the full logits"
+            ) from error
+        if "derivative for" not in message or "not implemented" not in message:
             raise
         raise RuntimeError(
             f"{error}. The probe/exact estimators need a second derivative through everything after the layer, "

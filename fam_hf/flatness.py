@@ -20,14 +20,15 @@ from torch.nn import functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .estimators import (
+    UnusedPerturbationError,
     closed_form,
     compute_dtype,
     explain_missing_double_backward,
-    host_to_device,
     kappa_from_hessian,
     layer_hessian,
     probe_quadratic_forms,
     rademacher,
+    sample_positions,
 )
 from .head_loss import head_loss_for
 from .layers import Layer, resolve_layer
@@ -275,6 +276,7 @@ class Recording:
         self.differentiable = differentiable
         self.output: torch.Tensor | None = None  # z as the model saw it (perturbed for probe/exact): (..., d)
         self.calls = 0
+        self.with_grad = False  # whether gradients were enabled in the layer's first recorded forward
         self.open = False  # inside the `record` block
         self._fan_in: int | None = None  # m
         self._closed_form: torch.Tensor | None = None  # κ, closed form
@@ -298,6 +300,7 @@ class Recording:
             )
         if first_call:
             self._fan_in = weight.shape[1]
+            self.with_grad = torch.is_grad_enabled()
         if fam.estimator == "closed_form":
             if first_call:
                 self.output = output
@@ -361,7 +364,19 @@ class Recording:
         """
         fam, layer = self.flatness, self.flatness.layer
         if self.calls == 0:
-            raise RuntimeError(f"layer '{layer.name}' did not run during the forward pass inside record()")
+            raise RuntimeError(
+                f"layer '{layer.name}' did not run during the forward pass inside record(), so κ would train nothing. "
+                "A loss that multiplies the hidden states by the head's weight itself never calls the head (TRL's "
+                "SFTTrainer does, with its fused LM head): use fam_hf.trl.FAMSFTTrainer, which takes κ from the head's "
+                "input, or compute the loss through the layer"
+            )
+        if self.differentiable and not self.with_grad:
+            raise RuntimeError(
+                f"layer '{layer.name}' ran only under torch.no_grad() inside record(), so the loss was not computed "
+                "through it and the penalty would train nothing. TRL's SFTTrainer, for one, runs its LM head only in a "
+                "no-grad forward for the logits (its loss uses a fused head): use fam_hf.trl.FAMSFTTrainer there; "
+                "elsewhere run the loss's forward pass with gradients enabled"
+            )
         scale = 1.0 / self._fan_in if fam.scale == "reference" else 1.0
         std_error = None
         if fam.estimator == "closed_form":
@@ -395,35 +410,45 @@ class Recording:
             std_error = values.detach().std() / math.sqrt(values.numel()) if values.numel() > 1 else None
             return values.mean(), std_error
         full = self.differentiable and fam.hessian_grad == "full"
-        hessian = layer_hessian(loss, self._perturbation, create_graph=full)
+        if not self.output.requires_grad:
+            raise RuntimeError(self._unused_message())
+        try:
+            hessian = layer_hessian(loss, self._perturbation, create_graph=full)
+        except RuntimeError as error:
+            if "not have been used in the graph" not in str(error):
+                raise
+            raise RuntimeError(self._unused_message()) from error
         return kappa_from_hessian(hessian.to(self._weight.dtype), self._weight), None
 
-    def _probe_values(self, loss: torch.Tensor) -> torch.Tensor:
-        return probe_quadratic_forms(
-            loss,
-            self._delta,
-            self.output,
-            self._directions,
-            hessian_grad=self.flatness.hessian_grad,
-            create_graph=self.differentiable,
-            detached_directions=self._detached_directions,
+    def _unused_message(self) -> str:
+        return (
+            f"the loss does not depend on the output of '{self.flatness.layer.name}' as the recorded forward pass "
+            "computed it (the perturbation of the probe/exact estimator never reaches the loss), so κ would be 0 and "
+            "train nothing; compute the loss from that forward pass (the layer's output must feed it)"
         )
+
+    def _probe_values(self, loss: torch.Tensor) -> torch.Tensor:
+        try:
+            return probe_quadratic_forms(
+                loss,
+                self._delta,
+                self.output,
+                self._directions,
+                hessian_grad=self.flatness.hessian_grad,
+                create_graph=self.differentiable,
+                detached_directions=self._detached_directions,
+                unused_is_zero=not self.differentiable,  # training: a κ that trains nothing is an error
+            )
+        except UnusedPerturbationError as error:
+            raise RuntimeError(self._unused_message()) from error
 
 
 def _sample_positions(
     logits: torch.Tensor, features: torch.Tensor, weights: torch.Tensor, fraction: float, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``k = ⌈fraction·N⌉`` of the ``N`` positions, uniformly without replacement among the counted ones
-    (``weights ≠ 0``), reweighted by ``count / min(k, count)``: an unbiased estimate of ``Σ_t weights_t …``,
-    exact when ``k ≥ count``. Random keys instead of ``nonzero`` keep it free of host synchronisation."""
-    n = weights.shape[0]
-    k = min(n, math.ceil(fraction * n))
-    counted = weights != 0
-    keys = host_to_device(torch.rand(n, generator=generator), weights.device).masked_fill(~counted, 2.0)
-    chosen = keys.topk(k, largest=False).indices
-    count = counted.sum()
-    scale = count.clamp_min(1) / count.clamp(1, k)
-    return logits[chosen], features[chosen], weights[chosen] * scale
+    """:func:`fam_hf.estimators.sample_positions` applied to the closed form's logits and features."""
+    chosen, weights = sample_positions(weights, fraction, generator)
+    return logits[chosen], features[chosen], weights
 
 
 def _directions(features: torch.Tensor, probe_matrices: torch.Tensor, weight: torch.Tensor) -> list[torch.Tensor]:

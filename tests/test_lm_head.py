@@ -1,0 +1,118 @@
+"""The logits-free LM-head closed form (fam_hf/lm_head.py) against the closed form on the logits and the brute-force
+float64 Hessian, and its custom backward against autograd of the formula."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from brute_force import kappa_from_loss_fn
+from models import tiny_gpt2
+from torch.nn import functional as F
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from fam_hf import relative_flatness
+from fam_hf.estimators import softmax_curvature
+from fam_hf.lm_head import HeadInputFlatness, softmax_curvature_from_features
+
+RTOL = 1e-8
+
+
+def formula(features, weight, bias=None):
+    """c_t = Σ_s p_s ‖w_s‖² − ‖Wᵀp‖², written out with ordinary autograd."""
+    logits = features @ weight.T + (0 if bias is None else bias)
+    p = torch.softmax(logits, -1)
+    return p @ weight.pow(2).sum(-1) - (p @ weight).pow(2).sum(-1)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_curvature_from_features_equals_the_closed_form_on_logits_and_its_gradient_autograd(bias):
+    g = torch.Generator().manual_seed(0)
+    features = torch.randn(13, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(11, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(11, generator=g, dtype=torch.float64, requires_grad=True) if bias else None
+    ours = softmax_curvature_from_features(features, weight, b, chunk_rows=4)  # 4 chunks, the last one short
+    logits = features @ weight.T + (0 if b is None else b)
+    torch.testing.assert_close(ours, softmax_curvature(logits, weight, chunk_rows=13), rtol=RTOL, atol=0)
+    torch.testing.assert_close(ours, formula(features, weight, b), rtol=RTOL, atol=0)
+    upstream = torch.randn(13, generator=g, dtype=torch.float64)
+    inputs = (features, weight) + ((b,) if bias else ())
+    mine = torch.autograd.grad((ours * upstream).sum(), inputs)
+    truth = torch.autograd.grad((formula(features, weight, b) * upstream).sum(), inputs)
+    for a, t in zip(mine, truth):
+        torch.testing.assert_close(a, t, rtol=1e-10, atol=1e-12)
+    assert torch.autograd.gradcheck(
+        lambda f, w: softmax_curvature_from_features(f, w, chunk_rows=5), (features, weight), eps=1e-6, atol=1e-7
+    )
+
+
+def test_detached_gradient_holds_the_softmax_constant():
+    g = torch.Generator().manual_seed(1)
+    features = torch.randn(7, 4, generator=g, dtype=torch.float64)
+    weight = torch.randn(9, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    ours = softmax_curvature_from_features(features, weight, chunk_rows=3, through_logits=False)
+    p = torch.softmax(features @ weight.detach().T, -1)  # constant
+    truth = p @ weight.pow(2).sum(-1) - (p @ weight).pow(2).sum(-1)
+    torch.testing.assert_close(ours, truth.detach(), rtol=RTOL, atol=0)
+    (mine,) = torch.autograd.grad(ours.sum(), weight)
+    (want,) = torch.autograd.grad(truth.sum(), weight)
+    torch.testing.assert_close(mine, want, rtol=1e-10, atol=1e-12)
+
+
+def tiny_llama():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=40, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=32, attn_implementation="eager", tie_word_embeddings=False,
+    )  # fmt: skip
+    return LlamaForCausalLM(cfg).double().eval()
+
+
+def kappa_from_input(model, batch, **kw):
+    flat = HeadInputFlatness(model, **kw)
+    with flat.record(batch, num_items_in_batch=batch.get("num_items_in_batch"), differentiable=False) as rec:
+        model(**{k: v for k, v in batch.items() if k != "num_items_in_batch"})
+    flat.close()
+    return rec.result().value
+
+
+@pytest.mark.parametrize("make_model", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2-tied"])
+def test_head_input_estimator_equals_the_closed_form_and_the_brute_force(make_model):
+    model = make_model()
+    ids = torch.randint(0, model.config.vocab_size, (3, 7), generator=torch.Generator().manual_seed(2))
+    labels = ids.clone()
+    labels[0, :4] = -100  # assistant-only: the prompt is masked
+    labels[2, -3:] = -100  # padding
+    batch = {"input_ids": ids, "labels": labels}
+    ours = kappa_from_input(model, batch)
+    torch.testing.assert_close(ours, relative_flatness(model, batch).value, rtol=RTOL, atol=0)
+    hidden = model.base_model(ids).last_hidden_state.detach()
+    head = model.get_output_embeddings().weight
+
+    def loss_of(e):
+        logits = hidden @ (head + e).T
+        return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
+
+    torch.testing.assert_close(ours, kappa_from_loss_fn(loss_of, head.detach()), rtol=RTOL, atol=0)
+    # num_items_in_batch (gradient accumulation): the sum over counted positions divided by it
+    counted = int((labels[:, 1:] != -100).sum())
+    scaled = kappa_from_input(model, {**batch, "num_items_in_batch": 2 * counted})
+    torch.testing.assert_close(scaled, ours / 2, rtol=RTOL, atol=0)
+    # shift_labels (pre-shifted, as under context parallelism) score every position of the hidden states
+    shift = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
+    torch.testing.assert_close(
+        kappa_from_input(model, {"input_ids": ids, "shift_labels": shift}), ours, rtol=RTOL, atol=0
+    )
+
+
+def test_head_input_estimator_reports_a_backbone_that_never_ran_or_ran_without_gradients():
+    model = tiny_llama().train()
+    flat = HeadInputFlatness(model)
+    batch = {"input_ids": torch.zeros(1, 4, dtype=torch.long), "labels": torch.zeros(1, 4, dtype=torch.long)}
+    with flat.record(batch) as rec:
+        pass
+    with pytest.raises(RuntimeError, match="did not run during the forward pass"):
+        rec.result()
+    with flat.record(batch) as rec, torch.no_grad():
+        model(**batch)
+    with pytest.raises(RuntimeError, match=r"ran only under torch.no_grad\(\).*would train nothing"):
+        rec.result()
