@@ -15,6 +15,7 @@ EXTRAS = {
     "plots": ("matplotlib",),
     "deepspeed": ("deepspeed",),
     "bitsandbytes": ("bitsandbytes",),
+    "trl": ("trl",),
 }
 
 
