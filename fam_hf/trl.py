@@ -1,7 +1,7 @@
 """FAM and SAM inside TRL's ``SFTTrainer``: ``FAMSFTConfig`` / ``FAMSFTTrainer``, ``SAMSFTConfig`` / ``SAMSFTTrainer``.
 
-Needs the ``trl`` extra (``pip install 'fam_hf[trl]'``; tested with trl 1.16). The classes are built on first
-use, so ``import fam_hf.trl`` works without trl and a missing trl is reported with the install command.
+Needs the ``trl`` extra (``pip install 'fam_hf[trl]'``; tested with trl 1.16): without trl, importing this
+module raises :class:`~fam_hf.extras.MissingExtraError` with that command. ``import fam_hf`` never imports it.
 
 ``SFTTrainer`` computes its loss with a *fused* LM head (``model(**inputs, fused_lm_head=True)``: the hidden
 states times ``lm_head.weight``, in chunks, no logits), so ``lm_head``'s forward never runs in training.
@@ -19,125 +19,104 @@ in ``FAMTrainer`` (the probe).
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from dataclasses import dataclass
 
+import torch
+
+from .config import FAMFields
 from .extras import require
+from .layers import resolve_layer
+from .lm_head import HeadInputFlatness
+from .sam_config import SAMFields
+from .sam_trainer import SAMMixin
+from .trainer import FAMMixin
 
-__all__ = ["FAMSFTConfig", "FAMSFTTrainer", "SAMSFTConfig", "SAMSFTTrainer"]  # noqa: F822 (built on first use)
+trl = require("trl", "fam_hf.trl (FAMSFTTrainer, SAMSFTTrainer)")
+SFTConfig, SFTTrainer = trl.SFTConfig, trl.SFTTrainer
+
+__all__ = ["FAMSFTConfig", "FAMSFTTrainer", "SAMSFTConfig", "SAMSFTTrainer"]
 
 
-def __getattr__(name: str) -> Any:
-    if name in __all__:
-        globals().update(_define())
-        return globals()[name]
-    raise AttributeError(f"module 'fam_hf.trl' has no attribute {name!r}")
+@dataclass
+class FAMSFTConfig(FAMFields, SFTConfig):
+    """Training arguments for :class:`FAMSFTTrainer`: every ``trl.SFTConfig`` field, with TRL's defaults, plus
+    the ``fam_*`` fields of :class:`~fam_hf.config.FAMFields`."""
 
 
-def _define() -> dict[str, type]:
-    trl = require("trl", "fam_hf.trl (FAMSFTTrainer, SAMSFTTrainer)")
-    import contextlib
-    from dataclasses import dataclass
+class FAMSFTTrainer(FAMMixin, SFTTrainer):
+    """``trl.SFTTrainer`` whose training loss is ``L + λ·κ`` (:class:`~fam_hf.trainer.FAMMixin`), with κ of the
+    LM head computed from the fused head's input. Takes exactly what ``SFTTrainer`` takes, with ``args`` a
+    :class:`FAMSFTConfig`."""
 
-    import torch
+    _fam_config_name = "FAMSFTConfig"
+    _fam_wants_outputs = False  # SFTTrainer would recompute the logits in an extra no-grad forward
+    _tag_names = [*SFTTrainer._tag_names, "fam"]
 
-    SFTConfig, SFTTrainer = trl.SFTConfig, trl.SFTTrainer
+    def _fam_fused_loss(self) -> bool:
+        # SFTTrainer.compute_loss: the fused head unless the loss needs the full logits
+        return self.compute_loss_func is None and not (self.label_smoother is not None and self.args.loss_type == "nll")
 
-    from .config import FAMFields
-    from .lm_head import HeadInputFlatness
-    from .sam_config import SAMFields
-    from .sam_trainer import SAMMixin
-    from .trainer import FAMMixin
-
-    @dataclass
-    class FAMSFTConfig(FAMFields, SFTConfig):
-        """Training arguments for :class:`FAMSFTTrainer`: every ``trl.SFTConfig`` field, with TRL's defaults, plus
-        the ``fam_*`` fields of :class:`~fam_hf.config.FAMFields`."""
-
-    class FAMSFTTrainer(FAMMixin, SFTTrainer):
-        """``trl.SFTTrainer`` whose training loss is ``L + λ·κ`` (:class:`~fam_hf.trainer.FAMMixin`), with κ of the
-        LM head computed from the fused head's input. Takes exactly what ``SFTTrainer`` takes, with ``args`` a
-        :class:`FAMSFTConfig`."""
-
-        _fam_config_name = "FAMSFTConfig"
-        _fam_wants_outputs = False  # SFTTrainer would recompute the logits in an extra no-grad forward
-        _tag_names = [*SFTTrainer._tag_names, "fam"]
-
-        def _fam_fused_loss(self) -> bool:
-            # SFTTrainer.compute_loss: the fused head unless the loss needs the full logits
-            return self.compute_loss_func is None and not (
-                self.label_smoother is not None and self.args.loss_type == "nll"
+    def _fam_flatness(self, generator: torch.Generator):
+        if not self._fam_fused_loss():
+            return super()._fam_flatness(generator)
+        cfg = self.args
+        if cfg.loss_type != "nll":
+            raise ValueError(
+                f"loss_type={cfg.loss_type!r} weighs each token's loss by its own detached probability, which the "
+                "LM-head closed form does not mirror; use loss_type='nll' with FAMSFTTrainer"
             )
-
-        def _fam_flatness(self, generator: torch.Generator):
-            if not self._fam_fused_loss():
-                return super()._fam_flatness(generator)
-            cfg = self.args
-            if cfg.loss_type != "nll":
-                raise ValueError(
-                    f"loss_type={cfg.loss_type!r} weighs each token's loss by its own detached probability, which the "
-                    "LM-head closed form does not mirror; use loss_type='nll' with FAMSFTTrainer"
-                )
-            flatness = HeadInputFlatness(
-                self.model,
-                hessian_grad=cfg.fam_hessian_grad,
-                scale=cfg.fam_scale,
-                generator=generator,
-                token_fraction=cfg.fam_token_fraction,
+        flatness = HeadInputFlatness(
+            self.model,
+            hessian_grad=cfg.fam_hessian_grad,
+            scale=cfg.fam_scale,
+            generator=generator,
+            token_fraction=cfg.fam_token_fraction,
+        )
+        head = flatness.layer.name
+        if resolve_layer(self.model, cfg.fam_layer).name != head or cfg.fam_estimator in ("probe", "exact"):
+            raise ValueError(
+                f"fam_layer={cfg.fam_layer!r} with fam_estimator={cfg.fam_estimator!r}: SFTTrainer's loss runs "
+                "through TRL's fused LM head, which never calls the head module and has no second derivative, so "
+                "only the LM head's closed form (from the head's input) can train; use fam_layer='auto' (or "
+                f"'{head}') with fam_estimator='auto' or 'closed_form', or penalise another layer with FAMTrainer "
+                "and the full logits"
             )
-            head = flatness.layer.name
-            from .layers import resolve_layer
+        return flatness
 
-            if resolve_layer(self.model, cfg.fam_layer).name != head or cfg.fam_estimator in ("probe", "exact"):
-                raise ValueError(
-                    f"fam_layer={cfg.fam_layer!r} with fam_estimator={cfg.fam_estimator!r}: SFTTrainer's loss runs "
-                    "through TRL's fused LM head, which never calls the head module and has no second derivative, so "
-                    "only the LM head's closed form (from the head's input) can train; use fam_layer='auto' (or "
-                    f"'{head}') with fam_estimator='auto' or 'closed_form', or penalise another layer with FAMTrainer "
-                    "and the full logits"
-                )
-            return flatness
+    def _fam_loss_items(self, num_items_in_batch):
+        # the fused loss divides by num_items_in_batch whenever Trainer gives it one
+        return num_items_in_batch if self._fam_fused_loss() else super()._fam_loss_items(num_items_in_batch)
 
-        def _fam_loss_items(self, num_items_in_batch):
-            # the fused loss divides by num_items_in_batch whenever Trainer gives it one
-            return num_items_in_batch if self._fam_fused_loss() else super()._fam_loss_items(num_items_in_batch)
+    def _loss_scale(self, num_items_in_batch) -> float:
+        if self._fam_fused_loss():  # as SFTTrainer.compute_loss scales its loss
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                return self.accelerator.num_processes // self.get_tp_size()
+            return 1
+        return super()._loss_scale(num_items_in_batch)
 
-        def _loss_scale(self, num_items_in_batch) -> float:
-            if self._fam_fused_loss():  # as SFTTrainer.compute_loss scales its loss
-                if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-                    return self.accelerator.num_processes // self.get_tp_size()
-                return 1
-            return super()._loss_scale(num_items_in_batch)
 
-    @dataclass
-    class SAMSFTConfig(SAMFields, SFTConfig):
-        """Training arguments for :class:`SAMSFTTrainer`: every ``trl.SFTConfig`` field, with TRL's defaults, plus
-        the ``sam_*`` fields of :class:`~fam_hf.sam_config.SAMFields`."""
+@dataclass
+class SAMSFTConfig(SAMFields, SFTConfig):
+    """Training arguments for :class:`SAMSFTTrainer`: every ``trl.SFTConfig`` field, with TRL's defaults, plus
+    the ``sam_*`` fields of :class:`~fam_hf.sam_config.SAMFields`."""
 
-    class SAMSFTTrainer(SAMMixin, SFTTrainer):
-        """``trl.SFTTrainer`` stepping with SAM's (or ASAM's) gradient (:class:`~fam_hf.sam_trainer.SAMMixin`).
-        Takes exactly what ``SFTTrainer`` takes, with ``args`` a :class:`SAMSFTConfig`."""
 
-        _sam_config_name = "SAMSFTConfig"
-        _tag_names = [*SFTTrainer._tag_names, "sam"]
+class SAMSFTTrainer(SAMMixin, SFTTrainer):
+    """``trl.SFTTrainer`` stepping with SAM's (or ASAM's) gradient (:class:`~fam_hf.sam_trainer.SAMMixin`).
+    Takes exactly what ``SFTTrainer`` takes, with ``args`` a :class:`SAMSFTConfig`."""
 
-        @contextlib.contextmanager
-        def _sam_second_pass(self):
-            # SFTTrainer.compute_loss appends entropy/token accuracy and adds to the token count on every call
-            metrics = {key: list(values) for key, values in self._metrics["train"].items()}
-            tokens = self._total_train_tokens
-            try:
-                yield
-            finally:
-                self._metrics["train"].clear()
-                self._metrics["train"].update(metrics)
-                self._total_train_tokens = tokens
+    _sam_config_name = "SAMSFTConfig"
+    _tag_names = [*SFTTrainer._tag_names, "sam"]
 
-    classes = {
-        "FAMSFTConfig": FAMSFTConfig,
-        "FAMSFTTrainer": FAMSFTTrainer,
-        "SAMSFTConfig": SAMSFTConfig,
-        "SAMSFTTrainer": SAMSFTTrainer,
-    }
-    for name, cls in classes.items():  # importable (and picklable: training_args.bin) as fam_hf.trl.<name>
-        cls.__module__, cls.__qualname__ = __name__, name
-    return classes
+    @contextlib.contextmanager
+    def _sam_second_pass(self):
+        # SFTTrainer.compute_loss appends entropy/token accuracy and adds to the token count on every call
+        metrics = {key: list(values) for key, values in self._metrics["train"].items()}
+        tokens = self._total_train_tokens
+        try:
+            yield
+        finally:
+            self._metrics["train"].clear()
+            self._metrics["train"].update(metrics)
+            self._total_train_tokens = tokens

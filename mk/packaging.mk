@@ -8,7 +8,7 @@
 PYTHON_FLOOR ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.10.*/bin/python3.10) python3.10)
 FLOOR_VENV ?= outputs/venv-floor
 FLOOR_TESTS := tests/test_estimators.py tests/test_layers.py tests/test_trainer.py tests/test_distributed.py \
-	tests/test_scale.py tests/test_sam_trainer.py tests/test_measures.py
+	tests/test_scale.py tests/test_sam_trainer.py tests/test_measures.py tests/test_lm_head.py
 
 .PHONY: test-floor test-wheel
 
@@ -17,7 +17,7 @@ test-floor:
 	rm -rf $(FLOOR_VENV)
 	$(PYTHON_FLOOR) -m venv $(FLOOR_VENV)
 	$(PYTHON) mk/floor.py > $(FLOOR_VENV)/floor.txt
-	$(FLOOR_VENV)/bin/python -m pip install --quiet -c $(FLOOR_VENV)/floor.txt -e ".[dev]"
+	$(FLOOR_VENV)/bin/python -m pip install --quiet -c $(FLOOR_VENV)/floor.txt -e ".[test]"
 	$(FLOOR_VENV)/bin/python -m pip list --format freeze > $(FLOOR_VENV)/installed.txt
 	. $(FLOOR_VENV)/bin/activate && python -m pytest -q $(FLOOR_TESTS)
 

@@ -58,7 +58,7 @@ def distribution(module: str) -> str:
 @pytest.mark.parametrize(
     "folder, groups",
     [("fam_hf", ("core", "plots", "deepspeed")), ("recipes", ("core", "plots")), ("benchmarks", ("core", "bitsandbytes")),
-     ("tests", ("core", "dev", "plots", "deepspeed"))],
+     ("tests", ("core", "test", "plots", "deepspeed", "trl"))],
 )  # fmt: skip
 def test_every_import_is_declared(folder, groups):
     declared = {
@@ -77,15 +77,27 @@ def test_the_extras_the_errors_name_exist_with_their_modules():
         assert {distribution(m) for m in modules} <= {requirement_name(r) for r in extras[extra]}
 
 
+# Modules that exist for one extra's library: without it they raise MissingExtraError naming the extra.
+INTEGRATIONS = {"fam_hf.trl": "trl"}
+
+
 def test_import_fam_hf_needs_no_extra():
-    """Every module of the package imports with the extras' modules missing (they load where a feature needs them)."""
+    """Every module of the package imports with the extras' modules missing (they load where a feature needs
+    them), except an integration module, which says which extra to install."""
     blocked = sorted({m for modules in EXTRAS.values() for m in modules})
     code = (
         f"import sys, pkgutil, importlib\nfor m in {blocked!r}: sys.modules[m] = None\n"
-        "import fam_hf\nfor info in pkgutil.walk_packages(fam_hf.__path__, 'fam_hf.'): importlib.import_module(info.name)\n"
-        "from fam_hf import FAMConfig, FAMTrainer, SAMConfig, SAMTrainer, FlatnessCallback\n"
+        "import fam_hf\nfrom fam_hf.extras import MissingExtraError\nrefused = {}\n"
+        "for info in pkgutil.walk_packages(fam_hf.__path__, 'fam_hf.'):\n"
+        "    try:\n        importlib.import_module(info.name)\n"
+        "    except MissingExtraError as err:\n        refused[info.name] = str(err)\n"
+        "from fam_hf import FAMConfig, FAMTrainer, SAMConfig, SAMTrainer, FlatnessCallback\nprint(repr(refused))\n"
     )
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+    done = subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, capture_output=True, text=True)
+    refused = ast.literal_eval(done.stdout.strip().splitlines()[-1])
+    assert set(refused) == set(INTEGRATIONS)
+    for module, extra in INTEGRATIONS.items():
+        assert f"pip install 'fam_hf[{extra}]'" in refused[module]
 
 
 def fake_run(folder: Path) -> Path:
