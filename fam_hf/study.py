@@ -1,22 +1,35 @@
-"""What the study recipe (``recipes/study.py``) needs beyond training: its arguments, and the aggregation of
-finished runs into tables (mean ± 95% t-interval over seeds, paired differences, Kendall τ between κ and the
-generalization gap across runs and checkpoints) and plots."""
+"""What the study recipe (``recipes/study.py``) needs beyond training: its arguments, the methods and their grids,
+the data-size regimes, selection on validation, and the aggregation of the run records into tables (statistics in
+``fam_hf.study_stats``). Aggregation reads only the records, sorts them, and writes no clock or machine of its own,
+so rebuilding the tables from the same records gives the same bytes."""
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
-import platform
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
+from .study_stats import bootstrap_tau, mean_ci, paired
 
-from .plots import plot_runs, pyplot
-
-METHODS = ("plain", "fam", "sam")
+# the methods, in the order they run and are tabled; CHEAP: what a user would turn instead of FAM
+METHODS = ("plain", "weight_decay", "label_smoothing", "sam", "fam", "fam_body")
+CHEAP = ("plain", "weight_decay", "label_smoothing")
+PARAMETER = {"weight_decay": "wd", "label_smoothing": "ls", "sam": "rho", "fam": "lambda", "fam_body": "lambda"}
+LABEL = {"plain": "plain", "weight_decay": "weight decay", "label_smoothing": "label smoothing", "sam": "SAM",
+         "fam": "FAM head", "fam_body": "FAM body"}  # fmt: skip
+SYMBOL = {"weight_decay": "wd", "label_smoothing": "ε", "sam": "ρ", "fam": "λ", "fam_body": "λ"}
+# measures compared with the gap: (key in a checkpoint, label); *_train on the fixed train batches
+MEASURES = (
+    ("kappa_train", "κ (train batches)"),
+    ("kappa_eval", "κ (test batches)"),
+    ("hessian_trace_train", "Hessian trace"),
+    ("top_eigenvalue_train", "top eigenvalue"),
+    ("sam_sharpness_train", "SAM sharpness"),
+    ("jacobian_norm_train", "Jacobian norm"),
+)
 
 
 @dataclass
@@ -28,70 +41,114 @@ class StudyArguments:
     study_metric: str = field(
         metadata={"help": "Metric compared and selected on: test_<m>, validation_<m> (accuracy, perplexity)."}
     )
-    study_fam_lambdas: list[float] = field(
-        metadata={"help": "FAM's λ grid, searched on the first seed's validation split."}
-    )
+    study_fam_lambdas: list[float] = field(metadata={"help": "fam: λ grid (FAM on fam_layer, the config's estimator)."})
     study_seeds: list[int] = field(
-        default_factory=lambda: [0, 1, 2, 3, 4], metadata={"help": "Seeds; the first one also selects λ/ρ."}
+        default_factory=lambda: [0, 1, 2, 3, 4], metadata={"help": "Seeds; the first one also selects each grid value."}
     )
-    study_methods: list[str] = field(
-        default_factory=lambda: list(METHODS), metadata={"help": "Any of plain, fam, sam."}
-    )
+    study_methods: list[str] = field(default_factory=lambda: list(METHODS), metadata={"help": f"Any of {', '.join(METHODS)}."})  # fmt: skip
     study_higher_is_better: bool = field(default=True, metadata={"help": "True for accuracy, False for perplexity."})
-    study_sam_rhos: list[float] = field(
-        default_factory=lambda: [0.05], metadata={"help": "SAM's ρ grid (one value: no search)."}
-    )
+    study_sam_rhos: list[float] = field(default_factory=lambda: [0.05], metadata={"help": "sam: ρ grid."})
     study_sam_adaptive: bool = field(default=False, metadata={"help": "ASAM instead of SAM."})
+    study_weight_decays: list[float] = field(default_factory=list, metadata={"help": "weight_decay: AdamW's weight decay grid (plain runs keep the config's)."})  # fmt: skip
+    study_label_smoothings: list[float] = field(default_factory=list, metadata={"help": "label_smoothing: label_smoothing_factor grid (trained by transformers.Trainer; κ measured as in every run)."})  # fmt: skip
+    study_fam_body_lambdas: list[float] = field(default_factory=list, metadata={"help": "fam_body: λ grid for FAM on study_fam_body_layer."})  # fmt: skip
+    study_fam_body_layer: str = field(default="", metadata={"help": "fam_body: the body layer penalised (probe estimator)."})  # fmt: skip
+    study_fam_body_estimator: str = field(default="probe", metadata={"help": "fam_body: the estimator of κ in training."})  # fmt: skip
+    study_train_sizes: list[int] = field(default_factory=list, metadata={"help": "Data-size regimes: training examples per regime (0: all); empty: the config's max_train_samples."})  # fmt: skip
+    study_epochs: list[float] = field(default_factory=list, metadata={"help": "Epochs per regime (same length as study_train_sizes): the same schedule for every method of a regime."})  # fmt: skip
+    study_records_dir: str = field(default="", metadata={"help": "Where the run records and tables go (a tracked folder, e.g. studies/<task>); empty: output_dir. A run whose record is there is finished."})  # fmt: skip
+    study_bootstrap: int = field(default=1000, metadata={"help": "Bootstrap resamples (over runs) for the τ intervals."})  # fmt: skip
     study_quick: bool = field(
         default=False, metadata={"help": "A reduced study (fewer seeds/steps): labelled QUICK everywhere."}
     )
     study_note: str = field(
         default="", metadata={"help": "What the settings are, for results.md (e.g. what quick mode cut)."}
     )
-    study_only_aggregate: bool = field(default=False, metadata={"help": "Train nothing; rebuild the tables and plots from runs/."})  # fmt: skip
+    study_only_aggregate: bool = field(default=False, metadata={"help": "Train nothing; rebuild the tables from the records."})  # fmt: skip
 
 
-def best_value(runs: list[dict], study: StudyArguments, method: str):
-    """λ (FAM) or ρ (SAM) of the run with the best ``validation_metric``; ``runs`` in grid order."""
+def grid(study: StudyArguments, method: str) -> list:
+    """The method's grid values (``[None]`` for plain)."""
+    return {
+        "plain": [None],
+        "weight_decay": study.study_weight_decays,
+        "label_smoothing": study.study_label_smoothings,
+        "sam": study.study_sam_rhos,
+        "fam": study.study_fam_lambdas,
+        "fam_body": study.study_fam_body_lambdas,
+    }[method]
+
+
+def methods(study: StudyArguments) -> list[str]:
+    return [m for m in METHODS if m in study.study_methods]
+
+
+def check_study(study: StudyArguments) -> None:
+    """Bad settings stop the study before any training, naming the fix."""
+    unknown = [m for m in study.study_methods if m not in METHODS]
+    if unknown or not study.study_methods:
+        raise ValueError(f"study_methods {study.study_methods}: choose from {', '.join(METHODS)}")
+    if not study.study_seeds:
+        raise ValueError("study_seeds needs at least one seed")
+    sizes = {m: len(grid(study, m)) for m in methods(study) if m != "plain"}
+    if any(n == 0 for n in sizes.values()):
+        empty = [m for m, n in sizes.items() if n == 0]
+        raise ValueError(f"methods {empty} have an empty grid; set their study_* grid or drop them from study_methods")
+    if len(set(sizes.values())) > 1:
+        raise ValueError(
+            f"every method gets the same grid budget, but the grids have {sizes} points; give each the same number"
+        )
+    for method in ("fam", "fam_body"):
+        if method in study.study_methods and min(grid(study, method)) <= 0:
+            raise ValueError(f"study grid of {method} {grid(study, method)}: FAM's λ must be > 0 (plain is λ = 0)")
+    if "fam_body" in study.study_methods and not study.study_fam_body_layer:
+        raise ValueError("fam_body needs study_fam_body_layer (e.g. bert.encoder.layer.5.output.dense)")
+    if study.study_train_sizes and len(study.study_epochs) != len(study.study_train_sizes):
+        raise ValueError(
+            f"study_epochs {study.study_epochs} needs one value per regime of study_train_sizes {study.study_train_sizes}"
+        )
+
+
+def regimes(study: StudyArguments, max_train_samples: int | None, epochs: float) -> list[tuple[str, int | None, float]]:
+    """``[(name, max_train_samples or None for all, epochs)]``: ``n100``, ``nall``, … in the order given."""
+    if not study.study_train_sizes:
+        return [(f"n{max_train_samples or 'all'}", max_train_samples, epochs)]
+    return [(f"n{n or 'all'}", n or None, e) for n, e in zip(study.study_train_sizes, study.study_epochs)]
+
+
+def run_name(method: str, value, seed: int) -> str:
+    return f"{method}-seed{seed}" if value is None else f"{method}-{PARAMETER[method]}{value:g}-seed{seed}"
+
+
+def best_value(runs: list[dict], study: StudyArguments):
+    """The grid value of the run with the best ``validation_metric``; ``runs`` in grid order (ties: the first)."""
     sign = 1 if study.study_higher_is_better else -1
-    best = max(runs, key=lambda r: sign * r["validation_metric"])  # max keeps the first of equals
-    return best["lambda" if method == "fam" else "rho"]
+    return max(runs, key=lambda r: sign * r["validation_metric"])["value"]
 
 
-def mean_ci(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float]:
-    """Mean and the half-width of its two-sided t-interval: ``t_{(1+c)/2, n−1} · s / √n`` (``s``: n−1 std).
-
-    NaN half-width for fewer than two values (no spread to estimate).
-    """
-    from scipy import stats
-
-    x = np.asarray(values, dtype=float)
-    if len(x) < 2:
-        return (float(x.mean()) if len(x) else float("nan")), float("nan")
-    half = stats.t.ppf((1 + confidence) / 2, len(x) - 1) * x.std(ddof=1) / np.sqrt(len(x))
-    return float(x.mean()), float(half)
-
-
-def kendall_tau(x: Sequence[float], y: Sequence[float]) -> tuple[float, float, int]:
-    """Kendall's τ-b between ``x`` and ``y`` (``scipy.stats.kendalltau``), its two-sided p-value, and n.
-
-    Pairs with a NaN are dropped; NaN τ for fewer than three pairs.
-    """
-    from scipy import stats
-
-    pairs = [(a, b) for a, b in zip(x, y) if np.isfinite(a) and np.isfinite(b)]
-    if len(pairs) < 3:
-        return float("nan"), float("nan"), len(pairs)
-    result = stats.kendalltau([a for a, _ in pairs], [b for _, b in pairs])
-    return float(result.statistic), float(result.pvalue), len(pairs)
+def chosen_values(records: list[dict], study: StudyArguments, regime: str) -> dict[str, object]:
+    """Per method, the value selected on the first seed's validation metric in ``regime`` (only validation is
+    read; a method whose grid is not finished on the first seed has no choice yet)."""
+    chosen = {}
+    for method in methods(study):
+        values = grid(study, method)
+        first = {r["value"]: r for r in records if r["regime"] == regime and r["method"] == method
+                 and r["seed"] == study.study_seeds[0]}  # fmt: skip
+        if all(v in first for v in values):
+            chosen[method] = values[0] if len(values) == 1 else best_value([first[v] for v in values], study)
+    return chosen
 
 
-# -- aggregation: tables, statistics, plots ---------------------------------------------------------------
+# -- aggregation ----------------------------------------------------------------------------------------------
+
+
+def sort_key(record: dict) -> tuple:
+    return (record["regime_order"], METHODS.index(record["method"]), record["value"] or 0.0, record["seed"])
 
 
 def trajectory(record: dict) -> list[dict]:
-    """The run's checkpoints, starting with step 0: the recipe's measures before training (same fixed
-    batches, same estimator as the callback's)."""
+    """The run's checkpoints, starting with step 0: the recipe's κ and loss before training (same fixed batches,
+    same estimator as the callback's), then the FlatnessCallback's (the last one at the end of training)."""
     start = {
         "step": 0,
         "kappa_train": record["kappa_train_start"],
@@ -103,302 +160,168 @@ def trajectory(record: dict) -> list[dict]:
     return [start] + [c for c in record["checkpoints"] if c["step"] > 0]
 
 
-def compared_runs(records: list[dict], study: StudyArguments) -> dict[str, list[dict]]:
-    """Per method, one run per seed: every plain run; FAM at the selected λ and SAM at the selected ρ, i.e.
-    the grid value with the best validation metric on the first seed (the value the other seeds ran with)."""
-    chosen = {}
-    grids = {"fam": study.study_fam_lambdas, "sam": study.study_sam_rhos}
-    for method in METHODS:
-        runs = [r for r in records if r["method"] == method]
-        if not runs:
-            continue
-        if method != "plain":
-            key = "lambda" if method == "fam" else "rho"
-            order = {value: i for i, value in enumerate(grids[method])}
-            first = sorted(
-                (r for r in runs if r["seed"] == study.study_seeds[0]), key=lambda r: order.get(r[key], len(order))
-            )
-            value = best_value(first or runs, study, method)
-            runs = [r for r in runs if r[key] == value]
-        chosen[method] = sorted(runs, key=lambda r: r["seed"])
-    return chosen
+def final(record: dict) -> dict:
+    """The run's last checkpoint (the callback's end-of-training measures; step 0 if it has none)."""
+    return trajectory(record)[-1]
 
 
-QUANTITIES = [  # (key in a record, label, format)
-    ("test_metric", "test {metric}", ".4f"),
-    ("test_f1", "test F1", ".4f"),
-    ("test_loss", "test loss (all test)", ".4f"),
-    ("loss_train_end", "train loss (fixed batches)", ".4f"),
-    ("loss_test_end", "test loss (fixed batches)", ".4f"),
-    ("gap", "gap = test − train", ".4f"),
-    ("kappa", "κ end (train batches)", ".4g"),
-    ("sam_sharpness_train", "SAM sharpness end", ".4g"),
-    ("hessian_trace_train", "Hessian trace end", ".4g"),
-    ("train_runtime", "train time (s)", ".0f"),
-]
+def measure_table(records: list[dict], study: StudyArguments) -> list[dict]:
+    """Kendall τ-b of each measure with the gap, per regime and over all regimes: across runs (each run's last
+    checkpoint, grid runs included) and across checkpoints (every checkpoint of every run, step 0 included where
+    the measure exists), each with a bootstrap interval that resamples runs."""
+    rows = []
+    for regime in [*dict.fromkeys(r["regime"] for r in records), "all"]:
+        runs = [r for r in records if regime in ("all", r["regime"])]
+        for key, label in MEASURES:
+            ends = [final(r) for r in runs]
+            across = bootstrap_tau([e.get(key) for e in ends], [e["gap"] for e in ends],
+                                   resamples=study.study_bootstrap)  # fmt: skip
+            points = [(r["run_id"], c) for r in runs for c in trajectory(r)]
+            pooled = bootstrap_tau([c.get(key) for _, c in points], [c["gap"] for _, c in points],
+                                   [g for g, _ in points], resamples=study.study_bootstrap)  # fmt: skip
+            if across["n"] or pooled["n"]:
+                rows.append({"regime": regime, "measure": key, "label": label, "across_runs": across,
+                             "across_checkpoints": pooled})  # fmt: skip
+    return rows
 
 
-def final_measures(record: dict) -> dict:
-    """The record's scalars plus the callback's measures at its last checkpoint."""
-    last = record["checkpoints"][-1] if record["checkpoints"] else {}
-    return {**last, **{k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}}
-
-
-def aggregate(records: list[dict], study: StudyArguments, out: Path, wall_s: float) -> dict:
-    compared = compared_runs(records, study)
-    summary: dict = {
-        "task": study.study_name,
-        "quick": study.study_quick,
-        "note": study.study_note,
-        "metric": study.study_metric,
-        "seeds": study.study_seeds,
-        "study_wall_s_this_invocation": wall_s,
-        "runs_wall_s_total": sum(r["wall_s"] for r in records),
-        "machine": f"{platform.machine()}, {platform.system()}, Python {platform.python_version()}, torch threads "
-        f"{_threads()}",
-        "selection": selection_table(records, study),
-        "methods": {},
-        "paired_vs_plain": {},
-        "kendall": kendall_summary(records),
-    }
-    for method, runs in compared.items():
-        values = [final_measures(r) for r in runs]
-        stats = {}
-        for key, _, _ in QUANTITIES:
-            xs = [v[key] for v in values if key in v]
-            if xs:
-                mean, half = mean_ci(xs)
-                stats[key] = {"mean": mean, "ci95": half, "n": len(xs), "values": xs}
-        value = runs[0]["lambda"] if method == "fam" else runs[0]["rho"]
-        summary["methods"][method] = {"value": value, "seeds": [r["seed"] for r in runs], "stats": stats}
-    if "plain" in compared:
-        plain = {r["seed"]: final_measures(r) for r in compared["plain"]}
-        for method, runs in compared.items():
-            if method == "plain":
+def summarize(records: list[dict], study: StudyArguments) -> dict:
+    """Everything the tables show, from the records alone."""
+    records = sorted(records, key=sort_key)
+    metric, higher = study.study_metric, study.study_higher_is_better
+    summary: dict = {"task": study.study_name, "quick": study.study_quick, "note": study.study_note, "metric": metric,
+                     "seeds": study.study_seeds, "regimes": {}, "selection": [], "measures": []}  # fmt: skip
+    summary["machines"] = sorted({r.get("machine", "?") for r in records})
+    for regime in dict.fromkeys(r["regime"] for r in records):
+        runs = [r for r in records if r["regime"] == regime]
+        chosen = chosen_values(records, study, regime)
+        finals = {m: {r["seed"]: r for r in runs if r["method"] == m and r["value"] == v} for m, v in chosen.items()}
+        cheap = [m for m in CHEAP if m in finals and finals[m]]
+        # the best cheap baseline: by the mean *validation* metric over its seeds
+        sign = 1 if higher else -1
+        best_cheap = max(cheap, key=lambda m: sign * mean_ci([r["validation_metric"] for r in finals[m].values()])[0],
+                         default=None)  # fmt: skip
+        table = {}
+        for method, by_seed in finals.items():
+            if not by_seed:
                 continue
-            paired = {}
-            for key in ("test_metric", "gap", "kappa"):
-                diffs = [final_measures(r)[key] - plain[r["seed"]][key] for r in runs if r["seed"] in plain]
-                if diffs:
-                    mean, half = mean_ci(diffs)
-                    paired[key] = {"mean": mean, "ci95": half, "n": len(diffs), "values": diffs}
-            summary["paired_vs_plain"][method] = paired
-    write_tables(records, out)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    summary["plots"] = [str(p.relative_to(out)) for p in write_plots(records, compared, summary, study, out)]
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    (out / "results.md").write_text(markdown(summary, study))
+            row = {"value": chosen[method], "seeds": sorted(by_seed), "epochs": next(iter(by_seed.values()))["epochs"]}
+            for key in ("test_metric", "validation_metric", "loss_train_end", "test_loss", "loss_test_end", "gap",
+                        "kappa_train_end", "kappa_test_end", "lambda_share_start", "wall_s"):  # fmt: skip
+                xs = [r[key] for r in by_seed.values() if r.get(key) is not None]
+                if xs:
+                    row[key] = dict(zip(("mean", "ci95"), mean_ci(xs)), n=len(xs))
+            test = {s: r["test_metric"] for s, r in by_seed.items()}
+            for name, reference in (("vs_plain", "plain"), ("vs_best_cheap", best_cheap)):
+                if reference and reference != method and reference in finals:
+                    ref = {s: r["test_metric"] for s, r in finals[reference].items()}
+                    row[name] = paired(test, ref, higher)
+            table[method] = row
+        summary["regimes"][regime] = {"best_cheap": best_cheap, "methods": table}
+        for r in runs:
+            if r["seed"] == study.study_seeds[0] and len(grid(study, r["method"])) > 1:
+                summary["selection"].append({k: r.get(k) for k in ("regime", "method", "value", "validation_metric",
+                    "test_metric", "loss_train_end", "gap", "kappa_train_end", "lambda_share_start")})  # fmt: skip
+                summary["selection"][-1]["chosen"] = chosen.get(r["method"]) == r["value"]
+    summary["measures"] = measure_table(records, study)
     return summary
 
 
-def _threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
+def _f(value, spec: str = ".4f") -> str:
+    return "–" if value is None or (isinstance(value, float) and not math.isfinite(value)) else f"{value:{spec}}"
 
 
-def selection_table(records: list[dict], study: StudyArguments) -> list[dict]:
-    rows = [r for r in records if r["selection"]]
-    return [
-        {
-            "method": r["method"],
-            "value": r["lambda"] if r["method"] == "fam" else r["rho"],
-            "seed": r["seed"],
-            "validation_metric": r["validation_metric"],
-            "test_metric": r["test_metric"],
-            "kappa": r["kappa"],
-        }
-        for r in sorted(rows, key=lambda r: (r["method"], r["lambda"], r["rho"] or 0))
-    ]
-
-
-def kendall_summary(records: list[dict]) -> dict:
-    """Kendall τ between each flatness measure and the gap: across runs (final values of every run, grid
-    runs included) and across checkpoints (every run's every checkpoint, step 0 included, pooled; and per run,
-    then the median over runs)."""
-    finals = [final_measures(r) for r in records]
-    measures = ["kappa"] + sorted(
-        {k.removesuffix("_train") for f in finals for k in f if k.endswith("_train") and k not in ("loss_train",)}
-        - {"kappa"}
-    )
-    result: dict = {"across_runs": {}, "across_checkpoints": {}, "within_run_median": {}}
-    for name in measures:
-        key = "kappa" if name == "kappa" else f"{name}_train"
-        xs = [f.get(key, math.nan) for f in finals]
-        tau, p, n = kendall_tau(xs, [f["gap"] for f in finals])
-        result["across_runs"][name] = {"tau": tau, "p": p, "n": n}
-        points = [c for r in records for c in trajectory(r)]
-        tau, p, n = kendall_tau([c.get(f"{name}_train", math.nan) for c in points], [c["gap"] for c in points])
-        result["across_checkpoints"][name] = {"tau": tau, "p": p, "n": n}
-        within = [
-            kendall_tau([c.get(f"{name}_train", math.nan) for c in trajectory(r)], [c["gap"] for c in trajectory(r)])[0]
-            for r in records
-        ]
-        within = [t for t in within if np.isfinite(t)]
-        result["within_run_median"][name] = {
-            "tau": float(np.median(within)) if within else math.nan,
-            "runs": len(within),
-        }
-    return result
-
-
-def write_tables(records: list[dict], out: Path) -> None:
-    with open(out / "runs.jsonl", "w") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
-    flat = [{k: v for k, v in r.items() if k != "checkpoints"} for r in records]
-    columns = list(dict.fromkeys(k for r in flat for k in r))
-    with open(out / "runs.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, columns)
-        writer.writeheader()
-        writer.writerows(flat)
-    points = [{"run": r["run"], "method": r["method"], "seed": r["seed"], **c} for r in records for c in trajectory(r)]
-    columns = list(dict.fromkeys(k for p in points for k in p)) or ["run"]
-    with open(out / "checkpoints.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, columns)
-        writer.writeheader()
-        writer.writerows(points)
-
-
-def _fmt(stat: dict | None, spec: str) -> str:
-    if stat is None:
+def _stat(stat: dict | None, spec: str = ".4f") -> str:
+    if not stat:
         return "–"
     if stat["n"] < 2:
-        return f"{stat['mean']:{spec}} (n=1)"
-    return f"{stat['mean']:{spec}} ± {stat['ci95']:{spec}}"
+        return f"{_f(stat['mean'], spec)} (n=1)"
+    return f"{_f(stat['mean'], spec)} ± {_f(stat['ci95'], spec)}"
 
 
-def _label(method: str, info: dict) -> str:
-    if method == "fam":
-        return f"FAM (λ = {info['value']:g})"
-    if method == "sam":
-        return f"SAM (ρ = {info['value']:g})"
-    return "plain (λ = 0)"
+def _diff(stat: dict | None) -> str:
+    if not stat:
+        return "–"
+    return f"{_stat(stat, '+.4f')} ({stat['in_favour']}/{stat['n']})"
 
 
-def markdown(summary: dict, study: StudyArguments) -> str:
+def _label(method: str, value) -> str:
+    return LABEL[method] if value is None else f"{LABEL[method]} ({SYMBOL[method]} = {value:g})"
+
+
+def markdown(summary: dict) -> str:
     metric = summary["metric"]
-    quick = " — QUICK (reduced seeds/steps; not the full study)" if summary["quick"] else ""
-    lines = [f"# {summary['task']}{quick}", ""]
+    quick = " — QUICK (reduced; not the full study)" if summary["quick"] else ""
+    lines = [f"# {summary['task']}{quick}", "", "Rebuilt from the run records by `recipes/study.py --study_only_aggregate true`; do not edit.", ""]  # fmt: skip
     if summary["note"]:
         lines += [summary["note"], ""]
-    seeds = ", ".join(map(str, summary["seeds"]))
     lines += [
-        f"Seeds {seeds}. Mean ± half-width of the 95% t-interval over seeds. Gap and κ on fixed train/test batches "
-        f"in eval mode; κ of the same layer with the same estimator for every method. Runs took "
-        f"{summary['runs_wall_s_total'] / 60:.1f} min in all ({summary['machine']}).",
+        f"Mean ± half-width of the 95% t-interval over seeds (selection on seed {summary['seeds'][0]}'s validation "
+        f"split). Δ: paired by seed, test {metric} − the reference's, with the seeds in favour. Train/test loss and "
+        "gap (= test − train) on the fixed batches in eval mode; κ of the same layer (the config's fam_layer) for "
+        "every method. Share = λ·κ₀/L₀, the penalty's share of the loss at the first logged step.",
         "",
     ]
-    present = [q for q in QUANTITIES if any(q[0] in m["stats"] for m in summary["methods"].values())]
-    header = ["method", "n"] + [label.format(metric=metric) for _, label, _ in present]
-    lines += ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
-    for method, info in summary["methods"].items():
-        cells = [_label(method, info), str(len(info["seeds"]))]
-        cells += [_fmt(info["stats"].get(key), spec) for key, _, spec in present]
-        lines.append("| " + " | ".join(cells) + " |")
-    if summary["paired_vs_plain"]:
-        lines += [
-            "",
-            "Paired by seed, method − plain:",
-            "",
-            f"| method | Δ test {metric} | Δ gap | Δ κ |",
-            "| --- | --- | --- | --- |",
-        ]
-        for method, paired in summary["paired_vs_plain"].items():
-            label = _label(method, summary["methods"][method])
-            lines.append(
-                f"| {label} | " + " | ".join(_fmt(paired.get(k), ".4g") for k in ("test_metric", "gap", "kappa")) + " |"
-            )
+    for regime, info in summary["regimes"].items():
+        best = info["best_cheap"]
+        lines += [f"## Regime {regime}", "", f"Best cheap baseline (by mean validation {metric}): "
+                  f"{LABEL.get(best, '–') if best else '–'}.", ""]  # fmt: skip
+        header = ["method", "epochs", "seeds", f"test {metric}", "Δ vs plain", "Δ vs best cheap", "train loss",
+                  "test loss", "gap", "κ end (train)", "κ end (test)", "share λκ₀/L₀"]  # fmt: skip
+        lines += ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+        for method, row in info["methods"].items():
+            cells = [_label(method, row["value"]), f"{row['epochs']:g}", str(len(row["seeds"])),
+                     _stat(row.get("test_metric")), _diff(row.get("vs_plain")), _diff(row.get("vs_best_cheap")),
+                     _stat(row.get("loss_train_end")), _stat(row.get("loss_test_end")), _stat(row.get("gap")),
+                     _stat(row.get("kappa_train_end"), ".4g"), _stat(row.get("kappa_test_end"), ".4g"),
+                     _stat(row.get("lambda_share_start"), ".3g")]  # fmt: skip
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
     if summary["selection"]:
-        lines += [
-            "",
-            f"Selection on seed {summary['seeds'][0]} (validation {metric}; test shown for reference only):",
-            "",
-        ]
-        lines += [
-            f"| method | λ or ρ | validation {metric} | test {metric} | κ end |",
-            "| --- | --- | --- | --- | --- |",
-        ]
-        for row in summary["selection"]:
-            lines.append(
-                f"| {row['method']} | {row['value']:g} | {row['validation_metric']:.4f} | {row['test_metric']:.4f} | {row['kappa']:.4g} |"
-            )
-    lines += ["", "Kendall τ with the gap (test − train loss on the fixed batches):", ""]
-    lines += [
-        "| measure (train batches) | across runs (final) | across checkpoints (pooled) | within a run (median) |",
-        "| --- | --- | --- | --- |",
-    ]
-    kendall = summary["kendall"]
-    for name in kendall["across_runs"]:
-        a, c, w = (kendall[k][name] for k in ("across_runs", "across_checkpoints", "within_run_median"))
-        lines.append(
-            f"| {name} | {a['tau']:.3f} (p = {a['p']:.2g}, n = {a['n']}) | {c['tau']:.3f} (p = {c['p']:.2g}, n = {c['n']}) "
-            f"| {w['tau']:.3f} ({w['runs']} runs) |"
-        )
-    lines += ["", "Plots: " + ", ".join(f"`{p}`" for p in summary.get("plots", [])), ""]
+        lines += [f"## Selection (seed {summary['seeds'][0]}; validation picks, test for reference only)", "",
+                  f"| regime | method | value | chosen | validation {metric} | test {metric} | train loss | gap | κ end | share |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+        for s in summary["selection"]:
+            lines.append(f"| {s['regime']} | {LABEL[s['method']]} | {s['value']:g} | {'✓' if s['chosen'] else ''} | "
+                         f"{_f(s['validation_metric'])} | {_f(s['test_metric'])} | {_f(s['loss_train_end'])} | "
+                         f"{_f(s['gap'])} | {_f(s['kappa_train_end'], '.4g')} | {_f(s['lambda_share_start'], '.3g')} |")  # fmt: skip
+        lines.append("")
+    if summary["measures"]:
+        lines += ["## Which measure tracks the gap? Kendall τ-b [95% bootstrap interval over runs]", "",
+                  "| regime | measure | across runs (last checkpoint) | across checkpoints (pooled) |",
+                  "| --- | --- | --- | --- |"]  # fmt: skip
+        for m in summary["measures"]:
+            cells = []
+            for k in ("across_runs", "across_checkpoints"):
+                t = m[k]
+                cells.append(f"{_f(t['tau'], '.3f')} [{_f(t['lo'], '.2f')}, {_f(t['hi'], '.2f')}] "
+                             f"(n = {t['n']}, {t['groups']} runs)" if t["n"] else "–")  # fmt: skip
+            lines.append(f"| {m['regime']} | {m['label']} | {cells[0]} | {cells[1]} |")
+        lines.append("")
+    lines += ["Machines: " + "; ".join(summary["machines"]), ""]
     return "\n".join(lines)
 
 
-def write_plots(records, compared, summary, study: StudyArguments, out: Path) -> list[Path]:
-    plt = pyplot("the study's plots")
+def write_tables(records: list[dict], study: StudyArguments, folder: Path) -> dict:
+    """``runs.jsonl``, ``runs.csv``, ``checkpoints.csv``, ``summary.json`` and ``results.md`` in ``folder``,
+    from ``records`` alone (same records → same bytes)."""
+    records = sorted(records, key=sort_key)
+    summary = summarize(records, study)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "runs.jsonl").write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+    flat = [{k: v for k, v in sorted(r.items()) if k != "checkpoints"} for r in records]
+    (folder / "runs.csv").write_text(_csv(flat))
+    points = [{"run_id": r["run_id"], **c} for r in records for c in trajectory(r)]
+    (folder / "checkpoints.csv").write_text(_csv(points))
+    (folder / "summary.json").write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
+    (folder / "results.md").write_text(markdown(summary))
+    return summary
 
-    plots = out / "plots"
-    plots.mkdir(parents=True, exist_ok=True)
-    quick = " [QUICK]" if study.study_quick else ""
-    colors = {"plain": "tab:gray", "fam": "tab:blue", "sam": "tab:orange"}
-    written = []
 
-    # gap vs κ: every run's final values; every checkpoint of every run
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), dpi=120)
-    kendall = summary["kendall"]
-    for method in METHODS:
-        runs = [r for r in records if r["method"] == method]
-        if not runs:
-            continue
-        axes[0].scatter(
-            [r["kappa"] for r in runs], [r["gap"] for r in runs], color=colors[method], label=method, alpha=0.8
-        )
-        points = [c for r in runs for c in trajectory(r)]
-        axes[1].scatter(
-            [c["kappa_train"] for c in points],
-            [c["gap"] for c in points],
-            color=colors[method],
-            label=method,
-            s=12,
-            alpha=0.6,
-        )
-    for ax, key, what in ((axes[0], "across_runs", "runs (final)"), (axes[1], "across_checkpoints", "checkpoints")):
-        k = kendall[key]["kappa"]
-        ax.set_title(f"{what}: Kendall τ = {k['tau']:.2f} (p = {k['p']:.2g}, n = {k['n']})")
-        ax.set_xlabel("κ (train batches)")
-        ax.set_ylabel("gap = test − train loss")
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize="small")
-    fig.suptitle(f"{study.study_name}{quick}: generalization gap vs relative flatness")
-    fig.tight_layout()
-    written.append(plots / "gap_vs_kappa.png")
-    fig.savefig(written[-1])
-    plt.close(fig)
-
-    # test metric per method: each seed, and the mean ± 95% interval
-    fig, ax = plt.subplots(figsize=(6, 4.5), dpi=120)
-    for i, (method, runs) in enumerate(compared.items()):
-        stat = summary["methods"][method]["stats"]["test_metric"]
-        ax.scatter([i] * len(runs), stat["values"], color=colors[method], alpha=0.6)
-        half = stat["ci95"] if np.isfinite(stat["ci95"]) else 0.0
-        ax.errorbar([i + 0.15], [stat["mean"]], yerr=[half], fmt="s", color="black", capsize=4)
-    ax.set_xticks(range(len(compared)), [_label(m, summary["methods"][m]) for m in compared])
-    ax.set_ylabel(f"test {study.study_metric}")
-    ax.set_title(
-        f"{study.study_name}{quick}\ntest {study.study_metric}: dots = seeds, bar = mean ± 95% CI", fontsize="small"
-    )
-    ax.grid(True, alpha=0.3)
-    fig.tight_layout()
-    written.append(plots / "test_metric.png")
-    fig.savefig(written[-1])
-    plt.close(fig)
-
-    # flatness over training of each compared method's first seed (fam_hf.plots, as `fam-hf plot`)
-    firsts = [runs[0] for runs in compared.values()]
-    written += plot_runs([out / "runs" / r["run"] for r in firsts], plots / "curves", names=[r["run"] for r in firsts])
-    return written
+def _csv(rows: list[dict]) -> str:
+    columns = list(dict.fromkeys(k for row in rows for k in row)) or ["run_id"]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()

@@ -1,9 +1,10 @@
-# The study: plain vs FAM vs SAM on real data over seeds (recipes/study.py, STUDY.md).
-# Included from the Makefile, which defines PYTHON, PIP and the `install` target.
+# The study (issue 13): when does FAM improve held-out performance, against what users would do instead?
+# (recipes/study.py, STUDY.md). Included from the Makefile, which defines PYTHON, PIP and the `install` target.
 
-# Quick: both tasks reduced to fit ≤ 45 min on 2 CPU cores (fewer seeds and steps; every output says QUICK).
-# Full: 5 seeds and the recipes' full runs; meant for a GPU (the recipes use one when there is one).
-# A finished run is never redone, so an interrupted study resumes where it stopped; outputs in outputs/study*/.
+# Quick: a smoke version of both tasks, ≤ 45 min on 2 CPU cores (every output says QUICK; records in outputs/).
+# Full: task (a) in all four data-size regimes, and SmolLM2 + LoRA; meant for a GPU. Records of task (a) go to
+# studies/minilm_rt/ (tracked): a finished run is never redone, so a study resumes from committed records.
+# Task (a)'s two smallest regimes alone, on a CPU: $(PYTHON) recipes/study.py --config configs/study_minilm_rt.yaml
 STUDY_QUICK_CONFIGS ?= configs/study_minilm_quick.yaml configs/study_smollm2_lora_quick.yaml
 STUDY_CONFIGS ?= configs/study_minilm.yaml configs/study_smollm2_lora.yaml
 

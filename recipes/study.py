@@ -1,25 +1,30 @@
-"""The study: plain fine-tuning vs FAM vs SAM on a real task, over seeds (STUDY.md).
+"""The study (issue 13, STUDY.md): when does FAM improve held-out performance, against what users would do instead?
 
-    python recipes/study.py --config configs/study_minilm_quick.yaml         # quick: fewer seeds/steps (CPU)
-    python recipes/study.py --config configs/study_minilm.yaml               # full: 5 seeds (GPU advised)
-    python recipes/study.py --config configs/study_smollm2_lora.yaml --study_seeds 0 1 2 --max_steps 100
+    python recipes/study.py --config configs/study_minilm_rt.yaml                 # task (a): MiniLM, Rotten Tomatoes
+    python recipes/study.py --config configs/study_minilm_quick.yaml              # the smoke version (make study-quick)
+    python recipes/study.py --config configs/study_minilm_rt.yaml --study_only_aggregate true   # tables from records
 
 A study config is a recipe config (``study_recipe`` names the recipe: ``finetune_classification`` or
-``finetune_clm``) plus the ``study_*`` keys below; any key can be overridden on the command line. Every run
-is the recipe's own ``run(script, args)`` — same data, model, schedule and measurements — with:
+``finetune_clm``) plus the ``study_*`` keys of :class:`fam_hf.study.StudyArguments`; any key can be overridden on
+the command line. Every run is the recipe's own ``run(script, args)`` — same data, model, schedule and
+measurements — for one (regime, method, grid value, seed):
 
 * ``plain``: ``FAMTrainer`` with ``fam_lambda=0`` (trains exactly as ``Trainer``; κ only logged);
-* ``fam``: ``FAMTrainer`` with ``fam_lambda=λ``;
-* ``sam``: ``SAMTrainer`` with ``sam_rho=ρ`` (its ``SAMConfig`` carries the same training settings).
+* ``weight_decay``: the same with AdamW's ``weight_decay`` from the grid;
+* ``label_smoothing``: ``transformers.Trainer`` with ``label_smoothing_factor`` from the grid (FAMTrainer would
+  switch its κ to the probe of the smoothed loss; a baseline has no penalty, so plain ``Trainer`` trains it);
+* ``sam``: ``SAMTrainer`` with ``sam_rho`` from the grid (its ``SAMConfig`` carries the same training settings);
+* ``fam``: ``FAMTrainer`` with ``fam_lambda`` from the grid, on the config's ``fam_layer`` (the head);
+* ``fam_body``: ``FAMTrainer`` with ``fam_lambda`` from the grid on ``study_fam_body_layer`` (probe).
 
-λ (and ρ, where ``study_sam_rhos`` has several values) is chosen on the validation split: on the first seed
-every grid value is trained and the best ``validation_<study_metric>`` wins; the other seeds use it. For
-every run the recipe records the test metric, the loss on fixed train and test batches in eval mode (gap =
-test − train), κ of ``fam_layer`` on the same fixed batches with the same estimator for every method, and
-(``flatness_measures``) the FlatnessCallback's measures at checkpoints. Outputs in ``output_dir``:
-``runs/<run>/`` (each run's recipe outputs and ``result.json``; a finished run is never redone, so a killed
-study resumes), ``runs.jsonl``, ``runs.csv``, ``checkpoints.csv``, ``summary.json``, ``results.md`` (mean ±
-95% t-interval over seeds; Kendall τ between κ and the gap across runs and checkpoints) and ``plots/``.
+κ, the fixed-batch losses (gap = test − train) and the FlatnessCallback's measures are always those of the
+config's ``fam_layer``/estimator with the model's own loss, whatever trained the run. Regimes
+(``study_train_sizes`` × ``study_epochs``) run one after the other; in each, every grid value is trained on the
+first seed, the best ``validation_<study_metric>`` is chosen, then the chosen values run on the other seeds.
+Each finished run writes its record, ``<study_records_dir>/runs/<regime>/<run>.json`` (small: no weights), and a
+run whose record exists is never redone — so a study resumes from committed records. Each run's recipe outputs
+(logs, trainer state) go to ``<output_dir>/<regime>/<run>/`` (not tracked). The tables (``results.md``,
+``summary.json``, ``runs.jsonl``, ``runs.csv``, ``checkpoints.csv``) are rebuilt from the records after every run.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import argparse
 import gc
 import importlib.util
 import json
+import platform
 import sys
 import time
 from pathlib import Path
@@ -36,11 +42,9 @@ import yaml
 
 from fam_hf import FAMConfig
 from fam_hf.assets import parse_config
-from fam_hf.plots import load_log_history, pyplot
+from fam_hf.plots import load_log_history
 from fam_hf.runs import as_config
-from fam_hf.study import METHODS, StudyArguments, aggregate, best_value
-
-RESULT_NAME = "result.json"
+from fam_hf.study import StudyArguments, check_study, chosen_values, grid, methods, regimes, run_name, write_tables
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -48,20 +52,24 @@ def main(argv: list[str] | None = None) -> dict:
     recipe = load_recipe(argv)
     study, script, args = parse_config([StudyArguments, recipe.ScriptArguments, FAMConfig], argv)
     check_study(study)
-    out = Path(args.output_dir)
-    started = time.time()
+    records_dir = Path(study.study_records_dir or args.output_dir)
     if not study.study_only_aggregate:
-        run_study(recipe, study, argv, out)
-    records = [json.loads(p.read_text()) for p in sorted((out / "runs").glob(f"*/{RESULT_NAME}"))]
-    records = [r for r in records if r["seed"] in study.study_seeds]  # --study_seeds can aggregate a subset
+        run_study(recipe, study, script, args, argv, records_dir)
+    records = load_records(records_dir, study)
     if not records:
-        raise FileNotFoundError(f"no finished runs under {out / 'runs'}; run the study without --study_only_aggregate")
-    summary = aggregate(records, study, out, wall_s=time.time() - started)
-    print(f"\n{(out / 'results.md').read_text()}\nstudy outputs in {out.resolve()}")
+        raise FileNotFoundError(
+            f"no run records under {records_dir / 'runs'}; run the study without --study_only_aggregate"
+        )
+    summary = write_tables(records, study, records_dir)
+    print(f"\n{(records_dir / 'results.md').read_text()}\nstudy tables in {records_dir.resolve()}")
     return summary
 
 
-# -- runs -------------------------------------------------------------------------------------------------
+def load_records(records_dir: Path, study: StudyArguments) -> list[dict]:
+    """Every record under ``records_dir/runs`` of this study's seeds and methods (``--study_seeds`` can
+    aggregate a subset)."""
+    records = [json.loads(p.read_text()) for p in sorted((records_dir / "runs").glob("*/*.json"))]
+    return [r for r in records if r["seed"] in study.study_seeds and r["method"] in study.study_methods]
 
 
 def load_recipe(argv: list[str]):
@@ -86,73 +94,89 @@ def load_recipe(argv: list[str]):
     return sys.modules[module_name]
 
 
-def check_study(study: StudyArguments) -> None:
-    pyplot("the study's plots")  # before hours of training, not after them
-    unknown = [m for m in study.study_methods if m not in METHODS]
-    if unknown or not study.study_methods:
-        raise ValueError(f"study_methods {study.study_methods}: choose from {', '.join(METHODS)}")
-    if not study.study_seeds or not study.study_fam_lambdas or not study.study_sam_rhos:
-        raise ValueError("study_seeds, study_fam_lambdas and study_sam_rhos each need at least one value")
-    if min(study.study_fam_lambdas) <= 0:
-        raise ValueError(f"study_fam_lambdas {study.study_fam_lambdas}: FAM's λ must be > 0 (plain is λ = 0)")
+def run_study(recipe, study: StudyArguments, script, args, argv: list[str], records_dir: Path) -> None:
+    """Train every run that has no record yet: per regime, each grid on the first seed, then the other seeds."""
+    from fam_hf.plots import pyplot  # noqa: F401  (nothing to check: the study writes tables, not plots)
 
-
-def run_name(method: str, value: float | None, seed: int) -> str:
-    return (
-        f"{method}-seed{seed}"
-        if value is None
-        else f"{method}-{'lambda' if method == 'fam' else 'rho'}{value:g}-seed{seed}"
-    )
-
-
-def run_study(recipe, study: StudyArguments, argv: list[str], out: Path) -> None:
-    """Train every run that has no ``result.json`` yet: the grid on the first seed, then the other seeds."""
     first, *others = study.study_seeds
-    grids = {"plain": [None], "fam": study.study_fam_lambdas, "sam": study.study_sam_rhos}
-    methods = [m for m in METHODS if m in study.study_methods]
-    for method in methods:  # selection on the first seed
-        for value in grids[method]:
-            train_one(recipe, study, argv, out, method, value, first, selection=len(grids[method]) > 1)
-    chosen = {method: select(out, study, method, grids[method], first) for method in methods}
-    for seed in others:  # seed by seed, so that a study stopped early has every method on the seeds it did
-        for method in methods:
-            train_one(recipe, study, argv, out, method, chosen[method], seed, selection=False)
+    for order, (regime, size, epochs) in enumerate(regimes(study, script.max_train_samples, args.num_train_epochs)):
+        context = dict(regime=regime, order=order, size=size, epochs=epochs)
+        for method in methods(study):
+            for value in grid(study, method):
+                train_one(recipe, study, argv, records_dir, method, value, first, **context)
+            refresh(records_dir, study)
+        for seed in others:  # seed by seed: a study stopped early has every method on the seeds it did
+            chosen = chosen_values(load_records(records_dir, study), study, regime)
+            for method in methods(study):
+                train_one(recipe, study, argv, records_dir, method, chosen[method], seed, **context)
+            refresh(records_dir, study)
 
 
-def select(out: Path, study: StudyArguments, method: str, grid: list, seed: int):
-    """The grid value with the best validation metric on ``seed`` (ties: the first in the grid)."""
-    if len(grid) == 1:
-        return grid[0]
-    return best_value([read_result(out, method, value, seed) for value in grid], study, method)
+def refresh(records_dir: Path, study: StudyArguments) -> None:
+    records = load_records(records_dir, study)
+    if records:
+        write_tables(records, study, records_dir)
 
 
-def read_result(out: Path, method: str, value, seed: int) -> dict:
-    return json.loads((out / "runs" / run_name(method, value, seed) / RESULT_NAME).read_text())
+def record_path(records_dir: Path, regime: str, method: str, value, seed: int) -> Path:
+    return records_dir / "runs" / regime / f"{run_name(method, value, seed)}.json"
 
 
-def train_one(recipe, study, argv, out: Path, method: str, value, seed: int, selection: bool) -> dict:
-    folder = out / "runs" / run_name(method, value, seed)
-    if (folder / RESULT_NAME).is_file():  # finished earlier: a resumed study does not redo it
-        return json.loads((folder / RESULT_NAME).read_text())
+def run_arguments(recipe, study, argv, method: str, value, seed: int, folder: Path, size, epochs):
+    """``(script, args, trainer_class, training_args)`` of one run: ``args`` is what κ is measured with (the
+    config's layer, λ = 0 unless the run is ``fam``), ``training_args`` (None: ``args``) what trains."""
+    overrides = ["--seed", str(seed), "--output_dir", str(folder), "--overwrite_output", "true",
+                 "--num_train_epochs", str(epochs), "--max_steps", "-1",
+                 "--max_train_samples", "null" if size is None else str(size)]  # fmt: skip
+    if study.study_train_sizes == []:
+        overrides = overrides[:6]  # one regime: the config's own schedule and size
     lam = value if method == "fam" else 0.0
-    overrides = [
-        "--seed",
-        str(seed),
-        "--fam_lambda",
-        str(lam),
-        "--output_dir",
-        str(folder),
-        "--overwrite_output",
-        "true",
-    ]
-    _, script, args = parse_config([StudyArguments, recipe.ScriptArguments, FAMConfig], argv + overrides)
-    trainer_class, training_args = None, None
+    if method == "weight_decay":
+        overrides += ["--weight_decay", str(value)]
+    if method == "label_smoothing":
+        overrides += ["--label_smoothing_factor", str(value)]
+    parse = [StudyArguments, recipe.ScriptArguments, FAMConfig]
+    _, script, args = parse_config(parse, argv + overrides + ["--fam_lambda", str(lam)])
+    if method == "label_smoothing":
+        from transformers import Trainer, TrainingArguments
+
+        return script, args, Trainer, as_config(args, TrainingArguments)
     if method == "sam":
         from fam_hf import SAMConfig, SAMTrainer
 
-        trainer_class = SAMTrainer
-        training_args = as_config(args, SAMConfig, sam_rho=value, sam_adaptive=study.study_sam_adaptive)
-    print(f"\n== {study.study_name}{' [QUICK]' if study.study_quick else ''}: {folder.name} ==", flush=True)
+        return (
+            script,
+            args,
+            SAMTrainer,
+            as_config(args, SAMConfig, sam_rho=value, sam_adaptive=study.study_sam_adaptive),
+        )
+    if method == "fam_body":
+        from fam_hf import FAMTrainer
+
+        body = ["--fam_lambda", str(value), "--fam_layer", study.study_fam_body_layer,
+                "--fam_estimator", study.study_fam_body_estimator]  # fmt: skip
+        return script, args, FAMTrainer, parse_config(parse, argv + overrides + body)[2]
+    return script, args, None, None
+
+
+def train_one(recipe, study, argv, records_dir: Path, method: str, value, seed: int, *, regime: str, order: int,
+              size, epochs: float) -> dict:  # fmt: skip
+    path = record_path(records_dir, regime, method, value, seed)
+    if path.is_file():  # finished earlier (perhaps in another session): never redone
+        record = json.loads(path.read_text())
+        if record["epochs"] != epochs or record["train_size"] != size:
+            raise ValueError(
+                f"{path} was trained with {record['train_size']} examples for {record['epochs']} epochs, but regime "
+                f"{regime} now asks for {size} and {epochs}: give the changed regime another study_records_dir"
+            )
+        return record
+    import torch
+
+    run = run_name(method, value, seed)
+    folder = Path(parse_config([StudyArguments, recipe.ScriptArguments, FAMConfig], argv)[2].output_dir) / regime / run
+    script, args, trainer_class, training_args = run_arguments(recipe, study, argv, method, value, seed, folder,
+                                                               size, epochs)  # fmt: skip
+    print(f"\n== {study.study_name}{' [QUICK]' if study.study_quick else ''}: {regime}/{run} ==", flush=True)
     started = time.time()
     if trainer_class is None:
         metrics = recipe.run(script, args)
@@ -160,27 +184,40 @@ def train_one(recipe, study, argv, out: Path, method: str, value, seed: int, sel
         metrics = recipe.run(script, args, trainer_class=trainer_class, training_args=training_args)
     wall_s = time.time() - started
     history = load_log_history(folder)
+    lam = value if method in ("fam", "fam_body") else 0.0
+    first = next((e for e in history if "fam/kappa" in e), None)
     record = {
         "task": study.study_name,
         "quick": study.study_quick,
-        "run": folder.name,
+        "regime": regime,
+        "regime_order": order,
+        "train_size": size,
+        "epochs": epochs,
+        "run": run,
+        "run_id": f"{regime}/{run}",
         "method": method,
-        "lambda": lam,
-        "rho": value if method == "sam" else None,
+        "value": value,
         "seed": seed,
-        "selection": selection,
         "metric": study.study_metric,
         "validation_metric": metrics[f"validation_{study.study_metric}"],
         "test_metric": metrics[f"test_{study.study_metric}"],
-        "kappa": metrics["kappa_train_end"],
         "gap": metrics["loss_test_end"] - metrics["loss_train_end"],
+        # λ·κ₀/L₀ at the first logged step: the penalty's share of the loss (fam/task_loss: without the penalty)
+        "lambda_share_start": lam * first["fam/kappa"] / first["fam/task_loss"] if lam and first else None,
+        "lambda_share_start_fixed": lam * metrics["kappa_train_start"] / metrics["loss_train_start"]
+        if method == "fam"
+        else None,  # fmt: skip
         "wall_s": wall_s,
-        **{k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+        "machine": f"{platform.machine()} {platform.system()}, Python {platform.python_version()}, torch "
+        f"{torch.__version__}, {torch.get_num_threads()} torch thread(s)",
+        **{k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
         "checkpoints": checkpoints(history),
     }
-    (folder / RESULT_NAME).write_text(json.dumps(record, indent=2))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
     gc.collect()
-    print(f"   {folder.name}: test {study.study_metric} {record['test_metric']:.4f}, κ {record['kappa']:.4g}, gap {record['gap']:.4f}, {wall_s:.0f} s", flush=True)  # fmt: skip
+    print(f"   {regime}/{run}: validation {record['validation_metric']:.4f}, test {record['test_metric']:.4f}, "
+          f"gap {record['gap']:.4f}, {wall_s:.0f} s", flush=True)  # fmt: skip
     return record
 
 

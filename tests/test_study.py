@@ -1,8 +1,9 @@
-"""The study pipeline end to end on a tiny random BERT (seconds): runs, selection, tables, statistics, plots."""
+"""The study harness (recipes/study.py, fam_hf/study.py, fam_hf/study_stats.py) on a tiny random BERT: runs of
+every method, selection on validation only, an equal grid budget, records that resume, byte-identical
+aggregation, and the statistics against hand computations. No test asserts a study outcome."""
 
 from __future__ import annotations
 
-import csv
 import importlib.util
 import json
 import math
@@ -11,12 +12,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from scipy import stats
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDY_CONFIGS = sorted((ROOT / "configs").glob("study_*.yaml"))
+TABLES = ("runs.jsonl", "runs.csv", "checkpoints.csv", "summary.json", "results.md")
 
 
 def study_module():
@@ -28,14 +31,6 @@ def study_module():
     return sys.modules["recipe_study"]
 
 
-def sam_available() -> bool:
-    try:
-        from fam_hf import SAMTrainer  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 @pytest.fixture(scope="module")
 def tiny_bert(tmp_path_factory) -> str:
     from models import save_tiny_bert
@@ -43,141 +38,250 @@ def tiny_bert(tmp_path_factory) -> str:
     return save_tiny_bert(tmp_path_factory.mktemp("tiny_bert"))
 
 
+def write_reviews(path: Path) -> str:
+    """A small two-class CSV with a group column (the recipe splits by group), instead of the real corpus."""
+    rng = np.random.default_rng(0)
+    words = {0: ["dull", "flat", "tedious", "bad"], 1: ["fine", "sharp", "warm", "good"]}
+    rows = ["text,label,movie"]
+    for i in range(240):
+        label = int(rng.integers(0, 2))
+        text = " ".join(rng.choice(words[label] + words[1 - label][:1], 6))
+        rows.append(f"{text},{'fresh' if label else 'rotten'},movie{i % 40}")
+    path.write_text("\n".join(rows) + "\n")
+    return str(path)
+
+
 @pytest.fixture(scope="module")
 def study(tmp_path_factory, tiny_bert):
-    """A whole tiny study: plain, FAM (two λ), SAM (if present) over two seeds, two optimizer steps each."""
+    """A whole tiny study: six methods, two grid points each on seed 0, the chosen ones on seed 1."""
     out = tmp_path_factory.mktemp("study")
-    methods = ["plain", "fam", "sam"] if sam_available() else ["plain", "fam"]
     argv = [
-        "--config", str(ROOT / "configs" / "study_minilm_quick.yaml"),
+        "--config", str(ROOT / "configs" / "study_minilm_rt.yaml"),
         "--model_name_or_path", tiny_bert,
-        "--output_dir", str(out),
+        "--dataset", write_reviews(out / "reviews.csv"),
+        "--group_column", "movie",
+        "--output_dir", str(out / "outputs"),
+        "--study_records_dir", str(out / "records"),
         "--study_seeds", "0", "1",
-        "--study_methods", *methods,
+        "--study_train_sizes", "24",
+        "--study_epochs", "1",
+        "--study_weight_decays", "0.1", "1",
+        "--study_label_smoothings", "0.1", "0.2",
+        "--study_sam_rhos", "0.05", "0.1",
         "--study_fam_lambdas", "0.1", "10",
-        "--study_sam_rhos", "0.05",
-        "--max_train_samples", "48",
+        "--study_fam_body_layer", "bert.encoder.layer.0.output.dense",
+        "--study_fam_body_lambdas", "0.01", "0.1",
+        "--study_bootstrap", "50",
         "--max_eval_samples", "32",
-        "--max_steps", "2",
-        "--per_device_train_batch_size", "16",
+        "--per_device_train_batch_size", "12",
         "--per_device_eval_batch_size", "16",
-        "--kappa_batches", "1",
         "--flatness_measures", "kappa", "sam_sharpness",
-        "--flatness_every_n_steps", "1",
-        "--logging_steps", "1",
+        "--warmup_steps", "0",
         "--use_cpu", "true",
     ]  # fmt: skip
     summary = study_module().main(argv)
-    records = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
-    return out, argv, summary, records, methods
+    records = [json.loads(line) for line in (out / "records" / "runs.jsonl").read_text().splitlines()]
+    return out, argv, summary, records
 
 
-def test_study_writes_runs_tables_and_plots(study):
-    out, _, summary, records, methods = study
-    for name in ("runs.jsonl", "runs.csv", "checkpoints.csv", "summary.json", "results.md"):
-        assert (out / name).is_file(), name
-    for name in ("gap_vs_kappa.png", "test_metric.png", "curves/kappa.png", "curves/gap.png"):
-        assert (out / "plots" / name).stat().st_size > 1000, name
-    # plain: 2 seeds; FAM: 2 λ on seed 0 + 1 seed; SAM: 2 seeds
-    assert len(records) == 2 + 3 + (2 if "sam" in methods else 0)
-    with open(out / "runs.csv") as f:
-        assert len(list(csv.DictReader(f))) == len(records)
-    results = (out / "results.md").read_text()
-    assert "QUICK" in results and "plain (λ = 0)" in results and "Kendall τ" in results
-    for record in records:
-        assert record["quick"] and record["checkpoints"], record["run"]
-        assert {"step", "kappa_train", "gap", "sam_sharpness_train"} <= set(record["checkpoints"][-1])
-        assert record["gap"] == pytest.approx(record["loss_test_end"] - record["loss_train_end"])
-        assert record["kappa"] == record["kappa_train_end"] > 0
-        fam_config = json.loads((out / "runs" / record["run"] / "fam_config.json").read_text())
-        assert fam_config["fam"]["resolved_layer"] == "classifier"  # κ of the same layer for every method
-        assert not (out / "runs" / record["run"] / "model.safetensors").exists()  # save_model: false
-    if "sam" in methods:
-        sam = next(r for r in records if r["method"] == "sam")
-        state = json.loads((out / "runs" / sam["run"] / "trainer_state.json").read_text())
-        assert any("sam/sharpness" in entry for entry in state["log_history"])  # trained by SAMTrainer
-    assert set(summary["methods"]) == set(methods)
+def test_every_method_runs_and_records_what_the_tables_need(study):
+    out, _, summary, records = study
+    for name in TABLES:
+        assert (out / "records" / name).is_file(), name
+    assert len(records) == 1 + 5 * 2 + 6  # plain once; 5 grids of 2 on seed 0; every method's choice on seed 1
+    assert {r["method"] for r in records} == set(study_module().methods(study_module_args(study)))
+    for r in records:
+        folder = out / "outputs" / r["regime"] / r["run"]
+        assert (out / "records" / "runs" / r["regime"] / f"{r['run']}.json").is_file()
+        assert not (folder / "model.safetensors").exists()  # records and logs, no weights
+        assert r["gap"] == pytest.approx(r["loss_test_end"] - r["loss_train_end"])
+        assert r["checkpoints"] and r["checkpoints"][-1]["step"] > 0  # the end of training
+        assert {"kappa_train", "kappa_eval", "sam_sharpness_train", "gap"} <= set(r["checkpoints"][-1])
+        settings = json.loads((folder / "fam_config.json").read_text())["fam"]
+        history = json.loads((folder / "trainer_state.json").read_text())["log_history"]
+        if r["method"] == "label_smoothing":  # a baseline: plain Trainer, no penalty, κ still measured
+            assert settings["trainer"] == "Trainer" and not any("fam/kappa" in e for e in history)
+        elif r["method"] == "sam":
+            assert any("sam/sharpness" in e for e in history)
+        elif r["method"] == "fam_body":
+            assert settings["resolved_layer"] == "bert.encoder.layer.0.output.dense"
+        else:
+            assert settings["resolved_layer"] == "classifier"
+        if r["method"] in ("fam", "fam_body"):  # λ·κ₀/L₀ from the first logged step
+            first = next(e for e in history if "fam/kappa" in e)
+            assert r["lambda_share_start"] == pytest.approx(r["value"] * first["fam/kappa"] / first["fam/task_loss"])
+        else:
+            assert r["lambda_share_start"] is None
+    assert set(summary["regimes"]["n24"]["methods"]) == {r["method"] for r in records}
 
 
-def test_lambda_is_selected_on_the_first_seeds_validation_metric(study):
-    _, _, summary, records, _ = study
-    grid = {r["lambda"]: r["validation_metric"] for r in records if r["method"] == "fam" and r["seed"] == 0}
-    assert set(grid) == {0.1, 10.0}
-    best = max(grid, key=lambda lam: (grid[lam], -lam))  # ties: the first of the grid
-    assert summary["methods"]["fam"]["value"] == best
-    assert [r["lambda"] for r in records if r["method"] == "fam" and r["seed"] == 1] == [best]
+def study_module_args(study):
+    from fam_hf import FAMConfig
+    from fam_hf.assets import parse_config
+    from fam_hf.study import StudyArguments
+
+    argv = study[1]
+    recipe = study_module().load_recipe(argv)
+    return parse_config([StudyArguments, recipe.ScriptArguments, FAMConfig], argv)[0]
 
 
-def test_confidence_intervals_and_kendall_tau_match_a_hand_computation(study):
-    _, _, summary, records, methods = study
-    for method in methods:
-        info = summary["methods"][method]
-        chosen = [
-            r["test_metric"]
-            for r in sorted(records, key=lambda r: r["seed"])
-            if r["method"] == method
-            and (method == "plain" or r["lambda" if method == "fam" else "rho"] == info["value"])
-        ]
-        n = len(chosen)
-        mean = sum(chosen) / n
-        sd = math.sqrt(sum((x - mean) ** 2 for x in chosen) / (n - 1))
-        stat = info["stats"]["test_metric"]
-        assert stat["n"] == n == 2
-        assert stat["mean"] == pytest.approx(mean, abs=1e-12)
-        assert stat["ci95"] == pytest.approx(stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n), abs=1e-12)
+def test_each_grid_value_is_chosen_on_the_first_seeds_validation_metric(study):
+    _, _, summary, records = study
+    for method in ("weight_decay", "label_smoothing", "sam", "fam", "fam_body"):
+        grid = [(r["value"], r["validation_metric"]) for r in records if r["method"] == method and r["seed"] == 0]
+        assert len(grid) == 2
+        best = max(grid, key=lambda g: g[1])[0]  # max keeps the first of equals: the grid's order
+        assert summary["regimes"]["n24"]["methods"][method]["value"] == best
+        assert [r["value"] for r in records if r["method"] == method and r["seed"] == 1] == [best]
 
-    def tau_b(x, y):  # Kendall's τ-b from the pair counts
-        concordant = discordant = ties_x = ties_y = 0
-        for i in range(len(x)):
-            for j in range(i + 1, len(x)):
-                dx, dy = x[i] - x[j], y[i] - y[j]
-                if dx == 0 and dy == 0:
-                    continue
-                if dx == 0:
-                    ties_x += 1
-                elif dy == 0:
-                    ties_y += 1
-                elif dx * dy > 0:
-                    concordant += 1
-                else:
-                    discordant += 1
-        return (concordant - discordant) / math.sqrt(
-            (concordant + discordant + ties_x) * (concordant + discordant + ties_y)
-        )
 
-    across_runs = summary["kendall"]["across_runs"]["kappa"]
-    assert across_runs["n"] == len(records)
-    assert across_runs["tau"] == pytest.approx(tau_b([r["kappa"] for r in records], [r["gap"] for r in records]))
-    # checkpoints: the recipe's measures before training (step 0), then the callback's, pooled over runs
-    kappas = [x for r in records for x in [r["kappa_train_start"]] + [c["kappa_train"] for c in r["checkpoints"]]]
-    gaps = [
-        x
-        for r in records
-        for x in [r["loss_test_start"] - r["loss_train_start"]] + [c["gap"] for c in r["checkpoints"]]
+def test_selection_reads_validation_never_test():
+    from fam_hf.study import StudyArguments, chosen_values
+
+    study = StudyArguments("finetune_classification", "t", "accuracy", [0.1, 1.0], study_seeds=[0, 1],
+                           study_methods=["plain", "fam"])  # fmt: skip
+    base = dict(regime="n100", method="fam", seed=0)
+    records = [
+        {**base, "value": 0.1, "validation_metric": 0.70, "test_metric": 0.90},
+        {**base, "value": 1.0, "validation_metric": 0.80, "test_metric": 0.10},
+        {**base, "method": "plain", "value": None, "validation_metric": 0.5, "test_metric": 0.5},
     ]
-    pooled = summary["kendall"]["across_checkpoints"]["kappa"]
-    assert pooled["n"] == len(kappas) == 3 * len(records)
-    assert pooled["tau"] == pytest.approx(tau_b(kappas, gaps))
-    sharpness = [c["sam_sharpness_train"] for r in records for c in r["checkpoints"]]  # no step-0 value
-    pooled = summary["kendall"]["across_checkpoints"]["sam_sharpness"]
-    assert pooled["n"] == len(sharpness)
-    assert pooled["tau"] == pytest.approx(tau_b(sharpness, [c["gap"] for r in records for c in r["checkpoints"]]))
+    assert chosen_values(records, study, "n100") == {"plain": None, "fam": 1.0}
+    assert "fam" not in chosen_values(records[:1] + records[2:], study, "n100")  # grid unfinished: no choice
+    study.study_higher_is_better = False
+    assert chosen_values(records, study, "n100")["fam"] == 0.1
 
 
-def test_a_finished_run_is_not_redone(study):
-    out, argv, _, records, _ = study
-    stamps = {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*/result.json")}
-    study_module().main(argv)  # everything is finished: only the tables are rebuilt
-    assert {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*/result.json")} == stamps
-    assert len((out / "runs.jsonl").read_text().splitlines()) == len(records)
+def test_every_method_gets_the_same_grid_budget():
+    from fam_hf.study import StudyArguments, check_study, grid, methods
+
+    study = StudyArguments("finetune_classification", "t", "accuracy", [0.1, 0.3], study_methods=["plain", "fam", "sam"],
+                           study_sam_rhos=[0.05])  # fmt: skip
+    with pytest.raises(ValueError, match=r"same grid budget.*'sam': 1, 'fam': 2"):
+        check_study(study)
+    module = study_module()
+    for path in STUDY_CONFIGS:  # every shipped config tunes its methods alike
+        recipe = module.load_recipe(["--config", str(path)])
+        from fam_hf import FAMConfig
+        from fam_hf.assets import parse_config
+
+        args = parse_config([StudyArguments, recipe.ScriptArguments, FAMConfig], ["--config", str(path)])[0]
+        check_study(args)
+        assert len({len(grid(args, m)) for m in methods(args) if m != "plain"}) == 1, path.name
 
 
-def test_bad_study_settings_name_the_fix(tmp_path, tiny_bert):
+def test_aggregation_from_the_records_is_byte_identical(study):
+    out, argv, _, _ = study
+    records = out / "records"
+    written = {name: (records / name).read_bytes() for name in TABLES}
+    for _ in range(2):
+        study_module().main([*argv, "--study_only_aggregate", "true"])
+        assert {name: (records / name).read_bytes() for name in TABLES} == written
+    # from the records alone: a copy without the outputs folder gives the same bytes
+    copy = out / "copy"
+    shutil.copytree(records / "runs", copy / "runs")
+    study_module().main([*argv, "--study_only_aggregate", "true", "--study_records_dir", str(copy),
+                         "--output_dir", str(out / "nowhere")])  # fmt: skip
+    assert {name: (copy / name).read_bytes() for name in TABLES} == written
+
+
+def test_a_study_resumes_from_its_records(study):
+    out, argv, _, records = study
+    runs = sorted((out / "records" / "runs").glob("*/*.json"))
+    stamps = {p: p.stat().st_mtime_ns for p in runs}
+    study_module().main(argv)  # everything is finished: nothing trains
+    assert {p: p.stat().st_mtime_ns for p in runs} == stamps
+    missing = next(p for p in runs if p.name.startswith("plain-seed1"))
+    missing.unlink()
+    study_module().main(argv)  # only the missing run trains again
+    assert missing.is_file() and {p: p.stat().st_mtime_ns for p in runs if p != missing} == {
+        p: s for p, s in stamps.items() if p != missing
+    }
+    assert len((out / "records" / "runs.jsonl").read_text().splitlines()) == len(records)
+
+
+# -- statistics against hand computations ------------------------------------------------------------------
+
+
+def tau_b(x, y):
+    """Kendall's τ-b from the pair counts."""
+    concordant = discordant = ties_x = ties_y = 0
+    for i in range(len(x)):
+        for j in range(i + 1, len(x)):
+            dx, dy = x[i] - x[j], y[i] - y[j]
+            if dx == 0 and dy == 0:
+                continue
+            if dx == 0:
+                ties_x += 1
+            elif dy == 0:
+                ties_y += 1
+            elif dx * dy > 0:
+                concordant += 1
+            else:
+                discordant += 1
+    return (concordant - discordant) / math.sqrt(
+        (concordant + discordant + ties_x) * (concordant + discordant + ties_y)
+    )
+
+
+def percentile(values, q):
+    """numpy's default (linear) percentile, by hand."""
+    v = sorted(values)
+    position = (len(v) - 1) * q / 100
+    low = math.floor(position)
+    return v[low] + (v[min(low + 1, len(v) - 1)] - v[low]) * (position - low)
+
+
+def test_kendall_tau_and_its_bootstrap_over_runs_match_a_hand_computation():
+    from fam_hf.study_stats import bootstrap_tau, kendall_tau
+
+    x = [0.1, 0.4, 0.35, 0.8, 0.2, 0.9, float("nan"), 0.5]
+    y = [1.0, 2.0, 2.5, 3.0, 0.5, 2.0, 1.0, 2.2]
+    groups = ["a", "a", "b", "b", "c", "c", "c", "d"]
+    kept = [i for i in range(len(x)) if math.isfinite(x[i])]
+    xs, ys, gs = [x[i] for i in kept], [y[i] for i in kept], [groups[i] for i in kept]
+    assert kendall_tau(x, y)[0] == pytest.approx(tau_b(xs, ys))
+    assert kendall_tau(x, y)[2] == 7
+
+    result = bootstrap_tau(x, y, groups, resamples=200, seed=3)
+    names = ["a", "b", "c", "d"]  # in order of first appearance
+    rng = np.random.default_rng(3)
+    taus = []
+    for _ in range(200):
+        index = [i for g in rng.integers(0, 4, 4) for i in range(len(xs)) if gs[i] == names[g]]
+        bx, by = [xs[i] for i in index], [ys[i] for i in index]
+        if len(set(bx)) > 1 and len(set(by)) > 1 and len(bx) >= 3:
+            taus.append(tau_b(bx, by))
+    assert result["resamples"] == len(taus) and result["groups"] == 4 and result["n"] == 7
+    assert result["lo"] == pytest.approx(percentile(taus, 2.5))
+    assert result["hi"] == pytest.approx(percentile(taus, 97.5))
+    assert result["tau"] == pytest.approx(tau_b(xs, ys))
+    assert bootstrap_tau(x, y, groups, resamples=200, seed=3) == result  # fixed seed: the same interval
+
+
+def test_mean_ci_and_paired_differences_match_a_hand_computation():
+    from fam_hf.study_stats import mean_ci, paired
+
+    values, reference = {0: 0.70, 1: 0.74, 2: 0.69, 4: 0.80}, {0: 0.72, 1: 0.70, 2: 0.69, 3: 0.5, 4: 0.75}
+    diffs = [0.70 - 0.72, 0.74 - 0.70, 0.69 - 0.69, 0.80 - 0.75]  # seeds 0, 1, 2, 4 (seed 3 unpaired)
+    mean = sum(diffs) / 4
+    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / 3)
+    result = paired(values, reference)
+    assert result["n"] == 4 and result["seeds"] == [0, 1, 2, 4] and result["in_favour"] == 2
+    assert result["mean"] == pytest.approx(mean, abs=1e-12)
+    assert result["ci95"] == pytest.approx(stats.t.ppf(0.975, 3) * sd / 2, abs=1e-12)
+    assert paired(values, reference, higher_is_better=False)["in_favour"] == 1
+    assert math.isnan(mean_ci([0.5])[1]) and paired({0: 1.0}, {1: 1.0}) is None
+
+
+def test_bad_study_settings_name_the_fix(tmp_path):
     base = ["--config", str(ROOT / "configs" / "study_minilm_quick.yaml"), "--output_dir", str(tmp_path)]
-    with pytest.raises(ValueError, match=r"study_methods .*choose from plain, fam, sam"):
+    with pytest.raises(ValueError, match=r"study_methods .*choose from plain, weight_decay"):
         study_module().main([*base, "--study_methods", "fam", "adam"])
     with pytest.raises(ValueError, match=r"FAM's λ must be > 0"):
         study_module().main([*base, "--study_fam_lambdas", "0", "0.1"])
+    with pytest.raises(ValueError, match=r"study_epochs .* one value per regime"):
+        study_module().main([*base, "--study_train_sizes", "100", "300", "--study_epochs", "3"])
     with pytest.raises(ValueError, match=r"study_recipe='nope' is not a recipe; .*finetune_classification"):
         study_module().main([*base, "--study_recipe", "nope"])
 
@@ -201,7 +305,7 @@ def test_study_configs_parse_and_label_quick_runs(path):
 def test_make_targets_parse():
     make = shutil.which("make") or pytest.skip("make not installed")
     stub = "PYTHON := python3\nPIP := python3 -m pip\ninstall:\n\t@true\ninstall-assets:\n\t@true\n"
-    for target, config in (("study-quick", "study_minilm_quick.yaml"), ("study", "study_smollm2_lora.yaml")):
+    for target, config in (("study-quick", "study_minilm_quick.yaml"), ("study", "study_minilm.yaml")):
         proc = subprocess.run(
             [make, "-n", "-f", "-", "-f", "mk/study.mk", target], input=stub, cwd=ROOT, capture_output=True, text=True
         )
