@@ -17,6 +17,7 @@ from .study_stats import bootstrap_tau, mean_ci, paired
 # the methods, in the order they run and are tabled; CHEAP: what a user would turn instead of FAM
 METHODS = ("plain", "weight_decay", "label_smoothing", "sam", "fam", "fam_body")
 CHEAP = ("plain", "weight_decay", "label_smoothing")
+RESCALING_NAME = "rescaling.json"  # the rescaling control's record, beside runs/
 PARAMETER = {"weight_decay": "wd", "label_smoothing": "ls", "sam": "rho", "fam": "lambda", "fam_body": "lambda"}
 LABEL = {"plain": "plain", "weight_decay": "weight decay", "label_smoothing": "label smoothing", "sam": "SAM",
          "fam": "FAM head", "fam_body": "FAM body"}  # fmt: skip
@@ -57,6 +58,9 @@ class StudyArguments:
     study_train_sizes: list[int] = field(default_factory=list, metadata={"help": "Data-size regimes: training examples per regime (0: all); empty: the config's max_train_samples."})  # fmt: skip
     study_epochs: list[float] = field(default_factory=list, metadata={"help": "Epochs per regime (same length as study_train_sizes): the same schedule for every method of a regime."})  # fmt: skip
     study_records_dir: str = field(default="", metadata={"help": "Where the run records and tables go (a tracked folder, e.g. studies/<task>); empty: output_dir. A run whose record is there is finished."})  # fmt: skip
+    study_rescaling_norm: str = field(default="", metadata={"help": "Rescaling control: a LayerNorm whose weight and bias are × α (empty: no control)."})  # fmt: skip
+    study_rescaling_linear: str = field(default="", metadata={"help": "Rescaling control: the linear layer it feeds, weight × 1/α (the function is unchanged)."})  # fmt: skip
+    study_rescaling_alphas: list[float] = field(default_factory=lambda: [0.1, 10.0], metadata={"help": "Rescaling control: the factors α."})  # fmt: skip
     study_bootstrap: int = field(default=1000, metadata={"help": "Bootstrap resamples (over runs) for the τ intervals."})  # fmt: skip
     study_quick: bool = field(
         default=False, metadata={"help": "A reduced study (fewer seeds/steps): labelled QUICK everywhere."}
@@ -298,6 +302,18 @@ def markdown(summary: dict) -> str:
                              f"(n = {t['n']}, {t['groups']} runs)" if t["n"] else "–")  # fmt: skip
             lines.append(f"| {m['regime']} | {m['label']} | {cells[0]} | {cells[1]} |")
         lines.append("")
+    control = summary.get("rescaling")
+    if control:
+        lines += ["## Rescaling control: a function-preserving reparameterisation", "",
+                  f"`{control['norm']}` weight and bias × α, `{control['linear']}` weight × 1/α, on "
+                  f"{control['examples']} training examples, the pretrained model with its seed-{control['seed']} "
+                  f"head: the largest change of a logit is {control['max_output_change']:.2g}. Flagged: the measure "
+                  f"moved by more than {control['tolerance']:g} relative.", "",
+                  "| layer | measure | α | before | after | after / before | flagged |", "| --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+        for row in control["rows"]:
+            lines.append(f"| `{row['layer']}` | {row['measure']} | {row['alpha']:g} | {_f(row['before'], '.4g')} | "
+                         f"{_f(row['after'], '.4g')} | {_f(row['ratio'], '.4g')} | {'**changes**' if row['flagged'] else 'no'} |")  # fmt: skip
+        lines.append("")
     lines += ["Machines: " + "; ".join(summary["machines"]), ""]
     return "\n".join(lines)
 
@@ -307,6 +323,8 @@ def write_tables(records: list[dict], study: StudyArguments, folder: Path) -> di
     from ``records`` alone (same records → same bytes)."""
     records = sorted(records, key=sort_key)
     summary = summarize(records, study)
+    if (folder / RESCALING_NAME).is_file():
+        summary["rescaling"] = json.loads((folder / RESCALING_NAME).read_text())
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "runs.jsonl").write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
     flat = [{k: v for k, v in sorted(r.items()) if k != "checkpoints"} for r in records]

@@ -44,7 +44,17 @@ from fam_hf import FAMConfig
 from fam_hf.assets import parse_config
 from fam_hf.plots import load_log_history
 from fam_hf.runs import as_config
-from fam_hf.study import StudyArguments, check_study, chosen_values, grid, methods, regimes, run_name, write_tables
+from fam_hf.study import (
+    RESCALING_NAME,
+    StudyArguments,
+    check_study,
+    chosen_values,
+    grid,
+    methods,
+    regimes,
+    run_name,
+    write_tables,
+)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -98,6 +108,7 @@ def run_study(recipe, study: StudyArguments, script, args, argv: list[str], reco
     """Train every run that has no record yet: per regime, each grid on the first seed, then the other seeds."""
     from fam_hf.plots import pyplot  # noqa: F401  (nothing to check: the study writes tables, not plots)
 
+    rescaling_check(study, script, args, records_dir)
     first, *others = study.study_seeds
     for order, (regime, size, epochs) in enumerate(regimes(study, script.max_train_samples, args.num_train_epochs)):
         context = dict(regime=regime, order=order, size=size, epochs=epochs)
@@ -110,6 +121,47 @@ def run_study(recipe, study: StudyArguments, script, args, argv: list[str], reco
             for method in methods(study):
                 train_one(recipe, study, argv, records_dir, method, chosen[method], seed, **context)
             refresh(records_dir, study)
+
+
+def rescaling_check(study: StudyArguments, script, args, records_dir: Path) -> dict | None:
+    """The rescaling control (``fam_hf.study_rescaling``) on the pretrained model with a fresh head (seed
+    ``study_seeds[0]``) and the first ``per_device_eval_batch_size`` training rows of the data set: each of
+    ``flatness_measures`` on the rescaled linear layer and on ``fam_layer``. Written once, to
+    ``<records_dir>/rescaling.json``; None when the config names no LayerNorm."""
+    path = records_dir / RESCALING_NAME
+    if not study.study_rescaling_norm or path.is_file():
+        return None
+    from transformers import DataCollatorWithPadding, set_seed
+
+    from fam_hf.assets import load_model_and_tokenizer
+    from fam_hf.data import load_source
+    from fam_hf.study_rescaling import rescaling_control
+
+    seed = study.study_seeds[0]
+    set_seed(seed)
+    train = load_source(script.dataset)["train"]
+    classes = sorted({str(v) for v in train[script.label_column]})
+    rows = train.select(range(min(len(train), args.per_device_eval_batch_size)))
+    model, tokenizer = load_model_and_tokenizer(script.model_name_or_path, "sequence-classification",
+                                                num_labels=len(classes))  # fmt: skip
+    encoded = [{**tokenizer(row[script.text_column], truncation=True, max_length=script.max_length),
+                "labels": classes.index(str(row[script.label_column]))} for row in rows]  # fmt: skip
+    control = rescaling_control(
+        model,
+        [DataCollatorWithPadding(tokenizer)(encoded)],
+        norm=study.study_rescaling_norm,
+        linear=study.study_rescaling_linear,
+        alphas=study.study_rescaling_alphas,
+        layers=[study.study_rescaling_linear, args.fam_layer],
+        measures=script.flatness_measures,
+        probes=script.kappa_probes,
+        scale=args.fam_scale,
+        seed=seed,
+    )
+    record = {"model": script.model_name_or_path, "seed": seed, "examples": len(encoded), **control}
+    records_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+    return record
 
 
 def refresh(records_dir: Path, study: StudyArguments) -> None:

@@ -72,6 +72,8 @@ def study(tmp_path_factory, tiny_bert):
         "--study_fam_body_layer", "bert.encoder.layer.0.output.dense",
         "--study_fam_body_lambdas", "0.01", "0.1",
         "--study_bootstrap", "50",
+        "--study_rescaling_norm", "bert.encoder.layer.0.output.LayerNorm",
+        "--study_rescaling_linear", "bert.pooler.dense",
         "--max_eval_samples", "32",
         "--per_device_train_batch_size", "12",
         "--per_device_eval_batch_size", "16",
@@ -180,6 +182,7 @@ def test_aggregation_from_the_records_is_byte_identical(study):
     # from the records alone: a copy without the outputs folder gives the same bytes
     copy = out / "copy"
     shutil.copytree(records / "runs", copy / "runs")
+    shutil.copy(records / "rescaling.json", copy / "rescaling.json")
     study_module().main([*argv, "--study_only_aggregate", "true", "--study_records_dir", str(copy),
                          "--output_dir", str(out / "nowhere")])  # fmt: skip
     assert {name: (copy / name).read_bytes() for name in TABLES} == written
@@ -198,6 +201,41 @@ def test_a_study_resumes_from_its_records(study):
         p: s for p, s in stamps.items() if p != missing
     }
     assert len((out / "records" / "runs.jsonl").read_text().splitlines()) == len(records)
+
+
+def test_the_rescaling_control_preserves_the_function_and_flags_what_moves(study):
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from fam_hf.study_rescaling import rescale_norm_and_next, rescaling_control
+
+    config = BertConfig(vocab_size=40, hidden_size=12, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=16, max_position_embeddings=16, num_labels=3, attn_implementation="eager")  # fmt: skip
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(config).double().eval()
+    generator = torch.Generator().manual_seed(0)
+    batch = {"input_ids": torch.randint(0, 40, (8, 10), generator=generator),
+             "attention_mask": torch.ones(8, 10, dtype=torch.long), "labels": torch.randint(0, 3, (8,), generator=generator)}  # fmt: skip
+    norm, linear = "bert.encoder.layer.0.output.LayerNorm", "bert.pooler.dense"
+    rescaled = rescale_norm_and_next(model, norm, linear, 3.0)
+    assert torch.allclose(rescaled(**batch).logits, model(**batch).logits, rtol=0, atol=1e-12)  # same function
+    assert torch.allclose(rescaled.bert.pooler.dense.weight * 3, model.bert.pooler.dense.weight)  # other weights
+    measures = ["kappa", "hessian_trace", "top_eigenvalue", "sam_sharpness", "jacobian_norm"]
+    control = rescaling_control(model, [batch], norm=norm, linear=linear, alphas=[3.0], layers=[linear, "classifier"],
+                                measures=measures, probes=4)  # fmt: skip
+    ratio = {(r["layer"], r["measure"]): r["ratio"] for r in control["rows"]}
+    assert control["max_output_change"] < 1e-12
+    assert ratio[linear, "hessian_trace"] == pytest.approx(9.0) and ratio[linear, "top_eigenvalue"] == pytest.approx(
+        9.0
+    )
+    assert ratio[linear, "kappa"] == pytest.approx(1.0) and ratio[linear, "jacobian_norm"] == pytest.approx(1.0)
+    flagged = {(r["layer"], r["measure"]) for r in control["rows"] if r["flagged"]}
+    assert {(linear, "hessian_trace"), (linear, "top_eigenvalue"), (linear, "sam_sharpness")} <= flagged
+    assert not {(linear, "kappa"), (linear, "jacobian_norm")} & flagged
+    # the study's own control: written beside the records and tabled
+    out = study[0] / "records"
+    assert json.loads((out / "rescaling.json").read_text())["rows"]
+    assert "Rescaling control" in (out / "results.md").read_text()
 
 
 # -- statistics against hand computations ------------------------------------------------------------------
