@@ -135,6 +135,7 @@ def rescaling_check(study: StudyArguments, script, args, records_dir: Path) -> d
 
     from fam_hf.assets import load_model_and_tokenizer
     from fam_hf.data import load_source
+    from fam_hf.layers import resolve_layer
     from fam_hf.study_rescaling import rescaling_control
 
     seed = study.study_seeds[0]
@@ -152,7 +153,7 @@ def rescaling_check(study: StudyArguments, script, args, records_dir: Path) -> d
         norm=study.study_rescaling_norm,
         linear=study.study_rescaling_linear,
         alphas=study.study_rescaling_alphas,
-        layers=[study.study_rescaling_linear, args.fam_layer],
+        layers=[study.study_rescaling_linear, resolve_layer(model, args.fam_layer).name],  # 'auto': the head's name
         measures=script.flatness_measures,
         probes=script.kappa_probes,
         scale=args.fam_scale,
@@ -214,20 +215,22 @@ def run_arguments(recipe, study, argv, method: str, value, seed: int, folder: Pa
 def train_one(recipe, study, argv, records_dir: Path, method: str, value, seed: int, *, regime: str, order: int,
               size, epochs: float) -> dict:  # fmt: skip
     path = record_path(records_dir, regime, method, value, seed)
-    if path.is_file():  # finished earlier (perhaps in another session): never redone
-        record = json.loads(path.read_text())
-        if record["epochs"] != epochs or record["train_size"] != size:
-            raise ValueError(
-                f"{path} was trained with {record['train_size']} examples for {record['epochs']} epochs, but regime "
-                f"{regime} now asks for {size} and {epochs}: give the changed regime another study_records_dir"
-            )
-        return record
-    import torch
-
     run = run_name(method, value, seed)
     folder = Path(parse_config([StudyArguments, recipe.ScriptArguments, FAMConfig], argv)[2].output_dir) / regime / run
     script, args, trainer_class, training_args = run_arguments(recipe, study, argv, method, value, seed, folder,
                                                                size, epochs)  # fmt: skip
+    wanted = {"train_size": size, "epochs": epochs, "settings": shared_settings(script, args)}
+    if path.is_file():  # finished earlier (perhaps in another session): never redone
+        record = json.loads(path.read_text())
+        changed = {k: (record[k], v) for k, v in wanted.items() if k in record and record[k] != v}
+        if changed:
+            raise ValueError(
+                f"{path} was trained with other settings than this study asks for (recorded, now): {changed}; "
+                "give the changed study another study_records_dir, or restore the settings"
+            )
+        return record
+    import torch
+
     print(f"\n== {study.study_name}{' [QUICK]' if study.study_quick else ''}: {regime}/{run} ==", flush=True)
     started = time.time()
     if trainer_class is None:
@@ -263,6 +266,7 @@ def train_one(recipe, study, argv, records_dir: Path, method: str, value, seed: 
         "machine": f"{platform.machine()} {platform.system()}, Python {platform.python_version()}, torch "
         f"{torch.__version__}, {torch.get_num_threads()} torch thread(s)",
         **{k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
+        "settings": wanted["settings"],
         "checkpoints": checkpoints(history),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -271,6 +275,18 @@ def train_one(recipe, study, argv, records_dir: Path, method: str, value, seed: 
     print(f"   {regime}/{run}: validation {record['validation_metric']:.4f}, test {record['test_metric']:.4f}, "
           f"gap {record['gap']:.4f}, {wall_s:.0f} s", flush=True)  # fmt: skip
     return record
+
+
+SHARED = ("model_name_or_path", "dataset", "group_column", "test_size", "validation_size", "max_length",
+          "max_eval_samples", "kappa_batches", "kappa_probes", "flatness_measures", "flatness_every_n_steps",
+          "learning_rate", "lr_scheduler_type", "warmup_steps", "per_device_train_batch_size",
+          "per_device_eval_batch_size", "gradient_accumulation_steps", "fam_layer", "fam_estimator", "fam_scale")  # fmt: skip
+
+
+def shared_settings(script, args) -> dict:
+    """What every run of a regime shares (data, schedule, measurement), recorded so that a resumed study cannot
+    mix runs made with other settings (the method's own knob and the seed are not in it)."""
+    return {name: getattr(script, name, getattr(args, name, None)) for name in SHARED}
 
 
 def checkpoints(history: list[dict]) -> list[dict]:

@@ -201,6 +201,8 @@ def test_a_study_resumes_from_its_records(study):
         p: s for p, s in stamps.items() if p != missing
     }
     assert len((out / "records" / "runs.jsonl").read_text().splitlines()) == len(records)
+    with pytest.raises(ValueError, match=r"other settings than this study asks for .*learning_rate"):
+        study_module().main([*argv, "--learning_rate", "0.001"])  # a changed schedule cannot mix with the records
 
 
 def test_the_rescaling_control_preserves_the_function_and_flags_what_moves(study):
@@ -234,7 +236,7 @@ def test_the_rescaling_control_preserves_the_function_and_flags_what_moves(study
     assert not {(linear, "kappa"), (linear, "jacobian_norm")} & flagged
     # the study's own control: written beside the records and tabled
     out = study[0] / "records"
-    assert json.loads((out / "rescaling.json").read_text())["rows"]
+    assert {r["layer"] for r in json.loads((out / "rescaling.json").read_text())["rows"]} == {linear, "classifier"}
     assert "Rescaling control" in (out / "results.md").read_text()
 
 
