@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> dict:
     study, script, args = parse_config([StudyArguments, recipe.ScriptArguments, FAMConfig], argv)
     check_study(study)
     records_dir = Path(study.study_records_dir or args.output_dir)
+    restore_records(records_dir)
     if not study.study_only_aggregate:
         run_study(recipe, study, script, args, argv, records_dir)
     records = load_records(records_dir, study)
@@ -73,6 +74,21 @@ def main(argv: list[str] | None = None) -> dict:
     summary = write_tables(records, study, records_dir)
     print(f"\n{(records_dir / 'results.md').read_text()}\nstudy tables in {records_dir.resolve()}")
     return summary
+
+
+def restore_records(records_dir: Path) -> int:
+    """Write back every record of ``runs.jsonl`` whose file under ``runs/`` is missing (a checkout where only the
+    tables were committed still resumes); returns how many were restored."""
+    jsonl = records_dir / "runs.jsonl"
+    restored = 0
+    for line in jsonl.read_text().splitlines() if jsonl.is_file() else []:
+        record = json.loads(line)
+        path = record_path(records_dir, record["regime"], record["method"], record["value"], record["seed"])
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+            restored += 1
+    return restored
 
 
 def load_records(records_dir: Path, study: StudyArguments) -> list[dict]:
