@@ -1,0 +1,186 @@
+"""Chat fine-tuning (SFT) of an instruct model with TRL's SFTTrainer and a relative-flatness penalty (FAM).
+
+    python recipes/sft.py --config configs/sft_smollm2_lora.yaml                  # LoRA, FAM on the LM head
+    python recipes/sft.py --config configs/sft_smollm2.yaml                       # full fine-tuning
+    accelerate launch --config_file configs/accelerate/multi_gpu.yaml \\
+        recipes/sft.py --config configs/sft_smollm2_lora.yaml --bf16 true
+
+Every knob is in the YAML config (ScriptArguments below, fam_* of FAMFields, and trl.SFTConfig's own: max_length,
+packing, assistant_only_loss, …); any key can be overridden on the command line. With ``dataset: shakespeare``
+the conversations are consecutive speeches of a scene as user/assistant turns (fam_hf.chat_data), built after
+the plays are split, so validation and test are plays the model never trained on. A user's own data is a
+file or Hub data set with a column of conversations (``messages_column``), checked before the model loads.
+The loss counts the assistant's tokens only (the model's own chat template, with generation markers added).
+Writes the model (or the LoRA adapter), the tokenizer, ``metrics.json`` (held-out loss and perplexity, κ of the
+LM head at start and end on fixed batches), ``fam_config.json`` and the model card into ``output_dir``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import set_seed
+
+from fam_hf.assets import load_model_and_tokenizer, parse_config
+from fam_hf.chat_data import (
+    check_conversations,
+    dialogue_conversations,
+    training_chat_template,
+    with_counted_positions,
+)
+from fam_hf.data import carve_splits, load_source, slice_splits
+from fam_hf.data_checks import check_sizes
+from fam_hf.runs import check_output_dir, fam_settings, fixed_batch_measures, fixed_batches, write_json
+from fam_hf.trl import FAMSFTConfig, FAMSFTTrainer
+
+KAPPA_SPLITS = ("train", "test")  # κ is reported on fixed batches of these splits
+
+
+@dataclass
+class ScriptArguments:
+    model_name_or_path: str = field(metadata={"help": "Alias (smollm2-135m), local folder or Hub id of a chat model."})
+    dataset: str = field(
+        metadata={"help": "shakespeare (dialogue as conversations), or a local json/jsonl/parquet file or Hub id "
+                  "with a column of conversations."}
+    )  # fmt: skip
+    messages_column: str = field(
+        default="messages", metadata={"help": "Column of [{'role', 'content'}, …] conversations (own data)."}
+    )
+    group_column: str | None = field(
+        default=None, metadata={"help": "Keep rows sharing this column's value in one split (shakespeare: play)."}
+    )
+    test_size: float = field(default=0.15, metadata={"help": "Fraction of groups (plays) held out as test."})
+    validation_size: float = field(default=0.1, metadata={"help": "Fraction of groups (plays) for validation."})
+    turns: int = field(default=2, metadata={"help": "shakespeare: consecutive speeches per conversation (even)."})
+    system_prompt: str | None = field(
+        default=None, metadata={"help": "shakespeare: a system message first (null: the chat template's default)."}
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Train on a seeded random slice."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on a seeded random slice."})
+    use_lora: bool = field(default=False, metadata={"help": "Train a LoRA adapter instead of every weight."})
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input."})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "v_proj"], metadata={"help": "Module names LoRA adapts."}
+    )
+    kappa_batches: int = field(default=2, metadata={"help": "Fixed train/test batches on which κ is reported."})
+    kappa_probes: int = field(default=8, metadata={"help": "Probes per batch when κ is measured with the probe."})
+    save_model: bool = field(default=True, metadata={"help": "Save the trained model (or adapter) and tokenizer."})
+    overwrite_output: bool = field(default=False, metadata={"help": "Write into a non-empty output_dir."})
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    if int(os.environ.get("LOCAL_RANK", -1)) >= 0 and not torch.cuda.is_available():
+        # ranks without GPUs (configs/accelerate/cpu_2proc.yaml): DDP over gloo on the CPU
+        os.environ["ACCELERATE_USE_CPU"] = "true"
+    script, args = parse_config([ScriptArguments, FAMSFTConfig], argv)
+    check_output_dir(args.output_dir, script.overwrite_output or args.resume_from_checkpoint is not None)
+    set_seed(args.seed)  # what is initialised before Trainer seeds: LoRA matrices
+
+    # -- data: split by group (play) first, then conversations; checked before the model loads ------------
+    source = load_source(script.dataset)
+    if script.dataset != "shakespeare":  # a user's conversations, as loaded: row numbers are the file's
+        check_conversations(source, script.dataset, script.messages_column)  # no assistant turn: loss and κ 0/0
+    splits = carve_splits(
+        source,
+        script.dataset,
+        seed=args.seed,
+        test_size=script.test_size,
+        validation_size=script.validation_size,
+        group_column=script.group_column,
+    )
+    if script.dataset == "shakespeare":
+        splits = {
+            name: dialogue_conversations(plays, turns=script.turns, system_prompt=script.system_prompt)
+            for name, plays in splits.items()
+        }
+    check_sizes({name: len(split) for name, split in splits.items()}, script.dataset, "conversations", warn_below=1)
+    splits = slice_splits(
+        splits,
+        max_train_samples=script.max_train_samples,
+        max_eval_samples=script.max_eval_samples,
+        seed=args.seed,
+        unit="conversations",
+    )
+    splits = {name: split.select_columns([script.messages_column]) for name, split in splits.items()}
+    if script.messages_column != "messages":
+        splits = {name: split.rename_column(script.messages_column, "messages") for name, split in splits.items()}
+
+    # -- model: its own chat template, with the assistant's tokens marked for the loss -------------------
+    model, tokenizer = load_model_and_tokenizer(script.model_name_or_path, "causal-lm")
+    if args.assistant_only_loss:
+        tokenizer.chat_template = training_chat_template(tokenizer, check=splits["train"]["messages"][:8])
+    if script.use_lora:
+        lora = LoraConfig(
+            r=script.lora_r,
+            lora_alpha=script.lora_alpha,
+            lora_dropout=script.lora_dropout,
+            target_modules=script.lora_target_modules,
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, lora)
+
+    # -- train: SFTTrainer tokenizes (and packs, if asked); FAM adds λ·κ of the LM head -------------------
+    trainer = FAMSFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=splits["train"],
+        eval_dataset={"validation": splits["validation"], "test": splits["test"]},
+        processing_class=tokenizer,
+    )
+    # tokenized, masked, truncated (and packed) as trained; rows whose reply max_length cut off count nothing
+    prepared = {"train": trainer.train_dataset, **trainer.eval_dataset}
+    prepared = {name: with_counted_positions(split, name, args.max_length) for name, split in prepared.items()}
+    trainer.train_dataset, trainer.eval_dataset = prepared["train"], {k: prepared[k] for k in ("validation", "test")}
+    batches = {
+        split: fixed_batches(prepared[split], trainer.data_collator, args, script.kappa_batches)
+        for split in KAPPA_SPLITS
+    }
+    start = {split: fixed_batch_measures(trainer.model, b, args, script.kappa_probes) for split, b in batches.items()}
+    train_metrics = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint).metrics
+
+    # -- evaluate: loss and perplexity of the assistant's turns on unseen plays; κ on the fixed batches ---
+    metrics = dict(train_metrics)
+    for split in ("validation", "test"):
+        evaluated = trainer.evaluate(split, metric_key_prefix=split)  # the prepared split, by name
+        # TRL reports its own metrics (entropy, token accuracy) as eval_*, whatever the prefix
+        metrics.update({key.replace("eval_", f"{split}_", 1): value for key, value in evaluated.items()})
+        metrics[f"{split}_perplexity"] = math.exp(min(metrics[f"{split}_loss"], 50.0))
+    end = {split: fixed_batch_measures(trainer.model, b, args, script.kappa_probes) for split, b in batches.items()}
+    for split in batches:  # eval mode, no dropout: the loss gap on these batches is test − train
+        for name in ("kappa", "loss"):
+            metrics[f"{name}_{split}_start"], metrics[f"{name}_{split}_end"] = start[split][name], end[split][name]
+    metrics["world_size"] = args.world_size
+
+    # -- save ---------------------------------------------------------------------------------------------
+    trainer.save_state()  # trainer_state.json: the log history, fam/kappa included
+    if trainer.is_world_process_zero():
+        write_json(args.output_dir, "metrics.json", metrics)
+        settings = fam_settings(trainer, script, args)
+        write_json(args.output_dir, "fam_config.json", settings)
+    if script.save_model:  # last: the model card (README.md) reads the files above; --push_to_hub uploads it all
+        trainer.save_model(args.output_dir)  # the full model, or only the adapter for a PEFT model
+    if trainer.is_world_process_zero():
+        layer = settings["fam"]["resolved_layer"]
+        saved = (
+            f"{'adapter' if script.use_lora else 'model'} + tokenizer (from_pretrained), " if script.save_model else ""
+        )
+        print(
+            f"\nheld-out assistant turns: test loss {metrics['test_loss']:.3f}, perplexity "
+            f"{metrics['test_perplexity']:.2f} ({len(splits['test'])} conversations of unseen plays); validation "
+            f"perplexity {metrics['validation_perplexity']:.2f}\n"
+            f"κ({layer}) on {script.kappa_batches} fixed batches — train: {start['train']['kappa']:.4g} → "
+            f"{end['train']['kappa']:.4g}; test: {start['test']['kappa']:.4g} → {end['test']['kappa']:.4g}\n"
+            f"outputs in {os.path.abspath(args.output_dir)}: {saved}metrics.json, fam_config.json"
+            + (f"; pushed to the Hub: {trainer.hub_model_id}" if args.push_to_hub and script.save_model else "")
+        )
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
