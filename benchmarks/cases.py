@@ -25,7 +25,9 @@ class Variant:
     Attributes:
         name: short id (command line, memory worker, table).
         kind: ``"plain"`` (``Trainer``), ``"fam"`` (``FAMTrainer`` with ``fam``), ``"sam"`` (``SAMTrainer``
-            with ``sam``), ``"reference"`` (:class:`~benchmarks.reference_fam.ReferenceFAMTrainer`).
+            with ``sam``), ``"reference"`` (:class:`~benchmarks.reference_fam.ReferenceFAMTrainer`),
+            ``"sft"`` (TRL's ``SFTTrainer``: the fused LM head, no logits), ``"famsft"``
+            (``fam_hf.trl.FAMSFTTrainer`` with ``fam``).
         label: what the table says.
         fam: ``FAMConfig`` fields (``fam_*``).
         sam: ``SAMConfig`` fields (``sam_*``).
@@ -208,6 +210,8 @@ def build_cases(quick: bool, device: str) -> dict[str, Case]:
             learning_rate=1e-4,
             notes=["LoRA as configs/clm_smollm2_lora.yaml: r = 8, α = 16, dropout 0, on q_proj and v_proj."],
         ),
+        _sft_case("smollm2-sft-full", "SmolLM2-135M full fine-tune", full_batch, lm_len, lora=False),
+        _sft_case("smollm2-sft-lora", "SmolLM2-135M LoRA (r = 8 on q/v)", lora_batch, lm_len, lora=True),
         # Tiny random models: the harness's own smoke test (tests/test_benchmarks.py), seconds.
         Case(
             "tiny-bert",
@@ -258,8 +262,52 @@ def build_cases(quick: bool, device: str) -> dict[str, Case]:
             ],  # fmt: skip
             lora=True,
         ),
+        _sft_case("tiny-llama-sft", "tiny random Llama (smoke test)", 2, 8, lora=False, model="tiny-llama", smoke=True),
     ]
     return {case.name: case for case in cases}
+
+
+def _sft_case(
+    name: str,
+    title: str,
+    batch_size: int,
+    seq_len: int,
+    *,
+    lora: bool,
+    model: str = "smollm2-135m",
+    smoke: bool = False,
+) -> Case:
+    """FAMSFTTrainer against TRL's SFTTrainer (the ``plain`` step here: fused LM head, no logits), and the plain
+    ``Trainer`` step that materialises the logits, on the same batches (issue 14's targets)."""
+    head = dict(fam_estimator="closed_form", fam_lambda=1e-3 if smoke else 1e-5)
+    targets = {} if smoke else dict(time_target=1.25, memory_target=1.05)
+    return Case(
+        name,
+        f"{title} under TRL's SFTTrainer, FAM closed form on the LM head from its input",
+        model,
+        "random" if smoke else "shakespeare",
+        batch_size,
+        seq_len,
+        [
+            Variant("plain", "sft", "plain `SFTTrainer` step (fused LM head, no logits)"),
+            Variant("famsft", "famsft", "`FAMSFTTrainer`, closed form from the head's input", head, **targets),
+            Variant(
+                "famsft-tf0.25",
+                "famsft",
+                "`FAMSFTTrainer`, `fam_token_fraction=0.25`",
+                {**head, "fam_token_fraction": 0.25},
+                time_target=None if smoke else 1.08,
+            ),
+            Variant("trainer", "plain", "plain `Trainer` step (full logits; FAM's memory should be below it)"),
+        ],  # fmt: skip
+        lora=lora,
+        learning_rate=1e-4 if lora else 1e-5,
+        notes=[
+            "Ratios are to SFTTrainer's step; FAMSFT's memory against the plain `Trainer` step is the ratio of its "
+            "row to the `Trainer` row. Every label counts (Shakespeare blocks, no assistant mask): the penalty's "
+            "largest cost. 1,024 tokens: `--seq-len 1024`."
+        ],
+    )
 
 
 QUICK_CASES = ("minilm-head", "smollm2-lora")
@@ -413,7 +461,44 @@ def make_trainer(case: Case, variant: Variant, model, output_dir: str, device: s
         trainer = sam_trainer(model=model, args=sam_config(**common, **variant.sam))
     elif variant.kind == "reference":
         trainer = ReferenceFAMTrainer(model=model, args=TrainingArguments(**common), **variant.fam)
+    elif variant.kind in ("sft", "famsft"):
+        trainer = _sft_trainer(case, variant, model, common)
     else:
         raise ValueError(f"unknown variant kind {variant.kind!r}")
     trainer.current_gradient_accumulation_steps = 1  # set by Trainer's training loop, which is not run here
     return trainer
+
+
+def _sft_trainer(case: Case, variant: Variant, model, common: dict):
+    """SFTTrainer or FAMSFTTrainer; the rows it is built with only satisfy its constructor (the bench hands every
+    step its fixed batch)."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    from fam_hf.trl import FAMSFTConfig, FAMSFTTrainer
+
+    # TRL's own defaults would change the step the others take: activation checkpointing on, bf16 on
+    sft = dict(common, gradient_checkpointing=False, max_length=None)
+    rows = Dataset.from_dict({"input_ids": [[1, 2, 3, 4]]})
+    tokenizer = _sft_tokenizer(case)
+    if variant.kind == "sft":
+        return SFTTrainer(model=model, args=SFTConfig(**sft), train_dataset=rows, processing_class=tokenizer)
+    args = FAMSFTConfig(**sft, **variant.fam)
+    return FAMSFTTrainer(model=model, args=args, train_dataset=rows, processing_class=tokenizer)
+
+
+def _sft_tokenizer(case: Case):
+    """The case model's tokenizer (SFTTrainer wants one), or a word-level stand-in for the random models."""
+    if case.model in ("tiny-llama", "smollm2-135m-random"):
+        from tokenizers import Tokenizer, models
+        from transformers import PreTrainedTokenizerFast
+
+        vocab = {f"t{i}": i for i in range(64)}
+        return PreTrainedTokenizerFast(
+            tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t2")), pad_token="t0", eos_token="t1"
+        )
+    from transformers import AutoTokenizer
+
+    from fam_hf.assets import model_path
+
+    return AutoTokenizer.from_pretrained(model_path(case.model))

@@ -1,0 +1,38 @@
+"""benchmarks/: the FAMSFTTrainer-vs-SFTTrainer case runs through the harness (tiny random Llama, seconds).
+
+No time or memory figure is asserted (DESIGN §5); this only checks that the case builds, steps and is tabled.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("trl")
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import bench_steps  # noqa: E402
+from benchmarks.cases import build_cases  # noqa: E402
+
+
+def test_famsft_against_sfttrainer_case_is_timed_and_tabled():
+    argv = ["--cases", "tiny-llama-sft", "--repeats", "2", "--warmup", "1", "--memory-runs", "0", "--threads", "1"]
+    text = bench_steps.main(argv)
+    for variant in build_cases(False, "cpu")["tiny-llama-sft"].variants:
+        assert f"| {variant.label} |" in text
+    assert "skipped" not in text and "failed" not in text
+
+
+def test_the_smollm2_sft_cases_carry_the_issues_targets():
+    cases = build_cases(False, "cpu")
+    for name in ("smollm2-sft-full", "smollm2-sft-lora"):
+        variants = {v.name: v for v in cases[name].variants}
+        assert variants["plain"].kind == "sft" and variants["trainer"].kind == "plain"
+        assert (variants["famsft"].time_target, variants["famsft"].memory_target) == (1.25, 1.05)
+        assert variants["famsft-tf0.25"].time_target == 1.08
+    assert cases["smollm2-sft-lora"].lora and not cases["smollm2-sft-full"].lora
