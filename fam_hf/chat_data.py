@@ -185,7 +185,13 @@ def training_chat_template(tokenizer, check: Sequence[list[dict[str, str]]] = ()
     Raises:
         ValueError: no chat template, or one this cannot mark, naming the fix.
     """
-    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+    from .extras import require
+
+    templates = require("trl.chat_template_utils", "marking a chat template for assistant-only loss")
+    get_training_chat_template, has_generation_markers = (
+        templates.get_training_chat_template,
+        templates.has_generation_markers,
+    )
 
     own = tokenizer.chat_template
     if not own:

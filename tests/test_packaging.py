@@ -57,7 +57,8 @@ def distribution(module: str) -> str:
 
 @pytest.mark.parametrize(
     "folder, groups",
-    [("fam_hf", ("core", "plots", "deepspeed")), ("recipes", ("core", "plots")), ("benchmarks", ("core", "bitsandbytes")),
+    [("fam_hf", ("core", "plots", "deepspeed", "trl")), ("recipes", ("core", "plots", "trl")),
+     ("benchmarks", ("core", "bitsandbytes", "trl", "test")),
      ("tests", ("core", "test", "plots", "deepspeed", "trl"))],
 )  # fmt: skip
 def test_every_import_is_declared(folder, groups):
