@@ -109,3 +109,20 @@ def check_output_dir(output_dir: str, overwrite: bool) -> None:
 def write_json(folder: str, name: str, values: dict) -> None:
     with open(os.path.join(folder, name), "w") as f:
         json.dump(values, f, indent=2, default=str)
+
+
+def save_run(trainer, script, args: FAMConfig, metrics: dict) -> dict:
+    """Write a recipe's outputs into ``args.output_dir``; return its FAM settings (``fam_config.json``).
+
+    ``trainer_state.json`` (the log history), ``metrics.json`` and ``fam_config.json`` first, then the model
+    (or adapter) and tokenizer if ``script.save_model``: the model card (README.md) reads the files before it,
+    and ``--push_to_hub`` uploads them all.
+    """
+    trainer.save_state()
+    settings = fam_settings(trainer, script, args)
+    if trainer.is_world_process_zero():
+        write_json(args.output_dir, "metrics.json", metrics)
+        write_json(args.output_dir, "fam_config.json", settings)
+    if script.save_model:
+        trainer.save_model(args.output_dir)
+    return settings

@@ -31,11 +31,10 @@ from fam_hf.data import carve_splits, encode_labels, load_source, require_column
 from fam_hf.data_checks import check_cells, check_classes, check_overlap, check_sizes, require_pad_token
 from fam_hf.runs import (
     check_output_dir,
-    fam_settings,
     fixed_batch_measures,
     fixed_batches,
     flatness_callback,
-    write_json,
+    save_run,
 )
 
 KAPPA_SPLITS = ("train", "test")  # κ is reported on fixed batches of these splits
@@ -173,13 +172,7 @@ def run(
     metrics["world_size"] = args.world_size
 
     # -- save ---------------------------------------------------------------------------------------------
-    trainer.save_state()  # trainer_state.json: the log history, fam/kappa included
-    if trainer.is_world_process_zero():
-        write_json(args.output_dir, "metrics.json", metrics)
-        settings = fam_settings(trainer, script, args)
-        write_json(args.output_dir, "fam_config.json", settings)
-    if script.save_model:  # last: the model card (README.md) reads the files above; --push_to_hub uploads it all
-        trainer.save_model(args.output_dir)  # model + tokenizer (an adapter if the model is a PEFT model)
+    settings = save_run(trainer, script, args, metrics)  # state, metrics, FAM settings, then the model
     if trainer.is_world_process_zero():
         layer = settings["fam"]["resolved_layer"]
         scores = [name for name in script.metrics if f"test_{name}" in metrics]  # a metric may name its keys itself

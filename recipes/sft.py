@@ -34,7 +34,7 @@ from fam_hf.chat_data import (
 )
 from fam_hf.data import carve_splits, load_source, slice_splits
 from fam_hf.data_checks import check_sizes
-from fam_hf.runs import check_output_dir, fam_settings, fixed_batch_measures, fixed_batches, write_json
+from fam_hf.runs import check_output_dir, fixed_batch_measures, fixed_batches, save_run
 from fam_hf.trl import FAMSFTConfig, FAMSFTTrainer
 
 KAPPA_SPLITS = ("train", "test")  # κ is reported on fixed batches of these splits
@@ -158,13 +158,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     metrics["world_size"] = args.world_size
 
     # -- save ---------------------------------------------------------------------------------------------
-    trainer.save_state()  # trainer_state.json: the log history, fam/kappa included
-    if trainer.is_world_process_zero():
-        write_json(args.output_dir, "metrics.json", metrics)
-        settings = fam_settings(trainer, script, args)
-        write_json(args.output_dir, "fam_config.json", settings)
-    if script.save_model:  # last: the model card (README.md) reads the files above; --push_to_hub uploads it all
-        trainer.save_model(args.output_dir)  # the full model, or only the adapter for a PEFT model
+    settings = save_run(trainer, script, args, metrics)  # state, metrics, FAM settings, then the model
     if trainer.is_world_process_zero():
         layer = settings["fam"]["resolved_layer"]
         saved = (
