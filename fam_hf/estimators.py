@@ -213,19 +213,19 @@ def host_to_device(tensor: torch.Tensor, device: torch.device | str | None) -> t
 def sample_positions(
     weights: torch.Tensor, fraction: float, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``k = ⌈fraction·N⌉`` of the ``N`` positions, uniformly without replacement among the counted ones
-    (``weights ≠ 0``), and their weights times ``count / min(k, count)``: an unbiased estimate of
-    ``Σ_t weights_t …``, exact when ``k ≥ count``. Random keys instead of ``nonzero`` avoid a host sync.
+    """``k = ⌈fraction·count⌉`` of the ``count`` positions the loss counts (``weights ≠ 0``), uniformly without
+    replacement, and their weights times ``count / k``: an unbiased estimate of ``Σ_t weights_t …``, exact when
+    ``fraction = 1``. The fraction is of the counted positions, not of the batch, so that an assistant-only or
+    completion-only loss saves what it says; counting them is one host synchronisation.
 
     Returns ``(chosen indices: (k,), reweighted weights: (k,))``."""
-    n = weights.shape[0]
-    k = min(n, math.ceil(fraction * n))
     counted = weights != 0
-    keys = host_to_device(torch.rand(n, generator=generator), weights.device).masked_fill(~counted, 2.0)
+    count = int(counted.sum())
+    k = min(count, math.ceil(fraction * count))
+    # random keys, the uncounted ones last: the k smallest are a uniform draw among the counted positions
+    keys = host_to_device(torch.rand(weights.shape[0], generator=generator), weights.device).masked_fill(~counted, 2.0)
     chosen = keys.topk(k, largest=False).indices
-    count = counted.sum()
-    scale = count.clamp_min(1) / count.clamp(1, k)
-    return chosen, weights[chosen] * scale
+    return chosen, weights[chosen] * (count / max(k, 1))
 
 
 class UnusedPerturbationError(RuntimeError):

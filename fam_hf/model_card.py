@@ -5,8 +5,8 @@ records: base model, data set, task, the FAM settings (:func:`fam_hf.runs.fam_se
 training (``fam/*``) and as measured by ``FlatnessCallback`` (``flatness/*``) and by the recipes
 (``metrics.json``: κ on fixed batches at start and end), evaluation metrics, hyperparameters and library
 versions. :func:`model_card` turns them into a ``huggingface_hub.ModelCard`` (metadata through
-``ModelCardData``), with the BibTeX of the FAM and relative-flatness papers. ``FAMTrainer`` writes it as
-``README.md`` whenever it saves or pushes; :mod:`fam_hf.hub` pushes.
+``ModelCardData``), with the BibTeX of the FAM and relative-flatness papers. fam_hf's trainers write it as
+``README.md`` whenever they save or push (:class:`fam_hf.hub.HubCardMixin`); :mod:`fam_hf.hub` pushes.
 
 No token ever reaches a card or an error message: setting names ending in ``_token`` are dropped and the
 values of ``HF_TOKEN``/``HUGGING_FACE_HUB_TOKEN`` (and any token passed in) are masked in the text.
@@ -276,6 +276,7 @@ def kappa_summary(log_history: list[dict]) -> dict[str, Any]:
 def _body(facts: CardFacts, kappa: dict) -> list[str]:
     fam, metrics = facts.fam, facts.metrics
     layer = fam.get("resolved_layer", fam.get("fam_layer", "?"))
+    trainer = fam.get("trainer", "FAMTrainer")  # the class that trained (runs before it was recorded: FAMTrainer)
     if facts.base_model:
         alias = f" (the `fam_hf` alias `{facts.base_model_source}`)" if facts.base_model_source in ALIAS_HUB_IDS else ""
         base = f" [{facts.base_model}](https://huggingface.co/{facts.base_model}){alias}"
@@ -288,7 +289,7 @@ def _body(facts: CardFacts, kappa: dict) -> list[str]:
     lines = [
         f"# {facts.model_name}",
         "",
-        f"{what}{data} with **FAM** (Relative Flatness Aware Minimization) through `fam_hf`'s `FAMTrainer`: the "
+        f"{what}{data} with **FAM** (Relative Flatness Aware Minimization) through `fam_hf`'s `{trainer}`: the "
         f"training loss is `L + λ·κ`, where κ is the relative flatness (Petzka et al., NeurIPS 2021) of the layer "
         f"`{layer}`.",
         "",

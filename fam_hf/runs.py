@@ -89,12 +89,14 @@ def fam_settings(trainer, script, args: FAMConfig | None = None) -> dict:
     """
     args = args if args is not None else trainer.args
     settings = {key: value for key, value in asdict(args).items() if key.startswith("fam_")}
-    if hasattr(trainer, "flatness"):
-        settings.update(resolved_layer=trainer.flatness.layer.name, resolved_estimator=trainer.flatness.estimator)
+    flatness = getattr(trainer, "flatness", None)
+    if flatness is not None:
+        settings.update(resolved_layer=flatness.layer.name, resolved_estimator=flatness.estimator)
+        if hasattr(flatness, "description"):  # how κ was computed, where the estimator's name does not say it all
+            settings["resolved_estimator_detail"] = flatness.description
     else:  # trained without the penalty: κ is only measured, on the same layer
-        settings.update(
-            resolved_layer=resolve_layer(trainer.model, args.fam_layer).name, trainer=type(trainer).__name__
-        )
+        settings["resolved_layer"] = resolve_layer(trainer.model, args.fam_layer).name
+    settings["trainer"] = type(trainer).__name__
     return {"fam": settings, "script": asdict(script)}
 
 

@@ -20,6 +20,7 @@ from torch import nn
 from transformers import Trainer
 from transformers.training_args import OptimizerNames
 
+from .measures.sam import ascent_direction, ascent_norm
 from .sam_config import SAMFields
 from .trainer_base import MetricSums, check_args, check_mixin_order, fix_sequence_classifier_loss
 
@@ -154,17 +155,13 @@ class SAMMixin:
         cfg = self.args
         scaler = getattr(self.accelerator, "scaler", None)
         inv_scale = 1.0 / scaler.get_scale() if scaler is not None and scaler.is_enabled() else 1.0
-
-        def ascent(p: nn.Parameter) -> torch.Tensor:  # g, or T g under ASAM
-            dtype = _compute_dtype(p.dtype)
-            g = p.grad.to(dtype) * inv_scale
-            return g * (p.detach().to(dtype).abs() + cfg.sam_eta) if cfg.sam_adaptive else g
-
         dtype = _compute_dtype(*(p.dtype for p in params))
-        norm = torch.zeros((), device=self.args.device, dtype=dtype)
-        for p in params:
-            norm += ascent(p).pow(2).sum().to(norm)
-        norm = norm.sqrt()
+
+        def pairs():  # (unscaled gradient, weight) in the compute dtype, one parameter at a time
+            for p in params:
+                yield p.grad.to(dtype) * inv_scale, p.detach().to(dtype)
+
+        norm = ascent_norm(pairs(), adaptive=cfg.sam_adaptive, eta=cfg.sam_eta)
         self._sam_backup = []
         if not torch.isfinite(norm).item():
             self._sam_skipped += 1
@@ -176,12 +173,10 @@ class SAMMixin:
             )
             norm = None
         elif norm > 0:  # at a stationary point there is no ascent direction: ε̂ = 0, as in sam_sharpness
-            for p in params:
-                direction = ascent(p)
-                if cfg.sam_adaptive:
-                    direction = direction * (p.to(direction.dtype).abs() + cfg.sam_eta)  # T² g
+            for p, (grad, weight) in zip(params, pairs()):
+                direction = ascent_direction(grad, weight, adaptive=cfg.sam_adaptive, eta=cfg.sam_eta)
                 self._sam_backup.append((p, p.detach().clone()))
-                p.add_((direction * (cfg.sam_rho / norm.to(direction))).to(p.dtype))
+                p.add_((direction * (cfg.sam_rho / norm)).to(p.dtype))
         for p in params:
             p.grad = None
         return norm

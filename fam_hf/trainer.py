@@ -12,6 +12,7 @@ from transformers import Trainer
 
 from .config import FAMFields
 from .flatness import RelativeFlatness
+from .hub import HubCardMixin
 from .trainer_base import MetricSums, check_args, check_mixin_order, fix_sequence_classifier_loss
 
 logger = logging.getLogger(__name__)
@@ -19,14 +20,14 @@ logger = logging.getLogger(__name__)
 FAM_STATE_NAME = "fam_state.pt"  # written into every checkpoint folder
 
 
-class FAMMixin:
+class FAMMixin(HubCardMixin):
     """Relative Flatness Aware Minimization, in front of any :class:`transformers.Trainer` subclass.
 
     ``class MyTrainer(FAMMixin, SomeTrainer)`` with ``args`` a dataclass that mixes in
     :class:`~fam_hf.config.FAMFields` (``@dataclass class MyConfig(FAMFields, SomeConfig)``). It overrides
     ``compute_loss`` (the penalty), ``training_step`` (attention kernels with a double backward, for the probe),
-    ``log`` (the ``fam/*`` metrics), the RNG checkpointing (the probe RNG) and the model card, each calling
-    ``super()``. Placed after a ``Trainer`` subclass in the bases it would be bypassed: that is a TypeError when
+    ``log`` (the ``fam/*`` metrics) and the RNG checkpointing (the probe RNG), each calling ``super()``; the
+    model card and the Hub push come from :class:`~fam_hf.hub.HubCardMixin`. Placed after a ``Trainer`` subclass in the bases it would be bypassed: that is a TypeError when
     the class is defined.
 
     During training, each micro-batch's loss becomes ``L + λ_t · κ``, where κ is the relative flatness of
@@ -78,7 +79,6 @@ class FAMMixin:
         self._fam_steps = 0  # optimizer steps with a penalty since the last log
         self._fam_lambda = 0.0
         self._fam_skipped = 0  # penalties dropped because κ was not finite, as of the last log
-        self._fam_saves = 0  # save_model calls, so a failed push knows whether the model reached output_dir
         self._fam_last_step = -1
         logger.info(
             "FAM: λ=%g on layer '%s' (%s), estimator %s",
@@ -243,116 +243,6 @@ class FAMMixin:
             logs["fam/skipped"] = self._fam_skipped
             self._fam_steps = 0
         super().log(logs, start_time)
-
-    # -- model card and Hub (the card itself: fam_hf/hub.py) ------------------------------------------------
-
-    def create_model_card(
-        self,
-        language: str | None = None,
-        license: str | None = None,
-        tags: str | list[str] | None = None,
-        model_name: str | None = None,
-        finetuned_from: str | None = None,
-        tasks: str | list[str] | None = None,
-        dataset_tags: str | list[str] | None = None,
-        dataset: str | list[str] | None = None,
-        dataset_args: str | list[str] | None = None,
-        dataset_name: str | None = None,
-    ) -> None:
-        """Write ``README.md`` into ``output_dir``: a card that records the FAM settings, κ, the evaluation
-        metrics and the citations (:func:`fam_hf.hub.model_card`), in place of Trainer's generic draft.
-        ``Trainer.push_to_hub`` calls it and passes on its own keyword arguments (TRL's trainers pass
-        ``dataset_name``)."""
-        dataset = dataset if dataset is not None else dataset_name
-        if self.is_world_process_zero():
-            given = dict(language=language, license=license, tags=tags, model_name=model_name, tasks=tasks,
-                         finetuned_from=finetuned_from, dataset_tags=dataset_tags, dataset=dataset)  # fmt: skip
-            self._fam_write_card(self.args.output_dir, **{k: v for k, v in given.items() if v is not None})
-
-    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        # Trainer.save_model, with the model card written beside the weights (main process) before any push.
-        super().save_model(output_dir, _internal_call=True)
-        self._fam_saves += 1
-        if self.args.should_save:
-            self._fam_write_card(output_dir or self.args.output_dir)
-        if self.args.push_to_hub and not _internal_call:
-            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
-
-    def push_to_hub(
-        self,
-        commit_message: str | None = "End of training",
-        blocking: bool = True,
-        token: str | None = None,
-        revision: str | None = None,
-        private: bool | None = None,
-        **kwargs: Any,
-    ):
-        """``Trainer.push_to_hub``: save model, tokenizer and FAM model card, and upload ``output_dir`` with
-        ``huggingface_hub``. A failure raises :class:`~fam_hf.hub.HubPushError` naming the cause and the fix,
-        once the model is saved in ``output_dir`` (nothing trained is lost)."""
-        from .hub import HubPushError, push_failure_message
-        from .model_card import mask_tokens
-
-        saves = self._fam_saves
-        try:
-            return super().push_to_hub(
-                commit_message=commit_message,
-                blocking=blocking,
-                token=token,
-                revision=revision,
-                private=private,
-                **kwargs,
-            )
-        except Exception as error:
-            cause = error.__cause__ if isinstance(error, HubPushError) and error.__cause__ is not None else error
-            if self._fam_saves == saves:  # failed before Trainer saved (creating the repo): save now
-                self.save_model(_internal_call=True)
-            message = push_failure_message(
-                cause, repo_id=self._fam_repo_id(), endpoint=self._fam_hub_endpoint(), local_dir=self.args.output_dir
-            )
-            raise HubPushError(mask_tokens(message, (token, self.args.hub_token))) from cause
-
-    def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
-        from .hub import HubPushError, push_failure_message
-        from .model_card import mask_tokens
-
-        try:
-            super().init_hf_repo(token=token, private=private)
-        except Exception as error:
-            # Trainer.__init__ creates the repo when push_to_hub is set: fail there, before any training.
-            before_training = not hasattr(self, "flatness")
-            message = push_failure_message(
-                error, repo_id=self._fam_repo_id(), endpoint=self._fam_hub_endpoint(), before_training=before_training
-            )
-            raise HubPushError(mask_tokens(message, (token, self.args.hub_token))) from error
-
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        # Trainer pickles the whole TrainingArguments into training_args.bin, which push_to_hub uploads: keep an
-        # explicit hub_token out of that file (push_to_hub has read the token it uploads with before saving).
-        token, self.args.hub_token = self.args.hub_token, None
-        try:
-            super()._save(output_dir, state_dict)
-        finally:
-            self.args.hub_token = token
-
-    def _fam_write_card(self, folder: str, **card_args: Any) -> None:
-        from .model_card import CARD_NAME, card_facts, model_card
-
-        card_args.setdefault("model_name", self._fam_repo_id().split("/")[-1])
-        try:
-            card = model_card(card_facts(self, **card_args), secrets=(self.args.hub_token,))
-            card.save(os.path.join(folder, CARD_NAME))
-        except Exception:  # a card is never worth a training run
-            logger.warning("FAM: could not write the model card into %s", folder, exc_info=True)
-
-    def _fam_repo_id(self) -> str:
-        return self.hub_model_id or self.args.hub_model_id or os.path.basename(os.path.abspath(self.args.output_dir))
-
-    @staticmethod
-    def _fam_hub_endpoint() -> str:
-        from transformers.utils.hub import hf_api  # the HfApi client Trainer pushes with (HF_ENDPOINT at import)
-
-        return hf_api().endpoint
 
 
 def _logits(outputs: Any) -> torch.Tensor | None:

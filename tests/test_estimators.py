@@ -167,9 +167,9 @@ def test_softmax_curvature_with_bf16_products_stays_close():
 
 def test_token_fraction_is_unbiased_and_exact_when_it_covers_the_counted_positions():
     model = tiny_gpt2()
-    batch = lm_batch(model, batch_size=4, length=6)  # 24 positions, 15 counted (prompt, padding, shift)
+    batch = lm_batch(model, batch_size=4, length=6)  # 24 positions, 16 counted (prompt, padding, shift)
     exact = float(relative_flatness(model, batch).value)
-    flatness = RelativeFlatness(model, token_fraction=0.25)  # 6 of 24 positions, drawn among the 15 counted
+    flatness = RelativeFlatness(model, token_fraction=0.25)  # 4 of the 16 counted positions
     draws = []
     for _ in range(400):
         with flatness.record(batch, differentiable=False) as recording:
@@ -178,8 +178,22 @@ def test_token_fraction_is_unbiased_and_exact_when_it_covers_the_counted_positio
     draws = torch.tensor(draws, dtype=torch.float64)
     assert draws.std() > 0  # it does sample
     assert abs(draws.mean() - exact) <= 3 * draws.std() / 20, (float(draws.mean()), exact)
-    covering = relative_flatness(model, batch, token_fraction=0.7)  # 17 ≥ 15 counted: every one of them
-    torch.testing.assert_close(covering.value, torch.tensor(exact, dtype=torch.float64), rtol=1e-12, atol=0)
+    # a fraction of the counted positions: at 1/16, one of the 16 counted positions a draw, times 16
+    single = RelativeFlatness(model, token_fraction=1 / 16)
+    values = set()
+    for _ in range(200):
+        with single.record(batch, differentiable=False) as recording:
+            model(**batch)
+        values.add(round(float(recording.result(None).value), 12))
+    shifted = batch["labels"][:, 1:]
+    alone = set()  # κ with only position t counted (its weight 1 = 16 × 1/16), for every counted t
+    for i, t in (shifted != -100).nonzero().tolist():
+        labels = torch.full_like(batch["labels"], -100)
+        labels[i, t + 1] = batch["labels"][i, t + 1]
+        alone.add(round(float(relative_flatness(model, {**batch, "labels": labels}).value), 12))
+    assert values == alone
+    nearly = relative_flatness(model, batch, token_fraction=0.99)  # ⌈0.99 · 16⌉ = 16: every counted position
+    torch.testing.assert_close(nearly.value, torch.tensor(exact, dtype=torch.float64), rtol=1e-12, atol=0)
     with pytest.raises(ValueError, match="token_fraction=0.5 subsamples the positions of the closed form"):
         RelativeFlatness(model, "transformer.h.0.mlp.c_fc", token_fraction=0.5)
     with pytest.raises(ValueError, match=r"token_fraction=0 must be in \(0, 1\]"):

@@ -10,7 +10,7 @@ from models import tiny_gpt2
 from torch.nn import functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from fam_hf import relative_flatness
+from fam_hf import RelativeFlatness, relative_flatness
 from fam_hf.estimators import softmax_curvature
 from fam_hf.lm_head import HeadInputFlatness, softmax_curvature_from_features
 
@@ -116,3 +116,26 @@ def test_head_input_estimator_reports_a_backbone_that_never_ran_or_ran_without_g
         model(**batch)
     with pytest.raises(RuntimeError, match=r"ran only under torch.no_grad\(\).*would train nothing"):
         rec.result()
+
+
+def test_head_input_token_fraction_draws_among_the_counted_positions_as_the_logits_estimator_does():
+    model = tiny_llama()
+    ids = torch.randint(0, model.config.vocab_size, (4, 6), generator=torch.Generator().manual_seed(3))
+    labels = ids.clone()
+    labels[:, :2] = -100  # 16 of the 20 shifted positions are counted
+    batch = {"input_ids": ids, "labels": labels}
+    exact = float(relative_flatness(model, batch).value)
+
+    def draws(flatness, n=200):  # at 1/16: one counted position a draw, times 16
+        values = set()
+        for _ in range(n):
+            with flatness.record(batch, differentiable=False) as recording:
+                model(**batch)
+            values.add(round(float(recording.result(None).value), 12))
+        return values
+
+    ours = draws(HeadInputFlatness(model, token_fraction=1 / 16))
+    assert len(ours) == 16 and sum(ours) / 16 == pytest.approx(exact, rel=1e-9)
+    assert ours == draws(RelativeFlatness(model, token_fraction=1 / 16))  # the same 16 per-position values
+    nearly = kappa_from_input(model, batch, token_fraction=0.95)  # ⌈0.95 · 16⌉ = 16: every counted position
+    torch.testing.assert_close(nearly, torch.tensor(exact, dtype=torch.float64), rtol=RTOL, atol=0)

@@ -22,7 +22,9 @@ tomllib = pytest.importorskip("tomllib", reason="reads pyproject.toml with Pytho
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 # What the tree imports that no distribution provides: its own modules, run as scripts or from sys.path.
-LOCAL = {"fam_hf", "benchmarks", "recipes"} | {p.stem for d in ("tests", "benchmarks", "recipes") for p in (ROOT / d).glob("*.py")}
+LOCAL = {"fam_hf", "benchmarks", "recipes"} | {
+    p.stem for d in ("tests", "benchmarks", "recipes") for p in (ROOT / d).glob("*.py")
+}
 
 
 def normalise(name: str) -> str:

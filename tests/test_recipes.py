@@ -151,7 +151,9 @@ def test_classification_recipe_scores_with_the_metrics_it_is_given_offline(tmp_p
     assert "held-out test: accuracy " in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("name, config", [("finetune_classification", CLASSIFICATION_CONFIG), ("finetune_clm", CLM_CONFIG)])
+@pytest.mark.parametrize(
+    "name, config", [("finetune_classification", CLASSIFICATION_CONFIG), ("finetune_clm", CLM_CONFIG)]
+)
 def test_null_on_the_command_line_undoes_the_configs_slice(name, config, tmp_path):
     from fam_hf import FAMConfig
     from fam_hf.assets import parse_config

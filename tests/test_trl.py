@@ -255,3 +255,14 @@ def test_sam_sft_one_step_equals_a_hand_written_sam_step_and_logs_trl_metrics_on
         logits = reference(**model_inputs(batch)).logits[:, :-1]
     accuracy = ((logits.argmax(-1) == labels) & (labels != -100)).sum() / (labels != -100).sum()
     assert log["mean_token_accuracy"] == pytest.approx(float(accuracy), rel=1e-6)  # at w, from the first pass
+
+
+def test_the_model_card_names_the_trainer_and_the_estimator_that_trained(tmp_path):
+    trainer = sft(FAMSFTTrainer, FAMSFTConfig, llama(), tmp_path, max_steps=1, per_device_train_batch_size=4,
+                  fam_lambda=LAM, logging_steps=1)  # fmt: skip
+    trainer.train()
+    trainer.save_model()
+    card = (tmp_path / "README.md").read_text()
+    assert "through `fam_hf`'s `FAMSFTTrainer`" in card and "`FAMTrainer`" not in card
+    assert "closed form from the input of 'lm_head' (the backbone's last hidden state)" in card
+    assert "| trainer | FAMSFTTrainer |" in card

@@ -11,7 +11,7 @@ show that minimizing this and reaching the flattest minimum are different things
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,19 +83,31 @@ def sam_sharpness(
         loss = perturbed_loss(model, batch, subset, zeros, loss_fn)
         grads = torch.autograd.grad(loss, zeros, allow_unused=True)
     grads = [torch.zeros_like(z) if g is None else g for g, z in zip(grads, zeros)]
-    if adaptive:
-        scales = [w.abs() + eta for w in subset.values]
-        directions = [t * g for t, g in zip(scales, grads)]  # T g
-        norm = torch.sqrt(sum(d.pow(2).sum() for d in directions))
-        directions = [t * d for t, d in zip(scales, directions)]  # T² g
-    else:
-        directions = grads
-        norm = torch.sqrt(sum(g.pow(2).sum() for g in grads))
+    norm = ascent_norm(zip(grads, subset.values), adaptive=adaptive, eta=eta)
     if norm > 0:
-        epsilon = [rho * d / norm for d in directions]
+        epsilon = [
+            ascent_direction(g, w, adaptive=adaptive, eta=eta) * (rho / norm) for g, w in zip(grads, subset.values)
+        ]
         with torch.no_grad():
             perturbed = perturbed_loss(model, batch, subset, epsilon, loss_fn).detach()
     else:  # a stationary point of the subset: the first-order ascent has no direction
         perturbed = loss.detach()
     loss = loss.detach()
     return SAMSharpness(perturbed - loss, loss, perturbed, norm, rho, adaptive)
+
+
+def ascent_norm(grads_and_weights: Iterable[tuple[torch.Tensor, torch.Tensor]], *, adaptive: bool = False,
+                eta: float = 0.0) -> torch.Tensor:  # fmt: skip
+    """``‖g‖`` (SAM) or ``‖T g‖`` with ``T = |w| + η`` (ASAM) over every ``(gradient, weight)`` pair: the norm
+    that ε̂ is divided by. Pairs are consumed one at a time (a generator keeps one converted gradient alive)."""
+    total = None
+    for grad, weight in grads_and_weights:
+        g = grad * (weight.abs() + eta) if adaptive else grad
+        square = g.pow(2).sum()
+        total = square if total is None else total + square.to(total)
+    return torch.zeros(()) if total is None else total.sqrt()  # nothing to perturb: no ascent direction
+
+
+def ascent_direction(grad: torch.Tensor, weight: torch.Tensor, *, adaptive: bool = False, eta: float = 0.0):
+    """``ε̂ · ‖·‖ / ρ`` for one tensor: ``g`` (SAM) or ``T² g`` (ASAM); ε̂ = ρ · this / :func:`ascent_norm`."""
+    return grad * (weight.abs() + eta).pow(2) if adaptive else grad
