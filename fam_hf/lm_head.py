@@ -7,8 +7,8 @@ chunks, so ``lm_head``'s own forward never runs and no ``(N, vocab)`` logits ten
     κ = Σ_t c_t ‖φ_t‖² ( Σ_s p_{t,s} ‖w_s‖² − ‖Wᵀ p_t‖² ),      p_t = softmax(W φ_t + b),
 
 with ``c_t = 1/N`` over the ``N`` positions the loss counts (``-100`` elsewhere), or ``1/num_items_in_batch``.
-:func:`softmax_curvature_from_features` computes the bracket in row chunks, forming each chunk's logits
-inside the custom forward and backward, so the penalty never keeps an ``N × d`` tensor.
+:func:`weighted_curvature_from_features` computes the sum in row chunks, forming each chunk's logits once, with
+the gradient in the same loop, so the penalty never keeps an ``N × d`` tensor.
 
 :class:`HeadInputFlatness` is the estimator built on it: it captures ``φ`` as the backbone's
 ``last_hidden_state`` (what TRL's fused head multiplies by ``lm_head.weight``), with a hook on the backbone
@@ -29,105 +29,107 @@ from .head_loss import IGNORE_INDEX, head_loss_for
 from .layers import Layer, resolve_layer, unwrap_model
 
 
-def softmax_curvature_from_features(
+def weighted_curvature_from_features(
     features: torch.Tensor,
     weight: torch.Tensor,
-    bias: torch.Tensor | None = None,
+    bias: torch.Tensor | None,
+    row_weights: torch.Tensor,
     *,
     chunk_rows: int,
     through_logits: bool = True,
     product_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """``c_t = Σ_s p_{t,s} ‖w_s‖² − ‖Wᵀ p_t‖²`` with ``p_t = softmax(W φ_t + b)``, never keeping the logits.
+    """``Σ_t a_t c_t`` with ``c_t = Σ_s p_{t,s} ‖w_s‖² − ‖Wᵀ p_t‖²``, ``p_t = softmax(W φ_t + b)``, never keeping
+    the logits. κ of the head is this with ``a_t`` the loss's weight of position t times ``‖φ_t‖²``.
 
-    The same quantity as :func:`fam_hf.estimators.softmax_curvature` of ``z = φ Wᵀ + b``.
+    ``c_t`` is :func:`fam_hf.estimators.softmax_curvature` of ``z = φ Wᵀ + b``.
 
     Args:
         features: ``φ: (N, m)``.
         weight: ``W: (d, m)``.
         bias: ``b: (d,)`` or None.
+        row_weights: ``a: (N,)``.
         chunk_rows: rows of ``φ`` whose ``(rows, d)`` logits are formed at a time.
         through_logits: False holds ``p`` constant (the ``"detached"`` gradient semantics: the Hessian is
             constant, only the explicit ``W`` factors carry gradient; ``φ`` and ``b`` get none).
         product_dtype: operand dtype of the ``N·d·m`` products (bf16 on a GPU); None: the compute dtype.
 
     Returns:
-        ``(N,)`` in ``compute_dtype(weight.dtype)``, differentiable w.r.t. ``features``, ``weight``, ``bias``.
+        a 0-d tensor in ``compute_dtype(weight.dtype)``, differentiable w.r.t. every tensor argument.
 
-    Cost: two ``N·d·m`` products forward (``Z = Φ Wᵀ``, ``V = P W``); backward recomputes ``Z`` and needs
-    ``V Wᵀ``, ``G_Z W``, ``G_Zᵀ Φ`` and ``(g ⊙ P)ᵀ V`` (two fewer with ``through_logits=False``). One softmax
-    per chunk in each pass. Kept for backward: ``φ``, ``V: (N, m)`` and ``c: (N,)``.
+    The output is a scalar, so its gradient is known up to one factor while the chunk's softmax is at hand: when
+    it will be needed (grad mode on, an input requiring grad), the forward computes it in the same chunk loop
+    and backward only scales it. Cost: ``Z = Φ Wᵀ``, ``V = P W``, ``S = V Wᵀ`` and ``G_Z W`` (four ``N·d·m``
+    products, one softmax per chunk) for ``φ``; ``G_Zᵀ Φ`` and ``(a ⊙ P)ᵀ V`` more for ``W``. Kept for
+    backward: the gradients (``N × m``, and ``d × m`` when ``W`` trains) and ``c: (N,)``.
     """
-    return _FeatureSoftmaxCurvature.apply(features, weight, bias, chunk_rows, through_logits, product_dtype)
+    needs = [t is not None and t.requires_grad for t in (features, weight, bias, row_weights)]
+    eager = torch.is_grad_enabled() and any(needs)
+    return _WeightedCurvature.apply(
+        features, weight, bias, row_weights, chunk_rows, through_logits, product_dtype, eager
+    )
 
 
-class _FeatureSoftmaxCurvature(torch.autograd.Function):
-    # With r_s = ‖w_s‖², v_t = Wᵀ p_t, s_t = r − 2 W v_t and g_t the incoming gradient (as in _SoftmaxCurvature):
-    #   G_z[t] = g_t · p_t ⊙ (s_t − p_t·s_t)                  (∂(g_t c_t)/∂z_t, p·s = c − ‖v‖²)
-    #   ∂/∂φ_t = G_z[t] W,   ∂/∂b = Σ_t G_z[t]
-    #   ∂/∂W   = G_zᵀ Φ  +  2 diag(Σ_t g_t p_t) W − 2 (g ⊙ P)ᵀ V      (through z, then the explicit factors)
+class _WeightedCurvature(torch.autograd.Function):
+    # With r_s = ‖w_s‖², v_t = Wᵀ p_t, s_t = r − 2 W v_t (so p_t·s_t = c_t − ‖v_t‖²), for Σ_t a_t c_t:
+    #   G_z[t] = a_t · p_t ⊙ (s_t − p_t·s_t)                  (∂/∂z_t)
+    #   ∂/∂φ_t = G_z[t] W,   ∂/∂b = Σ_t G_z[t],   ∂/∂a_t = c_t
+    #   ∂/∂W   = G_zᵀ Φ  +  2 diag(Σ_t a_t p_t) W − 2 (a ⊙ P)ᵀ V      (through z, then the explicit factors)
 
     @staticmethod
-    def forward(ctx, features, weight, bias, chunk_rows: int, through_logits: bool, product_dtype):
+    def forward(ctx, features, weight, bias, row_weights, chunk_rows, through_logits, product_dtype, eager):
         dtype = compute_dtype(weight.dtype)
+        need_features, need_weight, need_bias, _ = ctx.needs_input_grad[:4] if eager else (False,) * 4
+        need_features, need_bias = need_features and through_logits, need_bias and through_logits
+        through_z = need_features or need_bias or (need_weight and through_logits)
+        n = features.shape[0]
         with torch.autocast(features.device.type, enabled=False):
             w = weight.to(dtype)
             row_sq = torch.linalg.vector_norm(w, dim=-1).square()
-            n = features.shape[0]
+            a = row_weights.detach().to(dtype)
             curvature = features.new_empty(n, dtype=dtype)
-            mixed = features.new_empty(n, w.shape[1], dtype=dtype)  # V = P W
+            grad_features = torch.zeros_like(features, dtype=dtype) if need_features else None
+            grad_weight = torch.zeros_like(w) if need_weight else None
+            grad_bias = w.new_zeros(w.shape[0]) if need_bias else None
+            prob_mass = w.new_zeros(w.shape[0]) if need_weight else None  # Σ_t a_t p_t
             for rows in _chunks(n, chunk_rows):
-                probs = torch.softmax(_logits(features[rows], weight, bias, dtype, product_dtype), dim=-1)
-                torch.mv(probs, row_sq, out=curvature[rows])
-                mixed[rows] = _mm(probs, w, product_dtype)
-            curvature -= mixed.pow(2).sum(-1)
-        ctx.save_for_backward(features, weight, bias, mixed, curvature)
-        ctx.chunk_rows, ctx.through_logits, ctx.product_dtype = chunk_rows, through_logits, product_dtype
-        return curvature
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: torch.Tensor):
-        features, weight, bias, mixed, curvature = ctx.saved_tensors
-        need_features, need_weight, need_bias = ctx.needs_input_grad[:3]
-        through = ctx.through_logits
-        need_features, need_bias = need_features and through, need_bias and through and bias is not None
-        product_dtype, dtype = ctx.product_dtype, mixed.dtype
-        grad_features = torch.empty_like(features) if need_features else None
-        grad_weight = grad_bias = None
-        with torch.autocast(features.device.type, enabled=False):
-            w = weight.to(dtype)
-            row_sq = torch.linalg.vector_norm(w, dim=-1).square()
-            grad = grad.to(dtype)
-            if need_weight:
-                grad_weight = torch.zeros_like(w)
-                prob_mass = w.new_zeros(w.shape[0])  # Σ_t g_t p_t
-            if need_bias:
-                grad_bias = w.new_zeros(w.shape[0])
-            for rows in _chunks(features.shape[0], ctx.chunk_rows):
                 phi = features[rows]
-                weighted = torch.softmax(_logits(phi, weight, bias, dtype, product_dtype), dim=-1)
-                weighted.mul_(grad[rows, None])  # g ⊙ P
-                v = mixed[rows]
-                if need_features or need_bias or (need_weight and through):
+                probs = torch.softmax(_logits(phi, weight, bias, dtype, product_dtype), dim=-1)
+                v = _mm(probs, w, product_dtype)
+                curvature[rows] = torch.mv(probs, row_sq) - v.pow(2).sum(-1)
+                if not (through_z or need_weight):
+                    continue
+                weighted = probs.mul_(a[rows, None])  # a ⊙ P (P is not needed any more)
+                if need_weight:
+                    prob_mass += weighted.sum(0)
+                    grad_weight.sub_(_mm(weighted.T, v, product_dtype), alpha=2)
+                if through_z:
                     s = _mm(v, w.T, product_dtype).mul_(-2).add_(row_sq)  # (rows, d)
                     s.sub_((curvature[rows] - v.pow(2).sum(-1))[:, None])
                     grad_z = s.mul_(weighted)
                     if need_features:
-                        grad_features[rows] = _mm(grad_z, w, product_dtype).to(features.dtype)
+                        grad_features[rows] = _mm(grad_z, w, product_dtype)
                     if need_bias:
                         grad_bias += grad_z.sum(0)
                     if need_weight:
                         grad_weight += _mm(grad_z.T, phi.to(dtype), product_dtype)
                     del grad_z, s
-                if need_weight:
-                    prob_mass += weighted.sum(0)
-                    grad_weight.sub_(_mm(weighted.T, v, product_dtype), alpha=2)
             if need_weight:
-                grad_weight = grad_weight.addcmul_(prob_mass[:, None], w, value=2).to(weight.dtype)
-            if need_bias:
-                grad_bias = grad_bias.to(bias.dtype)
-        return grad_features, grad_weight, grad_bias, None, None, None
+                grad_weight.addcmul_(prob_mass[:, None], w, value=2)
+            value = (a * curvature).sum()
+        ctx.grads = (grad_features, grad_weight, grad_bias)
+        ctx.save_for_backward(curvature)
+        ctx.dtypes = (features.dtype, weight.dtype, None if bias is None else bias.dtype, row_weights.dtype)
+        return value
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        (curvature,) = ctx.saved_tensors
+        # out of place: a graph kept with retain_graph may run this again
+        scaled = [None if g is None else g.mul(grad.to(g.dtype)).to(t) for g, t in zip(ctx.grads, ctx.dtypes)]
+        grad_rows = curvature.mul(grad).to(ctx.dtypes[3]) if ctx.needs_input_grad[3] else None
+        return (*scaled, grad_rows, None, None, None, None)
 
 
 def _logits(phi, weight, bias, dtype, product_dtype) -> torch.Tensor:
@@ -325,14 +327,14 @@ class HeadInputRecording:
                 bias = bias.detach()
             dtype = compute_dtype(weight.dtype)
             product_dtype = torch.bfloat16 if features.is_cuda and features.dtype == torch.bfloat16 else None
-            curvature = softmax_curvature_from_features(
+            value = weighted_curvature_from_features(
                 features,
                 weight,
                 bias,
+                weights.to(dtype) * features.to(dtype).pow(2).sum(-1),
                 chunk_rows=max(1, fam.chunk_elements // weight.shape[0]),
                 through_logits=fam.hessian_grad == "full",
                 product_dtype=product_dtype,
             )
-            value = (weights.to(dtype) * features.to(dtype).pow(2).sum(-1) * curvature).sum()
         scale = 1.0 / weight.shape[1] if fam.scale == "reference" else 1.0
         return FlatnessResult(value=value * scale, std_error=None, estimator="closed_form", layer=fam.layer.name)

@@ -12,7 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from fam_hf import RelativeFlatness, relative_flatness
 from fam_hf.estimators import softmax_curvature
-from fam_hf.lm_head import HeadInputFlatness, softmax_curvature_from_features
+from fam_hf.lm_head import HeadInputFlatness, weighted_curvature_from_features
 
 RTOL = 1e-8
 
@@ -30,31 +30,43 @@ def test_curvature_from_features_equals_the_closed_form_on_logits_and_its_gradie
     features = torch.randn(13, 5, generator=g, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(11, 5, generator=g, dtype=torch.float64, requires_grad=True)
     b = torch.randn(11, generator=g, dtype=torch.float64, requires_grad=True) if bias else None
-    ours = softmax_curvature_from_features(features, weight, b, chunk_rows=4)  # 4 chunks, the last one short
+    rows = torch.rand(13, generator=g, dtype=torch.float64, requires_grad=True)
+    ours = weighted_curvature_from_features(features, weight, b, rows, chunk_rows=4)  # 4 chunks, the last short
     logits = features @ weight.T + (0 if b is None else b)
-    torch.testing.assert_close(ours, softmax_curvature(logits, weight, chunk_rows=13), rtol=RTOL, atol=0)
-    torch.testing.assert_close(ours, formula(features, weight, b), rtol=RTOL, atol=0)
-    upstream = torch.randn(13, generator=g, dtype=torch.float64)
-    inputs = (features, weight) + ((b,) if bias else ())
-    mine = torch.autograd.grad((ours * upstream).sum(), inputs)
-    truth = torch.autograd.grad((formula(features, weight, b) * upstream).sum(), inputs)
-    for a, t in zip(mine, truth):
+    torch.testing.assert_close(ours, (rows * softmax_curvature(logits, weight, chunk_rows=13)).sum(), rtol=RTOL, atol=0)
+    truth = (rows * formula(features, weight, b)).sum()
+    torch.testing.assert_close(ours, truth, rtol=RTOL, atol=0)
+    inputs = (features, weight, rows) + ((b,) if bias else ())
+    mine = torch.autograd.grad(3.0 * ours, inputs)  # the gradient of the forward, scaled by the incoming one
+    want = torch.autograd.grad(3.0 * truth, inputs)
+    for a, t in zip(mine, want):
         torch.testing.assert_close(a, t, rtol=1e-10, atol=1e-12)
     assert torch.autograd.gradcheck(
-        lambda f, w: softmax_curvature_from_features(f, w, chunk_rows=5), (features, weight), eps=1e-6, atol=1e-7
+        lambda f, w, r: weighted_curvature_from_features(f, w, None, r, chunk_rows=5),
+        (features, weight, rows),
+        eps=1e-6,
+        atol=1e-7,
     )
+    # only what requires grad is computed; under no_grad nothing is
+    frozen = weighted_curvature_from_features(features, weight.detach(), None, rows.detach(), chunk_rows=4)
+    (only,) = torch.autograd.grad(frozen, features)
+    torch.testing.assert_close(only, torch.autograd.grad((rows.detach() * formula(features, weight.detach())).sum(),
+                                                         features)[0], rtol=1e-10, atol=1e-12)  # fmt: skip
+    with torch.no_grad():
+        assert not weighted_curvature_from_features(features, weight, None, rows, chunk_rows=4).requires_grad
 
 
 def test_detached_gradient_holds_the_softmax_constant():
     g = torch.Generator().manual_seed(1)
     features = torch.randn(7, 4, generator=g, dtype=torch.float64)
     weight = torch.randn(9, 4, generator=g, dtype=torch.float64, requires_grad=True)
-    ours = softmax_curvature_from_features(features, weight, chunk_rows=3, through_logits=False)
+    rows = torch.rand(7, generator=g, dtype=torch.float64)
+    ours = weighted_curvature_from_features(features, weight, None, rows, chunk_rows=3, through_logits=False)
     p = torch.softmax(features @ weight.detach().T, -1)  # constant
-    truth = p @ weight.pow(2).sum(-1) - (p @ weight).pow(2).sum(-1)
+    truth = (rows * (p @ weight.pow(2).sum(-1) - (p @ weight).pow(2).sum(-1))).sum()
     torch.testing.assert_close(ours, truth.detach(), rtol=RTOL, atol=0)
-    (mine,) = torch.autograd.grad(ours.sum(), weight)
-    (want,) = torch.autograd.grad(truth.sum(), weight)
+    (mine,) = torch.autograd.grad(ours, weight)
+    (want,) = torch.autograd.grad(truth, weight)
     torch.testing.assert_close(mine, want, rtol=1e-10, atol=1e-12)
 
 
