@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -12,7 +14,7 @@ import torch
 
 pytest.importorskip("trl")
 
-from test_recipes import ROOT, recipe  # noqa: E402
+from test_recipes import ROOT, free_port, recipe  # noqa: E402
 
 from fam_hf.chat_data import (  # noqa: E402
     check_conversations,
@@ -235,6 +237,28 @@ def test_sft_recipe_full_fine_tune_with_packing(tmp_path, tiny_chat_llama):
     assert metrics["test_perplexity"] == pytest.approx(math.exp(metrics["test_loss"]), rel=1e-6)
     assert metrics["kappa_train_start"] > 0 and metrics["kappa_train_end"] > 0
     AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+
+
+def test_sft_recipe_on_two_real_ranks_via_accelerate_launch(tmp_path, tiny_chat_llama):
+    from models import console_script
+
+    command = [
+        console_script("accelerate"), "launch",
+        "--config_file", str(ROOT / "configs" / "accelerate" / "cpu_2proc.yaml"),
+        "--main_process_port", str(free_port()),
+        str(ROOT / "recipes" / "sft.py"),
+        *sft_args(tmp_path, SFT_LORA_CONFIG, tiny_chat_llama, "--max_steps", "3", "--disable_tqdm", "true"),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = tmp_path / "out"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["test_perplexity"] > 1
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 3 and all(h["fam/penalty"] > 0 for h in state["log_history"] if "fam/kappa" in h)
+    assert proc.stdout.count("held-out assistant turns: test loss") == 1  # rank 0 reports
+    assert "FAMSFTTrainer" in (out / "README.md").read_text()
 
 
 def test_own_conversations_without_an_assistant_turn_stop_before_the_model_loads(tmp_path):
