@@ -1,6 +1,6 @@
 """Data sets for the recipes, always as a ``DatasetDict`` with ``train``, ``validation`` and ``test`` splits.
 
-:func:`load_splits` takes a packaged alias (``rotten-tomatoes``, ``shakespeare``; DESIGN §4), a local
+:func:`load_splits` takes a packaged alias (``rotten-tomatoes``, ``shakespeare``, ``debates-2016``), a local
 csv/tsv/json/jsonl/parquet/txt file or folder, or a ``datasets.load_dataset`` name (``owner/name``). Missing
 splits are carved from ``train``, by group where a group column is given (so that no movie, or no play,
 is in two splits), deterministically for a given seed.
@@ -71,10 +71,39 @@ def shakespeare() -> Dataset:
     )
 
 
-DATASET_ALIASES: dict[str, tuple[Callable[[], Dataset], str]] = {
-    # alias: (builder, the column whose values must not be shared between splits)
+def debates_2016() -> DatasetDict:
+    """The 2016 US presidential and vice-presidential debates from ``scattertext`` (``presidential_debates_2016``):
+    which party's speaker said it — Democratic, Republican or the moderator — from the statement alone.
+
+    Keeps the first of each duplicated statement and those of at least 5 words (shorter ones are interjections
+    — "Thank you.", "Wrong." — that every side says): 883 statements. The ``test`` split is the
+    vice-presidential debate (406: Kaine, Pence, the moderator Quijano), so no test speaker and no test debate
+    is seen in training; ``train`` is the three presidential debates (477: Clinton, Trump and three moderators).
+    Columns: ``text``, ``label`` (Democratic 0, Republican 1, Moderator 2), ``speaker``, ``debate``.
+    """
+    import pandas as pd
+
+    path = package_dir("scattertext") / "data" / "presidential_debates_2016.csv.gz"
+    frame = pd.read_csv(path, usecols=["speaker", "statement", "debate", "party"]).drop_duplicates("statement")
+    frame = frame[frame["statement"].str.split().str.len() >= 5]
+    labels = ClassLabel(names=["Democratic", "Republican", "Moderator"])
+    features = Features(text=Value("string"), label=labels, speaker=Value("string"), debate=Value("string"))
+
+    def rows(part) -> Dataset:
+        columns = {"text": part["statement"].tolist(), "label": [labels.str2int(p) for p in part["party"]]}
+        return Dataset.from_dict({**columns, "speaker": part["speaker"].tolist(), "debate": part["debate"].tolist()},
+                                 features=features)  # fmt: skip
+
+    vice = frame["debate"] == "VP"
+    return DatasetDict(train=rows(frame[~vice]), test=rows(frame[vice]))
+
+
+DATASET_ALIASES: dict[str, tuple[Callable[[], Dataset | DatasetDict], str | None]] = {
+    # alias: (builder: train only, or the splits it fixes; the column whose values must not be shared between
+    # the splits carved from train, or None: by row)
     "rotten-tomatoes": (rotten_tomatoes, "movie_name"),
     "shakespeare": (shakespeare, "play"),
+    "debates-2016": (debates_2016, None),  # test fixed (the VP debate); validation carved by row
 }
 
 _FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}
@@ -125,7 +154,8 @@ def load_source(name_or_path: str) -> DatasetDict:
     ``ValueError`` naming the file and the parser's complaint.
     """
     if name_or_path in DATASET_ALIASES:
-        return DatasetDict(train=DATASET_ALIASES[name_or_path][0]())
+        built = DATASET_ALIASES[name_or_path][0]()
+        return built if isinstance(built, DatasetDict) else DatasetDict(train=built)
     path = Path(name_or_path).expanduser()
     if path.is_file():
         suffixes = [s.lower() for s in path.suffixes if s.lower() not in _COMPRESSION]

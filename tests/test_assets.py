@@ -156,6 +156,20 @@ def test_rotten_tomatoes_splits_by_movie_deterministically():
     assert set(other["test"]["movie_name"]) != movies["test"]
 
 
+def test_debates_test_split_is_the_vp_debate_with_speakers_never_seen_in_training():
+    splits = load_splits("debates-2016", seed=0, test_size=0.2, validation_size=0.2)
+    assert [len(splits[k]) for k in ("train", "validation", "test")] == [382, 95, 406]  # 883 statements
+    assert set(splits["test"]["debate"]) == {"VP"} and "VP" not in set(splits["train"]["debate"])
+    assert not set(splits["train"]["speaker"]) & set(splits["test"]["speaker"])
+    assert splits["test"].features["label"].names == ["Democratic", "Republican", "Moderator"]
+    speakers = dict(zip(splits["test"]["speaker"], splits["test"]["label"]))
+    assert speakers == {"KAINE": 0, "PENCE": 1, "QUIJANO": 2}
+    assert min(len(t.split()) for s in splits.values() for t in s["text"]) >= 5
+    other = load_splits("debates-2016", seed=1, test_size=0.2, validation_size=0.2)
+    assert other["test"]["text"] == splits["test"]["text"]  # fixed; validation is carved by row per seed
+    assert set(other["validation"]["text"]) != set(splits["validation"]["text"])
+
+
 def test_shakespeare_plays_split_by_play():
     plays = data.shakespeare()
     assert len(plays) == 38
