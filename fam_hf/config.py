@@ -74,8 +74,9 @@ class FAMFields:
     fam_token_fraction: float = field(
         default=1.0,
         metadata={
-            "help": "Closed form only: compute κ on this fraction of the loss's positions (tokens), drawn uniformly "
-            "each step and reweighted so κ stays unbiased; 1 is exact. Cuts an LM head's penalty cost by that factor."
+            "help": "Closed form only: compute κ on this fraction of the positions (tokens) the loss counts, drawn "
+            "uniformly each step and reweighted so κ stays unbiased; 1 is exact. Cuts an LM head's penalty cost by "
+            "that factor."
         },
     )
     fam_seed: int | None = field(
