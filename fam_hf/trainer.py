@@ -80,6 +80,7 @@ class FAMMixin(HubCardMixin):
         self._fam_lambda = 0.0
         self._fam_skipped = 0  # penalties dropped because κ was not finite, as of the last log
         self._fam_last_step = -1
+        self._fam_warned_negative = False  # κ < 0 (an indefinite Hessian) is reported once
         logger.info(
             "FAM: λ=%g on layer '%s' (%s), estimator %s",
             cfg.fam_lambda,
@@ -241,6 +242,18 @@ class FAMMixin(HubCardMixin):
                     self._fam_skipped,
                 )
             logs["fam/skipped"] = self._fam_skipped
+            if means["kappa"] < 0 and not self._fam_warned_negative:
+                self._fam_warned_negative = True
+                logger.warning(
+                    "FAM: κ of '%s' averaged %.4g < 0 over the last %d steps: the loss's Hessian w.r.t. this layer is "
+                    "not positive semi-definite here (a layer inside the network, away from a minimum), and minimising "
+                    "λ·κ then rewards negative curvature with no lower bound (in issue 13's study it drove κ to −3,000 "
+                    "and the training loss below 0 at λ = 0.003). Penalise the output head (its closed form is ≥ 0), "
+                    "or lower fam_lambda and watch fam/kappa and fam/task_loss",
+                    self.flatness.layer.name,
+                    means["kappa"],
+                    steps,
+                )
             self._fam_steps = 0
         super().log(logs, start_time)
 

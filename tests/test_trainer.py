@@ -228,3 +228,18 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path):
     )
     for (name, a), b in zip(straight.named_parameters(), resumed.parameters()):
         torch.testing.assert_close(b, a, rtol=0, atol=1e-6, msg=name)
+
+
+def test_a_negative_kappa_is_reported_once_naming_the_layer_and_the_fix(tmp_path, caplog):
+    trainer = fam_trainer(bert(), cls_data(8), tmp_path, max_steps=1, fam_layer="bert.encoder.layer.0.output.dense",
+                          fam_estimator="probe")  # fmt: skip
+    for kappa in (-2.0, -3.0):
+        trainer._fam_steps = 1
+        zero = torch.zeros(())
+        trainer._fam_sums.add(kappa=torch.tensor(kappa), penalty=zero, stderr=zero, skipped=zero)
+        with caplog.at_level("WARNING", logger="fam_hf.trainer"):
+            trainer.log({"loss": 1.0})
+    warned = [r.getMessage() for r in caplog.records if "not positive semi-definite" in r.getMessage()]
+    assert len(warned) == 1 and "'bert.encoder.layer.0.output.dense' averaged -2 < 0" in warned[0]
+    assert "Penalise the output head" in warned[0]
+    assert trainer.state.log_history[-1]["fam/kappa"] == -3.0
