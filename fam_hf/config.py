@@ -33,6 +33,14 @@ class FAMFields:
             "reference code (e.g. 3e6) carry over."
         },
     )
+    fam_lambda_relative: float | None = field(
+        default=None,
+        metadata={
+            "help": "Set λ from a share of the loss instead: at the first penalised step, λ = share · L₀ / κ₀ (that "
+            "step's loss and κ, averaged over processes), so that the penalty starts as this fraction of the loss "
+            "whatever κ's scale on the layer; replaces fam_lambda. null: use fam_lambda."
+        },
+    )
     fam_layer: str = field(
         default="auto",
         metadata={
@@ -93,6 +101,11 @@ class FAMFields:
         """Raise ValueError naming the field and its allowed values when a ``fam_*`` value is out of range."""
         if self.fam_lambda < 0:
             raise ValueError(f"fam_lambda={self.fam_lambda} is negative; the penalty weight must be ≥ 0")
+        if self.fam_lambda_relative is not None and not self.fam_lambda_relative > 0:
+            raise ValueError(
+                f"fam_lambda_relative={self.fam_lambda_relative} must be > 0 (the penalty's share of the loss at the "
+                "first step, e.g. 0.02); use null to set fam_lambda directly"
+            )
         for name, choices in (
             ("fam_estimator", ESTIMATORS),
             ("fam_hessian_grad", HESSIAN_GRADS),

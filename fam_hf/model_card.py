@@ -238,7 +238,7 @@ def model_card(facts: CardFacts, secrets: tuple[str | None, ...] = ()) -> ModelC
         tags += [facts.adapter.lower(), "transformers"]
         tags += [f"base_model:adapter:{facts.base_model}"] if facts.base_model else []
     summary = {
-        "lambda": fam.get("fam_lambda"),
+        "lambda": fam.get("resolved_lambda", fam.get("fam_lambda")),
         "layer": fam.get("resolved_layer", fam.get("fam_layer")),
         "estimator": fam.get("resolved_estimator", fam.get("fam_estimator")),
         "probes": fam.get("fam_probes"),

@@ -92,6 +92,8 @@ def fam_settings(trainer, script, args: FAMConfig | None = None) -> dict:
     flatness = getattr(trainer, "flatness", None)
     if flatness is not None:
         settings.update(resolved_layer=flatness.layer.name, resolved_estimator=flatness.estimator)
+        if getattr(trainer, "fam_base_lambda", None) is not None:
+            settings["resolved_lambda"] = trainer.fam_base_lambda  # fam_lambda, or as fam_lambda_relative set it
         if hasattr(flatness, "description"):  # how κ was computed, where the estimator's name does not say it all
             settings["resolved_estimator_detail"] = flatness.description
     else:  # trained without the penalty: κ is only measured, on the same layer

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 from typing import Any
 
@@ -61,7 +62,8 @@ class FAMMixin(HubCardMixin):
         seed = cfg.seed if cfg.fam_seed is None else cfg.fam_seed
         self.flatness = self._fam_flatness(torch.Generator().manual_seed(seed))
         layer = self.flatness.layer
-        if cfg.fam_lambda > 0 and cfg.fam_hessian_grad == "detached" and not layer.weight().requires_grad:
+        penalised = cfg.fam_lambda > 0 or cfg.fam_lambda_relative is not None
+        if penalised and cfg.fam_hessian_grad == "detached" and not layer.weight().requires_grad:
             raise ValueError(
                 f"fam_hessian_grad='detached' holds the Hessian constant, so the penalty's gradient flows only through "
                 f"the weight of '{layer.name}', which is frozen: the penalty would train nothing. Use "
@@ -78,12 +80,14 @@ class FAMMixin(HubCardMixin):
         self._fam_sums = MetricSums(("kappa", "penalty", "stderr", "skipped"))
         self._fam_steps = 0  # optimizer steps with a penalty since the last log
         self._fam_lambda = 0.0
+        # λ from fam_lambda, or from fam_lambda_relative at the first penalised step (then saved in checkpoints)
+        self.fam_base_lambda: float | None = cfg.fam_lambda if cfg.fam_lambda_relative is None else None
         self._fam_skipped = 0  # penalties dropped because κ was not finite, as of the last log
         self._fam_last_step = -1
         self._fam_warned_negative = False  # κ < 0 (an indefinite Hessian) is reported once
         logger.info(
-            "FAM: λ=%g on layer '%s' (%s), estimator %s",
-            cfg.fam_lambda,
+            "FAM: λ=%s on layer '%s' (%s), estimator %s",
+            cfg.fam_lambda if cfg.fam_lambda_relative is None else f"{cfg.fam_lambda_relative:g}·L₀/κ₀",
             self.flatness.layer.name,
             self.flatness.layer.kind,
             getattr(self.flatness, "description", self.flatness.estimator),
@@ -123,7 +127,7 @@ class FAMMixin(HubCardMixin):
         cfg = self.args
         if step % cfg.fam_every_n_steps:
             return None
-        lam = cfg.fam_lambda
+        lam = self.fam_base_lambda if self.fam_base_lambda is not None else 1.0  # 1: not set yet (the first step)
         if cfg.fam_warmup_steps:
             lam *= min(1.0, (step + 1) / cfg.fam_warmup_steps)
         return lam, float(cfg.fam_every_n_steps)
@@ -146,6 +150,7 @@ class FAMMixin(HubCardMixin):
         if schedule is None:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         lam, multiplier = schedule
+        calibrating = self.fam_base_lambda is None  # fam_lambda_relative: λ comes from this micro-batch
         batch = {key: inputs.get(key) for key in ("labels", "shift_labels", "input_ids")}  # super() may pop labels
         want_outputs = return_outputs or self._fam_wants_outputs
         model_items = self._fam_loss_items(num_items_in_batch)
@@ -160,10 +165,29 @@ class FAMMixin(HubCardMixin):
         # it is counted on the device and reported at the next log.
         finite = torch.isfinite(kappa.detach())
         kappa = torch.where(finite, kappa, torch.zeros_like(kappa))
+        if calibrating:
+            lam *= self._fam_calibrate(loss.detach(), kappa.detach())
         if lam > 0:
             loss = loss + (lam * multiplier * kappa).to(loss.dtype)
         self._fam_record(kappa.detach(), result.std_error, lam, multiplier, num_items_in_batch, skipped=~finite)
         return (loss, outputs) if return_outputs else loss
+
+    def _fam_calibrate(self, loss: torch.Tensor, kappa: torch.Tensor) -> float:
+        """``fam_lambda_relative``: ``λ = share · L₀ / κ₀`` from this micro-batch's loss and κ, averaged over the
+        processes (every rank reaches its first penalised step together). One host synchronisation, once."""
+        share = self.args.fam_lambda_relative
+        both = self.accelerator.reduce(torch.stack([loss.float(), kappa.float()]), reduction="mean")
+        loss_0, kappa_0 = both.tolist()
+        if not (kappa_0 > 0 and loss_0 > 0 and math.isfinite(kappa_0 / loss_0)):
+            raise ValueError(
+                f"fam_lambda_relative={share:g} sets λ = share · L₀ / κ₀ at the first penalised step, but there "
+                f"L₀ = {loss_0:.4g} and κ₀ = {kappa_0:.4g} on '{self.flatness.layer.name}' (both must be > 0); set "
+                "fam_lambda directly"
+            )
+        self.fam_base_lambda = share * loss_0 / kappa_0
+        logger.info("FAM: λ = %g · %.4g / %.4g = %.4g (fam_lambda_relative)", share, loss_0, kappa_0,
+                    self.fam_base_lambda)  # fmt: skip
+        return self.fam_base_lambda
 
     def _fam_loss_items(self, num_items_in_batch):
         """The denominator of the loss's sum over positions, when it is ``num_items_in_batch`` (else None: the
@@ -195,13 +219,17 @@ class FAMMixin(HubCardMixin):
         # The probe RNG travels with Trainer's own RNG states so a resumed run draws the same probes.
         super()._save_rng_state(output_dir)
         if self.args.should_save:
-            torch.save({"probe_rng": self.flatness.generator.get_state()}, os.path.join(output_dir, FAM_STATE_NAME))
+            state = {"probe_rng": self.flatness.generator.get_state(), "base_lambda": self.fam_base_lambda}
+            torch.save(state, os.path.join(output_dir, FAM_STATE_NAME))
 
     def _load_rng_state(self, checkpoint: str | None) -> None:
         super()._load_rng_state(checkpoint)
         path = None if checkpoint is None else os.path.join(checkpoint, FAM_STATE_NAME)
         if path is not None and os.path.isfile(path):
-            self.flatness.generator.set_state(torch.load(path, weights_only=True)["probe_rng"])
+            state = torch.load(path, weights_only=True)
+            self.flatness.generator.set_state(state["probe_rng"])
+            if self.args.fam_lambda_relative is not None and state.get("base_lambda") is not None:
+                self.fam_base_lambda = state["base_lambda"]  # as calibrated at the run's first step
         elif path is not None and self.flatness.estimator == "probe":
             logger.warning("FAM: %s has no %s; the resumed run draws different probes", checkpoint, FAM_STATE_NAME)
 

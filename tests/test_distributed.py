@@ -50,7 +50,7 @@ def test_two_ranks_equal_one_process_on_the_global_batch(ddp_run, tmp_path, vari
     for rank in ranks:
         for name, value in single.model.state_dict().items():
             torch.testing.assert_close(rank["params"][name], value, rtol=0, atol=1e-6, msg=name)
-        for key in ("fam/kappa", "fam/penalty", "loss"):
+        for key in ("fam/kappa", "fam/penalty", "fam/lambda", "loss"):
             assert [h[key] for h in rank["logs"]] == pytest.approx([h[key] for h in single_logs], rel=1e-5), key
 
 
@@ -85,7 +85,7 @@ def test_deepspeed_zero_closed_form_equals_one_process(tmp_path, stage):
         assert result["world_size"] == 2 and result["logs"][0]["fam/penalty"] > 0
         for name, value in single.model.named_parameters():
             torch.testing.assert_close(result["params"][name], value.detach(), rtol=0, atol=1e-6, msg=name)
-        for key in ("fam/kappa", "fam/penalty", "loss"):
+        for key in ("fam/kappa", "fam/penalty", "fam/lambda", "loss"):
             assert [h[key] for h in result["logs"]] == pytest.approx([h[key] for h in single_logs], rel=1e-5), key
         assert "DeepSpeed runs its gradient reduction at the end of every backward" in result["trainer_refusal"]
         if stage == 3:

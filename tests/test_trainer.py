@@ -205,18 +205,23 @@ def test_one_forward_pass_per_micro_batch(tmp_path):
     assert len(calls) == 4
 
 
-def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path):
-    """Probe estimator (random) with lazy schedule: the resumed run must draw the same probes."""
+@pytest.mark.parametrize("relative", [None, 0.2], ids=["lambda", "lambda_relative"])
+def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path, relative):
+    """Probe estimator (random) with lazy schedule: the resumed run must draw the same probes (and keep the λ
+    that fam_lambda_relative set at the first step, not set it again from its own first batch)."""
     kw = dict(
         max_steps=4,
         per_device_train_batch_size=8,
         fam_lambda=0.5,
+        fam_lambda_relative=relative,
         fam_estimator="probe",
         fam_layer="transformer.h.0.mlp.c_fc",
         fam_probes=2,
         save_strategy="steps",
         save_steps=2,
     )
+    if relative:  # on the head (closed form): the probe's κ₀ on c_fc is negative here, which λ-relative refuses
+        kw.update(fam_estimator="closed_form", fam_layer="auto")
     straight = gpt2()
     fam_trainer(straight, lm_data(), tmp_path / "straight", **kw).train()
 
@@ -243,3 +248,38 @@ def test_a_negative_kappa_is_reported_once_naming_the_layer_and_the_fix(tmp_path
     assert len(warned) == 1 and "'bert.encoder.layer.0.output.dense' averaged -2 < 0" in warned[0]
     assert "Penalise the output head" in warned[0]
     assert trainer.state.log_history[-1]["fam/kappa"] == -3.0
+
+
+def test_lambda_relative_sets_lambda_from_the_first_steps_loss_and_kappa(tmp_path):
+    share, lr = 0.1, 0.5
+    model = bert()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = fam_trainer(model, cls_data(16), tmp_path, max_steps=2, per_device_train_batch_size=16,
+                          fam_lambda=123.0, fam_lambda_relative=share)  # fmt: skip
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in list(trainer.get_train_dataloader().sampler)])
+    trainer.train()
+    reference = bert()
+    reference.load_state_dict(before)
+    reference.train()
+    kappa = relative_flatness(reference, batch, differentiable=True).value
+    loss = reference(**batch).loss
+    lam = share * loss.item() / kappa.item()  # fam_lambda (123) is replaced
+    assert trainer.fam_base_lambda == pytest.approx(lam, rel=1e-5)
+    assert [h["fam/lambda"] for h in fam_logs(trainer)] == pytest.approx([lam, lam], rel=1e-5)  # set once
+    grads = torch.autograd.grad(loss + lam * kappa, list(reference.parameters()))
+    # no clipping: λ ≈ 356 here, the gradient's norm is above Trainer's default max_grad_norm
+    first = fam_trainer(bert(), cls_data(16), tmp_path / "one", max_steps=1, per_device_train_batch_size=16,
+                        fam_lambda_relative=share, max_grad_norm=0.0)  # fmt: skip
+    first.model.load_state_dict(before)
+    first.train()
+    for (name, p), g in zip(reference.named_parameters(), grads):
+        torch.testing.assert_close(first.model.state_dict()[name], p.detach() - lr * g, rtol=0, atol=1e-6, msg=name)
+    assert fam_logs(first)[0]["fam/penalty"] == pytest.approx(share * loss.item(), rel=1e-5)
+    with pytest.raises(ValueError, match=r"fam_lambda_relative=0 must be > 0"):
+        FAMConfig(output_dir=str(tmp_path), fam_lambda_relative=0)
+
+
+def test_lambda_relative_refuses_a_first_kappa_that_is_not_positive(tmp_path):
+    trainer = fam_trainer(bert(), cls_data(16), tmp_path, max_steps=1, fam_lambda_relative=0.1)
+    with pytest.raises(ValueError, match=r"L₀ = 0.5 and κ₀ = -1 on 'classifier' \(both must be > 0\); set fam_lambda"):
+        trainer._fam_calibrate(torch.tensor(0.5), torch.tensor(-1.0))
