@@ -59,7 +59,7 @@ def weighted_curvature_from_features(
 
     The output is a scalar, so its gradient is known up to one factor while the chunk's softmax is at hand: when
     it will be needed (grad mode on, an input requiring grad), the forward computes it in the same chunk loop
-    and backward only scales it. Cost: ``Z = Φ Wᵀ``, ``V = P W``, ``S = V Wᵀ`` and ``G_Z W`` (four ``N·d·m``
+    and backward only scales it (in place, once: a second backward through the same graph is an error). Cost: ``Z = Φ Wᵀ``, ``V = P W``, ``S = V Wᵀ`` and ``G_Z W`` (four ``N·d·m``
     products, one softmax per chunk) for ``φ``; ``G_Zᵀ Φ`` and ``(a ⊙ P)ᵀ V`` more for ``W``. Kept for
     backward: the gradients (``N × m``, and ``d × m`` when ``W`` trains) and ``c: (N,)``.
     """
@@ -126,8 +126,14 @@ class _WeightedCurvature(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
         (curvature,) = ctx.saved_tensors
-        # out of place: a graph kept with retain_graph may run this again
-        scaled = [None if g is None else g.mul(grad.to(g.dtype)).to(t) for g, t in zip(ctx.grads, ctx.dtypes)]
+        if ctx.grads is None:
+            raise RuntimeError(
+                "the LM-head closed form's backward ran a second time (retain_graph=True): its gradient, computed "
+                "in the forward pass, is scaled in place and handed over the first time; run the forward again"
+            )
+        # in place: no second copy of a head-sized weight gradient (it becomes lm_head.weight.grad)
+        grads, ctx.grads = ctx.grads, None
+        scaled = [None if g is None else g.mul_(grad.to(g.dtype)).to(t) for g, t in zip(grads, ctx.dtypes)]
         grad_rows = curvature.mul(grad).to(ctx.dtypes[3]) if ctx.needs_input_grad[3] else None
         return (*scaled, grad_rows, None, None, None, None)
 

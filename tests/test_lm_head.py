@@ -41,12 +41,21 @@ def test_curvature_from_features_equals_the_closed_form_on_logits_and_its_gradie
     want = torch.autograd.grad(3.0 * truth, inputs)
     for a, t in zip(mine, want):
         torch.testing.assert_close(a, t, rtol=1e-10, atol=1e-12)
-    assert torch.autograd.gradcheck(
-        lambda f, w, r: weighted_curvature_from_features(f, w, None, r, chunk_rows=5),
-        (features, weight, rows),
-        eps=1e-6,
-        atol=1e-7,
-    )
+    # and a central finite difference along a random direction (gradcheck runs backward twice on one graph)
+    directions = [torch.randn(t.shape, generator=g, dtype=torch.float64) for t in (features, weight, rows)]
+
+    def at(step):
+        moved = [(t + step * d).detach() for t, d in zip((features, weight, rows), directions)]
+        return weighted_curvature_from_features(moved[0], moved[1], None, moved[2], chunk_rows=5)
+
+    point = [t.detach().requires_grad_() for t in (features, weight, rows)]
+    value = weighted_curvature_from_features(point[0], point[1], None, point[2], chunk_rows=5)
+    slope = sum((gr * d).sum() for gr, d in zip(torch.autograd.grad(value, point), directions))
+    torch.testing.assert_close(slope, (at(1e-6) - at(-1e-6)) / 2e-6, rtol=1e-6, atol=0)
+    twice = weighted_curvature_from_features(features, weight, None, rows, chunk_rows=4)
+    twice.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran a second time"):
+        twice.backward()
     # only what requires grad is computed; under no_grad nothing is
     frozen = weighted_curvature_from_features(features, weight.detach(), None, rows.detach(), chunk_rows=4)
     (only,) = torch.autograd.grad(frozen, features)
