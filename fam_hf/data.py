@@ -90,9 +90,13 @@ def debates_2016() -> DatasetDict:
     features = Features(text=Value("string"), label=labels, speaker=Value("string"), debate=Value("string"))
 
     def rows(part) -> Dataset:
-        columns = {"text": part["statement"].tolist(), "label": [labels.str2int(p) for p in part["party"]]}
-        return Dataset.from_dict({**columns, "speaker": part["speaker"].tolist(), "debate": part["debate"].tolist()},
-                                 features=features)  # fmt: skip
+        columns = {
+            "text": part["statement"].tolist(),
+            "label": [labels.str2int(p) for p in part["party"]],
+            "speaker": part["speaker"].tolist(),
+            "debate": part["debate"].tolist(),
+        }
+        return Dataset.from_dict(columns, features=features)
 
     vice = frame["debate"] == "VP"
     return DatasetDict(train=rows(frame[~vice]), test=rows(frame[vice]))

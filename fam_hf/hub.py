@@ -1,7 +1,8 @@
 """Pushing FAM runs to the Hugging Face Hub through ``huggingface_hub``'s client, with failures that say what to do.
 
 :class:`HubCardMixin` (which ``FAMTrainer``, ``FAMSFTTrainer`` and the recipes' ``--push_to_hub`` go through)
-writes fam_hf's model card and turns a failure of ``Trainer``'s own push into :class:`HubPushError`; ``fam-hf publish`` pushes a finished run folder with :func:`publish_run`.
+writes fam_hf's model card and turns a failure of ``Trainer``'s own push into :class:`HubPushError`;
+``fam-hf publish`` pushes a finished run folder with :func:`publish_run`.
 The model card itself is :mod:`fam_hf.model_card`'s. No token ever reaches an error message.
 """
 

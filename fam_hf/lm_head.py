@@ -59,12 +59,13 @@ def weighted_curvature_from_features(
 
     The output is a scalar, so its gradient is known up to one factor while the chunk's softmax is at hand: when
     it will be needed (grad mode on, an input requiring grad), the forward computes it in the same chunk loop
-    and backward only scales it (in place, once: a second backward through the same graph is an error). Cost: ``Z = Φ Wᵀ``, ``V = P W``, ``S = V Wᵀ`` and ``G_Z W`` (four ``N·d·m``
-    products, one softmax per chunk) for ``φ``; ``G_Zᵀ Φ`` and ``(a ⊙ P)ᵀ V`` more for ``W``. Kept for
-    backward: the gradients (``N × m``, and ``d × m`` when ``W`` trains) and ``c: (N,)``.
+    and backward only scales it (in place, once: a second backward through the same graph is an error).
+    Cost: ``Z = Φ Wᵀ``, ``V = P W``, ``S = V Wᵀ`` and ``G_Z W`` (four ``N·d·m`` products, one softmax per
+    chunk) for ``φ``; ``G_Zᵀ Φ`` and ``(a ⊙ P)ᵀ V`` more for ``W``. Kept for backward: the gradients
+    (``N × m``, and ``d × m`` when ``W`` trains) and ``c: (N,)``.
     """
-    needs = [t is not None and t.requires_grad for t in (features, weight, bias, row_weights)]
-    eager = torch.is_grad_enabled() and any(needs)
+    # under no_grad no graph is built, so the forward must not compute a gradient nobody will read
+    eager = torch.is_grad_enabled()
     return _WeightedCurvature.apply(
         features, weight, bias, row_weights, chunk_rows, through_logits, product_dtype, eager
     )
@@ -88,7 +89,7 @@ class _WeightedCurvature(torch.autograd.Function):
             row_sq = torch.linalg.vector_norm(w, dim=-1).square()
             a = row_weights.detach().to(dtype)
             curvature = features.new_empty(n, dtype=dtype)
-            grad_features = torch.zeros_like(features, dtype=dtype) if need_features else None
+            grad_features = torch.empty_like(features, dtype=dtype) if need_features else None  # every row set
             grad_weight = torch.zeros_like(w) if need_weight else None
             grad_bias = w.new_zeros(w.shape[0]) if need_bias else None
             prob_mass = w.new_zeros(w.shape[0]) if need_weight else None  # Σ_t a_t p_t
@@ -96,7 +97,8 @@ class _WeightedCurvature(torch.autograd.Function):
                 phi = features[rows]
                 probs = torch.softmax(_logits(phi, weight, bias, dtype, product_dtype), dim=-1)
                 v = _mm(probs, w, product_dtype)
-                curvature[rows] = torch.mv(probs, row_sq) - v.pow(2).sum(-1)
+                v_sq = v.pow(2).sum(-1)
+                curvature[rows] = torch.mv(probs, row_sq) - v_sq
                 if not (through_z or need_weight):
                     continue
                 weighted = probs.mul_(a[rows, None])  # a ⊙ P (P is not needed any more)
@@ -105,7 +107,7 @@ class _WeightedCurvature(torch.autograd.Function):
                     grad_weight.sub_(_mm(weighted.T, v, product_dtype), alpha=2)
                 if through_z:
                     s = _mm(v, w.T, product_dtype).mul_(-2).add_(row_sq)  # (rows, d)
-                    s.sub_((curvature[rows] - v.pow(2).sum(-1))[:, None])
+                    s.sub_((curvature[rows] - v_sq)[:, None])  # p·s
                     grad_z = s.mul_(weighted)
                     if need_features:
                         grad_features[rows] = _mm(grad_z, w, product_dtype)
