@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from .estimators import closed_form, kappa_from_hessian, layer_hessian, probe_quadratic_forms
+from .estimators import (
+    closed_form,
+    gauss_newton_forms,
+    kappa_from_hessian,
+    layer_hessian,
+    logit_tangents,
+    probe_quadratic_forms,
+)
 from .flatness import FlatnessResult, RelativeFlatness, relative_flatness
 from .head_loss import HeadLoss, head_loss_for
 from .layers import Layer, candidate_layers, output_head_name, resolve_layer
@@ -36,12 +43,14 @@ __all__ = [
     "candidate_layers",
     "closed_form",
     "dual_weight_change",
+    "gauss_newton_forms",
     "head_loss_for",
     "hessian_trace",
     "jacobian_norm",
     "kappa_from_hessian",
     "layer_hessian",
     "layerwise_flatness",
+    "logit_tangents",
     "output_head_name",
     "probe_quadratic_forms",
     "relative_flatness",

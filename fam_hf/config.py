@@ -52,11 +52,15 @@ class FAMFields:
         default="auto",
         metadata={
             "help": "How κ is computed: 'closed_form' (exact, output head with cross-entropy/MSE/BCE), 'probe' "
-            "(Hutchinson-style with fam_probes Rademacher probes, any layer), 'exact' (full layer Hessian, tiny "
+            "(Hutchinson-style with fam_probes Rademacher probes, any layer, any loss), 'gauss_newton' (the probe "
+            "with the Hessian's positive semi-definite Gauss–Newton part: κ ≥ 0 on any layer, where the probe's "
+            "κ of a body layer can be driven negative; the model's own loss), 'exact' (full layer Hessian, tiny "
             "layers only), or 'auto' (closed form where it applies, else probe)."
         },
     )
-    fam_probes: int = field(default=1, metadata={"help": "Rademacher probes per step for the probe estimator (≥ 1)."})
+    fam_probes: int = field(
+        default=1, metadata={"help": "Rademacher probes per step for the probe and Gauss–Newton estimators (≥ 1)."}
+    )
     fam_hessian_grad: str = field(
         default="full",
         metadata={

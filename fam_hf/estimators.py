@@ -11,6 +11,10 @@ Three ways to get it (DESIGN §2.1):
 * :func:`probe_quadratic_forms` — Hutchinson-style: ``κ = E_R[vec(WR)ᵀ H vec(WR)]`` for Rademacher
   ``R: (m, m)``; each probe is ``d²L/dδ²`` when ``δ · W R φ`` is added to the layer's output, i.e. one
   Hessian-vector product, any layer, any loss.
+* :func:`gauss_newton_forms` — the same probes with the Hessian replaced by its Gauss–Newton part
+  ``G = Σ_t c_t J_tᵀ ∇²ℓ_t J_t`` (``J_t = ∂logits_t/∂vec(W)``): positive semi-definite everywhere, so κ_GN ≥ 0
+  on any layer; equal to the Hessian on an output head and wherever the loss's gradient w.r.t. the logits
+  vanishes (an interpolating minimum). One Jacobian-vector product of the logits per probe.
 * :func:`layer_hessian` + :func:`kappa_from_hessian` — the full ``(d·m)²`` Hessian; tests only.
 
 Gradient semantics (``hessian_grad``): ``"full"`` differentiates everything, the Hessian included (the
@@ -292,6 +296,63 @@ def probe_quadratic_forms(
             q = q + surrogate - surrogate.detach()
         values.append(q)
     return torch.stack(values)
+
+
+def logit_tangents(
+    logits: torch.Tensor, delta: torch.Tensor, *, create_graph: bool = True
+) -> list[torch.Tensor] | None:
+    """``a_p = ∂logits/∂δ_p`` for each entry of the perturbation ``δ: (P,)``: the Jacobian-vector products
+    ``J u_p`` of the logits, each shaped like ``logits``; None when the logits do not depend on ``δ``.
+
+    Reverse-over-reverse (no forward-mode rules needed from the model's kernels): ``g(v) = vᵀ ∂logits/∂δ``
+    is linear in a dummy cotangent ``v``, and ``∂g_p/∂v = J u_p``. With ``create_graph`` each ``a_p`` is
+    differentiable w.r.t. everything the logits depend on.
+
+    Cost: one backward to ``δ`` with its graph kept, then one backward of that per probe.
+    """
+    cotangent = torch.zeros_like(logits, requires_grad=True)
+    (pulled,) = torch.autograd.grad(logits, delta, grad_outputs=cotangent, create_graph=True, allow_unused=True)
+    if pulled is None or not pulled.requires_grad:
+        return None
+    tangents = []
+    for p in range(delta.numel()):
+        (tangent,) = torch.autograd.grad(pulled[p], cotangent, retain_graph=True, create_graph=create_graph)
+        tangents.append(tangent)
+    return tangents
+
+
+def gauss_newton_forms(
+    logits: torch.Tensor, tangents: torch.Tensor, position_weights: torch.Tensor, loss_type: str
+) -> torch.Tensor:
+    """Gauss–Newton quadratic forms ``q_p = Σ_t c_t a_{p,t}ᵀ ∇²ℓ(z_t) a_{p,t}`` (each ≥ 0).
+
+    With ``a_p = J u_p``, ``u_p = W R_p φ`` (see :func:`logit_tangents`), ``E_R[q_p]`` is κ with the layer
+    Hessian replaced by ``G = Σ_t c_t J_tᵀ ∇²ℓ_t J_t``, the Hessian minus the term that carries the loss's
+    gradient w.r.t. the logits (the term that makes a body layer's Hessian indefinite away from a minimum).
+
+    Args:
+        logits: ``z: (N, d)`` at the positions the loss counts (``HeadLoss.positions``).
+        tangents: ``a: (N, P, d)``, the logits' tangents at those positions.
+        position_weights: ``c: (N,)``.
+        loss_type: ``"cross_entropy"`` (``∇²ℓ = diag p − p pᵀ``: ``aᵀ∇²ℓ a = Σ_s p_s a_s² − (p·a)²``),
+            ``"mse"`` (``2 I``) or ``"bce"`` (``diag σ(1 − σ)``).
+
+    Returns:
+        ``(P,)`` in ``compute_dtype(logits.dtype)``, differentiable w.r.t. both tensors.
+    """
+    dtype = compute_dtype(logits.dtype)
+    logits, tangents = logits.to(dtype), tangents.to(dtype)
+    if loss_type == "cross_entropy":
+        probs = torch.softmax(logits, dim=-1)[:, None, :]  # (N, 1, d)
+        forms = (probs * tangents.square()).sum(-1) - (probs * tangents).sum(-1).square()  # (N, P)
+    elif loss_type == "mse":
+        forms = 2 * tangents.square().sum(-1)
+    elif loss_type == "bce":
+        sig = torch.sigmoid(logits)[:, None, :]
+        forms = (sig * (1 - sig) * tangents.square()).sum(-1)
+    else:
+        raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}")
+    return position_weights.to(dtype) @ forms
 
 
 @contextmanager

@@ -2,7 +2,8 @@
 
 :class:`RelativeFlatness` resolves the layer and the estimator once; :meth:`RelativeFlatness.record`
 hooks the layer for one forward pass (capturing ``φ`` and ``z``, and adding the probe or exact
-perturbation to ``z``), and :meth:`Recording.result` turns the loss of that pass into κ. No second
+perturbation to ``z``), and :meth:`Recording.result` turns the loss (or, for the Gauss–Newton estimator, the
+logits) of that pass into κ. No second
 forward pass is ever run. :func:`relative_flatness` is the one-call version for measurement.
 """
 
@@ -24,16 +25,19 @@ from .estimators import (
     closed_form,
     compute_dtype,
     explain_missing_double_backward,
+    gauss_newton_forms,
     kappa_from_hessian,
     layer_hessian,
+    logit_tangents,
     probe_quadratic_forms,
     rademacher,
     sample_positions,
 )
 from .head_loss import head_loss_for
 from .layers import Layer, resolve_layer
+from .norms import differentiable_layer_norm
 
-ESTIMATORS = ("auto", "closed_form", "probe", "exact")
+ESTIMATORS = ("auto", "closed_form", "probe", "gauss_newton", "exact")
 HESSIAN_GRADS = ("full", "detached")
 SCALES = ("paper", "reference")
 DEFAULT_MAX_EXACT_ENTRIES = 4096  # d·m; the Hessian has (d·m)² entries and costs d·m double-backwards
@@ -45,10 +49,11 @@ class FlatnessResult:
 
     Attributes:
         value: scalar κ (differentiable when requested; its gradient follows ``hessian_grad``).
-        std_error: the probe estimator's standard error (std of the per-probe values / √probes), else None.
-        estimator: the estimator that produced it: ``"closed_form"``, ``"probe"`` or ``"exact"``.
+        std_error: the probe estimators' standard error (std of the per-probe values / √probes), else None.
+        estimator: the estimator that produced it: ``"closed_form"``, ``"probe"``, ``"gauss_newton"`` or
+            ``"exact"``.
         layer: the layer's module name.
-        probes: number of probes (probe estimator only).
+        probes: number of probes (probe and Gauss–Newton estimators only).
     """
 
     value: torch.Tensor
@@ -73,9 +78,11 @@ class RelativeFlatness:
         model: a transformers model (optionally PEFT- or DDP-wrapped).
         layer: ``"auto"`` (the output head) or a module name/glob; see :func:`fam_hf.resolve_layer`.
         estimator: ``"closed_form"`` (exact, output heads under cross-entropy/MSE/BCE), ``"probe"``
-            (Hutchinson-style, any layer), ``"exact"`` (full layer Hessian, small layers), or ``"auto"``:
-            the closed form where it applies, else the probe.
-        probes: Rademacher probes per estimate (probe estimator).
+            (Hutchinson-style, any layer, any loss), ``"gauss_newton"`` (the probe with the Hessian's
+            positive semi-definite Gauss–Newton part: κ ≥ 0 on any layer; the model's own cross-entropy/MSE/BCE
+            loss, as the closed form), ``"exact"`` (full layer Hessian, small layers), or ``"auto"``: the
+            closed form where it applies, else the probe.
+        probes: Rademacher probes per estimate (probe and Gauss–Newton estimators).
         hessian_grad: ``"full"`` (true gradient of κ, Hessian included) or ``"detached"`` (Hessian held
             constant, as the reference implementation does).
         scale: ``"paper"`` (κ as defined) or ``"reference"`` (each block trace divided by ``m``, as the
@@ -131,6 +138,18 @@ class RelativeFlatness:
         closed_form_ok = self.layer.is_output_head and head_loss_for(self.model) is not None
         if estimator == "auto":
             return "closed_form" if closed_form_ok else "probe"
+        if estimator == "gauss_newton":
+            if head_loss_for(self.model) is None:
+                raise ValueError(
+                    f"estimator='gauss_newton' needs the curvature of the loss in the logits, and "
+                    f"{type(self.model).__name__}'s loss is not one it mirrors (causal-LM or sequence-classification "
+                    "cross-entropy, MSE, BCE, on unmodified logits); use estimator='probe'"
+                )
+            if self.hessian_grad == "detached":
+                raise ValueError(
+                    "estimator='gauss_newton' differentiates its curvature in full; hessian_grad='detached' is for "
+                    "the probe and the closed form (use hessian_grad='full')"
+                )
         if estimator == "closed_form" and not closed_form_ok:
             why = (
                 f"'{self.layer.name}' is not the model's output head"
@@ -183,27 +202,35 @@ class RelativeFlatness:
         recording = Recording(self, batch or {}, num_items_in_batch, differentiable)
         self._recording, recording.open = recording, True
         try:
-            with self._forward_context():
+            with self._forward_context(differentiable):
                 yield recording
         finally:
             recording.open = False
 
-    def _forward_context(self):
+    def _forward_context(self, differentiable: bool):
         stack = ExitStack()
         if self.estimator != "closed_form":
             stack.enter_context(torch.enable_grad())
-        stack.enter_context(self.attention_kernels())
+        stack.enter_context(self.kernels(differentiable))
         return stack
 
-    def attention_kernels(self):
-        """Context in which the model's attention keeps a double backward, as the probe and exact estimators need.
+    def kernels(self, differentiable: bool = False):
+        """Context in which the model's kernels have the derivatives the second-order estimators need.
 
-        SDPA's flash and memory-efficient kernels have none; its math kernel has. :meth:`record` and the
-        second-order pass use it; under activation checkpointing the backward pass recomputes the blocks and
-        must run inside it too (``FAMTrainer`` runs its whole training step inside it), or the recomputation
-        takes a different kernel than the forward. A no-op for the closed form.
+        SDPA's flash and memory-efficient kernels have no double backward; its math kernel has. And when κ
+        must be differentiated (``differentiable``: a penalty's gradient is a third derivative), LayerNorm runs
+        from primitive ops, since torch's fused kernel gets third derivatives wrong (:mod:`fam_hf.norms`).
+        :meth:`record` and the second-order pass use it; under activation checkpointing the backward pass
+        recomputes the blocks and must run inside it too (``FAMTrainer`` runs its whole training step inside
+        it), or the recomputation takes a different kernel than the forward. A no-op for the closed form.
         """
-        return nullcontext() if self.estimator == "closed_form" else sdpa_kernel([SDPBackend.MATH])
+        if self.estimator == "closed_form":
+            return nullcontext()
+        stack = ExitStack()
+        stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
+        if differentiable:
+            stack.enter_context(differentiable_layer_norm())
+        return stack
 
     def close(self) -> None:
         """Remove the layer hook."""
@@ -389,24 +416,28 @@ class Recording:
         else:
             if loss is None:
                 raise ValueError("the model returned no loss: the batch needs labels")
-            value, std_error = self._second_order(loss)
+            value, std_error = self._second_order(loss, logits)
         return FlatnessResult(
             value=value * scale,
             std_error=None if std_error is None else std_error * scale,
             estimator=fam.estimator,
             layer=layer.name,
-            probes=fam.probes if fam.estimator == "probe" else None,
+            probes=fam.probes if fam.estimator in ("probe", "gauss_newton") else None,
         )
 
     @explain_missing_double_backward()
-    def _second_order(self, loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        with self.flatness.attention_kernels():  # checkpointed blocks are recomputed here
-            return self._second_order_values(loss)
+    def _second_order(
+        self, loss: torch.Tensor, logits: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        with self.flatness.kernels(self.differentiable):  # checkpointed blocks are recomputed here
+            return self._second_order_values(loss, logits)
 
-    def _second_order_values(self, loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _second_order_values(
+        self, loss: torch.Tensor, logits: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         fam = self.flatness
-        if fam.estimator == "probe":
-            values = self._probe_values(loss)
+        if fam.estimator in ("probe", "gauss_newton"):
+            values = self._probe_values(loss) if fam.estimator == "probe" else self._gauss_newton_values(logits)
             std_error = values.detach().std() / math.sqrt(values.numel()) if values.numel() > 1 else None
             return values.mean(), std_error
         full = self.differentiable and fam.hessian_grad == "full"
@@ -441,6 +472,29 @@ class Recording:
             )
         except UnusedPerturbationError as error:
             raise RuntimeError(self._unused_message()) from error
+
+    def _gauss_newton_values(self, logits: torch.Tensor | None) -> torch.Tensor:
+        fam, labels = self.flatness, self.batch.get("labels")
+        if logits is None or labels is None:
+            raise ValueError(
+                "the Gauss–Newton estimator needs the model's logits and the batch's labels: record(batch) with "
+                "'labels', and pass the model's logits to result(loss, logits=...)"
+            )
+        tangents = logit_tangents(logits, self._delta, create_graph=self.differentiable)
+        if tangents is None:
+            if self.differentiable:
+                raise RuntimeError(self._unused_message())
+            return torch.zeros_like(self._delta)
+        head_loss = head_loss_for(fam.model, labels)
+        logits, stacked, weights = head_loss.positions(
+            logits,
+            torch.cat(tangents, dim=-1),  # (..., P·d): selected and pooled with the logits
+            labels,
+            input_ids=self.batch.get("input_ids"),
+            num_items_in_batch=self.num_items_in_batch,
+        )
+        stacked = stacked.reshape(logits.shape[0], len(tangents), logits.shape[-1])
+        return gauss_newton_forms(logits, stacked, weights, head_loss.loss_type)
 
 
 def _sample_positions(

@@ -265,7 +265,7 @@ class HeadInputFlatness:
         finally:
             recording.open = False
 
-    def attention_kernels(self):
+    def kernels(self, differentiable: bool = False):
         """A no-op: the closed form needs first-order autograd only."""
         return nullcontext()
 

@@ -62,7 +62,7 @@ class FAMMixin(HubCardMixin):
         seed = cfg.seed if cfg.fam_seed is None else cfg.fam_seed
         self.flatness = self._fam_flatness(torch.Generator().manual_seed(seed))
         layer = self.flatness.layer
-        penalised = cfg.fam_lambda > 0 or cfg.fam_lambda_relative is not None
+        penalised = self._fam_penalised = cfg.fam_lambda > 0 or cfg.fam_lambda_relative is not None
         if penalised and cfg.fam_hessian_grad == "detached" and not layer.weight().requires_grad:
             raise ValueError(
                 f"fam_hessian_grad='detached' holds the Hessian constant, so the penalty's gradient flows only through "
@@ -98,9 +98,9 @@ class FAMMixin(HubCardMixin):
         cfg = self.args
         estimator = cfg.fam_estimator
         custom_loss = self.compute_loss_func is not None or self.label_smoother is not None
-        if custom_loss and estimator == "closed_form":
+        if custom_loss and estimator in ("closed_form", "gauss_newton"):
             raise ValueError(
-                "fam_estimator='closed_form' mirrors the model's own loss, but this Trainer computes its loss "
+                f"fam_estimator='{estimator}' mirrors the model's own loss, but this Trainer computes its loss "
                 "with compute_loss_func or label smoothing; use fam_estimator='probe' (or 'auto')"
             )
         if custom_loss and estimator == "auto":
@@ -135,8 +135,8 @@ class FAMMixin(HubCardMixin):
     # -- loss -------------------------------------------------------------------------------------------
 
     def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch=None) -> torch.Tensor:
-        # forward, backward and any activation-checkpoint recomputation all see the same attention kernels
-        with self.flatness.attention_kernels():
+        # forward, backward and any activation-checkpoint recomputation all see the same kernels
+        with self.flatness.kernels(differentiable=self._fam_penalised):
             return super().training_step(model, inputs, num_items_in_batch)
 
     def compute_loss(
@@ -159,7 +159,7 @@ class FAMMixin(HubCardMixin):
         loss, outputs = loss if want_outputs else (loss, None)
         result = recording.result(loss, logits=_logits(outputs))
         kappa = result.value
-        if result.estimator == "closed_form":  # the probe differentiated `loss`, so it is scaled already
+        if result.estimator in ("closed_form", "gauss_newton"):  # from the logits; the probe's from `loss`, scaled
             kappa = kappa * self._loss_scale(num_items_in_batch)
         # A non-finite κ (overflow) drops this micro-batch's penalty, value and gradient, without a host sync:
         # it is counted on the device and reported at the next log.

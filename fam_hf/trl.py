@@ -74,7 +74,7 @@ class FAMSFTTrainer(FAMMixin, SFTTrainer):
             token_fraction=cfg.fam_token_fraction,
         )
         head = flatness.layer.name
-        if resolve_layer(self.model, cfg.fam_layer).name != head or cfg.fam_estimator in ("probe", "exact"):
+        if resolve_layer(self.model, cfg.fam_layer).name != head or cfg.fam_estimator not in ("auto", "closed_form"):
             raise ValueError(
                 f"fam_layer={cfg.fam_layer!r} with fam_estimator={cfg.fam_estimator!r}: SFTTrainer's loss runs "
                 "through TRL's fused LM head, which never calls the head module and has no second derivative, so "

@@ -16,6 +16,7 @@ from transformers import (
 
 from fam_hf import RelativeFlatness, closed_form, relative_flatness
 from fam_hf.estimators import softmax_curvature
+from fam_hf.norms import differentiable_layer_norm
 
 RTOL_CLOSED = 1e-8
 
@@ -269,18 +270,32 @@ def test_probe_gradient_for_a_fixed_probe_matches_brute_force(hessian_grad):
     name = "bert.encoder.layer.0.intermediate.dense.weight"
     weight = dict(model.named_parameters())[name]
     d, m = weight.shape
-    zero = torch.zeros_like(weight.detach(), requires_grad=True)
-    h = torch.autograd.functional.hessian(functional_loss(model, batch, name), zero, create_graph=True)
-    h = h.reshape(d * m, d * m)
-    if hessian_grad == "detached":
-        h = h.detach()
-    v = (weight @ r).reshape(-1)
-    expected = torch.autograd.grad(v @ h @ v, params, allow_unused=True)
+
+    def fixed_probe(create_graph):  # q(θ) = vec(WR)ᵀ H(θ) vec(WR)
+        zero = torch.zeros_like(weight.detach(), requires_grad=True)
+        h = torch.autograd.functional.hessian(functional_loss(model, batch, name), zero, create_graph=create_graph)
+        h = h.reshape(d * m, d * m)
+        v = (weight @ r).reshape(-1)
+        return v @ (h.detach() if hessian_grad == "detached" else h) @ v
+
+    with differentiable_layer_norm():  # the truth's own third derivatives through LayerNorm (fam_hf.norms)
+        expected = torch.autograd.grad(fixed_probe(True), params, allow_unused=True)
     for (n, _), g, e in zip(model.named_parameters(), got, expected):
         if e is None or e.abs().max() == 0:
             assert g is None or g.abs().max() < 1e-12, n
         else:
             torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-10, msg=n)
+    if hessian_grad == "full":  # anchored by finite differences, which need second derivatives only
+        names = [n for n, _ in model.named_parameters()]
+        for n in ("bert.embeddings.LayerNorm.weight", "bert.encoder.layer.0.attention.output.LayerNorm.weight"):
+            param, eps = dict(model.named_parameters())[n], 1e-5
+            with torch.no_grad():
+                param[0] += eps
+                up = fixed_probe(False)
+                param[0] -= 2 * eps
+                down = fixed_probe(False)
+                param[0] += eps
+            torch.testing.assert_close(got[names.index(n)][0], (up - down) / (2 * eps), rtol=1e-5, atol=1e-12, msg=n)
 
 
 # -- probe and exact on every kind of layer ----------------------------------------------------------------
@@ -419,4 +434,111 @@ def test_layer_not_called_is_reported():
     with flat.record() as recording:
         loss = torch.zeros((), requires_grad=True)
     with pytest.raises(RuntimeError, match="'fc1' did not run"):
+        recording.result(loss)
+
+
+# -- Gauss–Newton -------------------------------------------------------------------------------------------
+
+
+def gauss_newton_matrix(logits_of_weight, weight, position_weights, *, create_graph=False):
+    """``G = Σ_t c_t J_tᵀ (diag p_t − p_t p_tᵀ) J_t``, ``(d·m, d·m)``, from the full Jacobian of the counted
+    positions' logits w.r.t. the layer's weight (``logits_of_weight(E)``: ``(N, C)`` with the weight + E)."""
+    zero = torch.zeros_like(weight.detach(), requires_grad=True)
+    jac = torch.autograd.functional.jacobian(logits_of_weight, zero, create_graph=create_graph)  # (N, C, d, m)
+    jac = jac.reshape(*jac.shape[:2], -1)
+    probs = torch.softmax(logits_of_weight(zero), dim=-1)
+    curvature = torch.diag_embed(probs) - probs[:, :, None] * probs[:, None, :]  # (N, C, C)
+    return torch.einsum("t,tci,tcd,tdj->ij", position_weights, jac, curvature, jac)
+
+
+def bert_logits_of(model, batch, name):
+    param = dict(model.named_parameters())[name]
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    return lambda e: torch.func.functional_call(model, {name: param + e}, args=(), kwargs=inputs).logits
+
+
+def gpt2_counted_logits_of(model, batch, name):
+    """The shifted, counted positions' logits of a GPT-2 LM, with ``name`` (a Conv1D weight, (in, out)) + Eᵀ."""
+    param = dict(model.named_parameters())[name]
+    counted = (batch["labels"][:, 1:] != -100).reshape(-1)
+
+    def logits_of(e):
+        out = torch.func.functional_call(model, {name: param + e.T}, args=(), kwargs={"input_ids": batch["input_ids"]})
+        return out.logits[:, :-1].reshape(-1, out.logits.shape[-1])[counted]
+
+    return logits_of, int(counted.sum())
+
+
+@pytest.mark.parametrize("hessian_grad_check", [False, True], ids=["value", "gradient"])
+def test_gauss_newton_for_a_fixed_probe_matches_brute_force(hessian_grad_check):
+    """With R fixed, one probe is q(θ) = vec(WR)ᵀ G(θ) vec(WR) with G the Gauss–Newton matrix: value and ∇q."""
+    model = tiny_bert()
+    batch = {"input_ids": torch.randint(0, 40, (4, 5)), "labels": torch.tensor([0, 2, 1, -100])}
+    name = "bert.encoder.layer.0.intermediate.dense"
+    flat = RelativeFlatness(model, name, "gauss_newton", probes=1, generator=torch.Generator().manual_seed(3))
+    with flat.record(batch) as recording:
+        outputs = model(**batch)
+    result = recording.result(outputs.loss, logits=outputs.logits)
+    assert result.estimator == "gauss_newton" and result.probes == 1
+    r = recording._probe_matrices[0]
+    weight = dict(model.named_parameters())[name + ".weight"]
+    c = torch.tensor([1 / 3, 1 / 3, 1 / 3, 0.0], dtype=torch.float64)  # the ignored example weighs 0
+    g = gauss_newton_matrix(bert_logits_of(model, batch, name + ".weight"), weight, c, create_graph=hessian_grad_check)
+    v = (weight @ r).reshape(-1)
+    expected = v @ g @ v
+    if not hessian_grad_check:
+        torch.testing.assert_close(result.value, expected, rtol=1e-10, atol=0)
+        assert torch.linalg.eigvalsh(g).min() > -1e-12  # PSD (the probe's Hessian here is not: see below)
+        return
+    params = list(model.parameters())
+    got = torch.autograd.grad(result.value, params, allow_unused=True)
+    want = torch.autograd.grad(expected, params, allow_unused=True)
+    for (n, _), a, b in zip(model.named_parameters(), got, want):
+        if b is None or b.abs().max() == 0:
+            assert a is None or a.abs().max() < 1e-14, n
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-12, msg=n)
+
+
+def test_gauss_newton_kappa_on_a_masked_lm_projection_matches_brute_force():
+    """κ_GN = Σ ⟨w_s, w_s'⟩ Tr(G_{s,s'}) on GPT-2's Conv1D projection, shifted and masked labels, and the
+    loss's num_items_in_batch denominator; the probe mean lands within its standard error."""
+    model = tiny_gpt2()
+    batch = lm_batch(model)
+    name = "transformer.h.0.attn.c_proj"
+    weight = dict(model.named_modules())[name].weight.detach().T  # (d, m)
+    logits_of, counted = gpt2_counted_logits_of(model, batch, name + ".weight")
+    items = 2 * counted  # as if the batch were half of an accumulated step
+    g = gauss_newton_matrix(logits_of, weight, torch.full((counted,), 1.0 / items, dtype=torch.float64))
+    d, m = weight.shape
+    traces = torch.einsum("aibi->ab", g.reshape(d, m, d, m))
+    truth = ((weight @ weight.T) * traces).sum()
+    result = relative_flatness(model, {**batch, "num_items_in_batch": torch.tensor(items)}, name, "gauss_newton",
+                               probes=400)  # fmt: skip
+    assert_within_stderr(result, truth)
+    assert float(truth) > 0
+
+
+def test_gauss_newton_on_the_head_is_the_probe_with_the_same_probes():
+    """On an output head the logits are the layer's output, so G is the Hessian: per probe, the same number."""
+    model = tiny_bert()
+    batch = {"input_ids": torch.randint(0, 40, (4, 5)), "labels": torch.tensor([0, 2, 1, 1])}
+    values = [
+        relative_flatness(model, batch, "classifier", est, probes=5, generator=torch.Generator().manual_seed(2)).value
+        for est in ("probe", "gauss_newton")
+    ]
+    torch.testing.assert_close(values[1], values[0], rtol=1e-10, atol=0)
+
+
+def test_gauss_newton_refusals_name_the_fix():
+    with pytest.raises(ValueError, match="estimator='gauss_newton'.*MLP's loss is not one it mirrors.*'probe'"):
+        RelativeFlatness(MLP(), "fc2", "gauss_newton")
+    with pytest.raises(ValueError, match="hessian_grad='detached' is for the probe.*'full'"):
+        RelativeFlatness(tiny_bert(), "bert.pooler.dense", "gauss_newton", hessian_grad="detached")
+    model = tiny_bert()
+    batch = {"input_ids": torch.randint(0, 40, (4, 5)), "labels": torch.tensor([0, 2, 1, 1])}
+    flat = RelativeFlatness(model, "bert.pooler.dense", "gauss_newton")
+    with flat.record(batch) as recording:
+        loss = model(**batch).loss
+    with pytest.raises(ValueError, match="needs the model's logits.*result\\(loss, logits=...\\)"):
         recording.result(loss)

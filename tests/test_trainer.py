@@ -112,6 +112,30 @@ def test_probe_penalty_on_a_body_layer_logs_its_std_error(tmp_path):
     assert not torch.equal(before["transformer.h.0.mlp.c_fc.weight"], model.transformer.h[0].mlp.c_fc.weight)
 
 
+def test_gauss_newton_penalty_on_a_body_layer_one_step_equals_hand_computed_sgd(tmp_path):
+    """The Gauss–Newton κ of GPT-2's c_fc (LayerNorms after it: their third derivatives must be right), the
+    loss's num_items_in_batch denominator, the trainer's probe draw: one SGD step on loss + λκ_GN by hand."""
+    lam, lr, layer = 0.3, 0.5, "transformer.h.0.mlp.c_fc"
+    model = gpt2()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = fam_trainer(model, lm_data(16), tmp_path, max_steps=1, per_device_train_batch_size=16, fam_lambda=lam,
+                          fam_layer=layer, fam_estimator="gauss_newton", fam_probes=2)  # fmt: skip
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in list(trainer.get_train_dataloader().sampler)])
+    trainer.train()
+    batch["num_items_in_batch"] = trainer._get_num_items_in_batch([batch], torch.device("cpu"))
+    reference = gpt2()
+    reference.load_state_dict(before)
+    reference.train()
+    kappa = relative_flatness(reference, batch, layer, "gauss_newton", probes=2, differentiable=True,
+                              generator=torch.Generator().manual_seed(COMMON["seed"]))  # fmt: skip
+    assert kappa.estimator == "gauss_newton" and float(kappa.value) > 0
+    objective = reference(**batch).loss + lam * kappa.value
+    grads = torch.autograd.grad(objective, list(reference.parameters()))
+    for (name, p), g in zip(reference.named_parameters(), grads):
+        torch.testing.assert_close(model.state_dict()[name], p.detach() - lr * g, rtol=0, atol=1e-6, msg=name)
+    assert fam_logs(trainer)[0]["fam/kappa"] == pytest.approx(float(kappa.value), rel=1e-5)
+
+
 def test_lazy_schedule_and_warmup(tmp_path):
     trainer = fam_trainer(
         gpt2(),
