@@ -194,7 +194,8 @@ def summarize(records: list[dict], study: StudyArguments) -> dict:
     records = sorted(records, key=sort_key)
     metric, higher = study.study_metric, study.study_higher_is_better
     summary: dict = {"task": study.study_name, "quick": study.study_quick, "note": study.study_note, "metric": metric,
-                     "seeds": study.study_seeds, "regimes": {}, "selection": [], "measures": []}  # fmt: skip
+                     "higher_is_better": higher, "seeds": study.study_seeds, "regimes": {}, "selection": [],
+                     "measures": []}  # fmt: skip
     summary["machines"] = sorted({r.get("machine", "?") for r in records})
     for regime in dict.fromkeys(r["regime"] for r in records):
         runs = [r for r in records if r["regime"] == regime]
@@ -235,18 +236,17 @@ def _f(value, spec: str = ".4f") -> str:
     return "–" if value is None or (isinstance(value, float) and not math.isfinite(value)) else f"{value:{spec}}"
 
 
-def _stat(stat: dict | None, spec: str = ".4f") -> str:
+def _stat(stat: dict | None, spec: str = ".4f", mean_spec: str | None = None) -> str:
     if not stat:
         return "–"
-    if stat["n"] < 2:
-        return f"{_f(stat['mean'], spec)} (n=1)"
-    return f"{_f(stat['mean'], spec)} ± {_f(stat['ci95'], spec)}"
+    mean = _f(stat["mean"], mean_spec or spec)
+    return f"{mean} (n=1)" if stat["n"] < 2 else f"{mean} ± {_f(stat['ci95'], spec)}"
 
 
 def _diff(stat: dict | None) -> str:
     if not stat:
         return "–"
-    return f"{_stat(stat, '+.4f')} ({stat['in_favour']}/{stat['n']})"
+    return f"{_stat(stat, '.4f', '+.4f')} ({stat['in_favour']}/{stat['n']})"
 
 
 def _label(method: str, value) -> str:
@@ -316,6 +316,68 @@ def markdown(summary: dict) -> str:
         lines.append("")
     lines += ["Machines: " + "; ".join(summary["machines"]), ""]
     return "\n".join(lines)
+
+
+def verdict(stat: dict | None, higher_is_better: bool) -> str:
+    """``better`` / ``worse`` when the paired difference's 95% interval excludes 0, ``no difference`` when it
+    holds 0, ``–`` without an interval (fewer than two seeds)."""
+    if not stat or stat["n"] < 2 or not math.isfinite(stat["ci95"]):
+        return "–"
+    lo, hi = stat["mean"] - stat["ci95"], stat["mean"] + stat["ci95"]
+    if lo <= 0 <= hi:
+        return "no difference"
+    return "better" if (lo > 0) == higher_is_better else "worse"
+
+
+def decision_markdown(summaries: dict[str, dict]) -> str:
+    """The decision table across tasks and the measure table, from each task's ``summary.json``
+    (``{records folder: summary}``): every method at its chosen setting, per task and regime, and each
+    measure's Kendall τ with the gap over all of a task's runs."""
+    lines = ["Each method at the setting chosen on validation, paired by seed with plain (and with the best cheap "
+             "baseline: plain, weight decay or label smoothing, by validation); verdict: the paired 95% interval "
+             "excludes 0 (better / worse) or holds it (no difference). Gap = test − train loss on the fixed batches; "
+             "κ of the config's fam_layer (the head) for every method; share = λκ₀/L₀ at the first step.", "",
+             "| task | regime | method | seeds | test metric | Δ vs plain | verdict | Δ vs best cheap | gap | "
+             "κ end (train) | share λκ₀/L₀ |", "|" + " --- |" * 11]  # fmt: skip
+    for folder, summary in summaries.items():
+        higher = summary["higher_is_better"]
+        task = _task_link(folder, summary)
+        for regime, info in summary["regimes"].items():
+            for method in sorted(info["methods"], key=METHODS.index):
+                row = info["methods"][method]
+                cells = [task, regime, _label(method, row["value"]), str(len(row["seeds"])),
+                         f"{summary['metric']} {_stat(row.get('test_metric'))}", _diff(row.get("vs_plain")),
+                         verdict(row.get("vs_plain"), higher) if method != "plain" else "–",
+                         _diff(row.get("vs_best_cheap")), _stat(row.get("gap")),
+                         _stat(row.get("kappa_train_end"), ".4g"), _stat(row.get("lambda_share_start"), ".3g")]  # fmt: skip
+                lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Kendall τ-b of each measure with the gap across a task's runs (last checkpoint, grid runs included), "
+              "95% bootstrap interval over runs:", "", "| task | runs | measure | τ across runs |", "| --- | --- | --- | --- |"]  # fmt: skip
+    for folder, summary in summaries.items():
+        task = _task_link(folder, summary)
+        for m in summary["measures"]:
+            t = m["across_runs"]
+            if m["regime"] == "all" and math.isfinite(t["tau"]):
+                tau = f"{_f(t['tau'], '.3f')} [{_f(t['lo'], '.2f')}, {_f(t['hi'], '.2f')}]"
+                lines.append(f"| {task} | {t['groups']} | {m['label']} | {tau} |")
+    return "\n".join(lines) + "\n"
+
+
+def _task_link(folder: str, summary: dict) -> str:
+    """``(a) [minilm_rt](studies/minilm_rt/results.md)``: the task's letter and its records folder."""
+    return f"{summary['task'].split(' ')[0]} [{Path(folder).name}]({folder}/results.md)"
+
+
+REPORT_BEGIN, REPORT_END = "<!-- study-tables:begin -->", "<!-- study-tables:end -->"
+
+
+def splice_report(document: str, report: str) -> str:
+    """``document`` with the text between its ``REPORT_BEGIN`` and ``REPORT_END`` markers replaced by ``report``."""
+    if document.count(REPORT_BEGIN) != 1 or document.count(REPORT_END) != 1:
+        raise ValueError(f"the document needs one {REPORT_BEGIN} and one {REPORT_END} line to put the tables between")
+    head, rest = document.split(REPORT_BEGIN)
+    _, tail = rest.split(REPORT_END)
+    return f"{head}{REPORT_BEGIN}\n{report}{REPORT_END}{tail}"
 
 
 def write_tables(records: list[dict], study: StudyArguments, folder: Path) -> dict:

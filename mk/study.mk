@@ -8,7 +8,12 @@
 STUDY_QUICK_CONFIGS ?= configs/study_minilm_quick.yaml configs/study_smollm2_lora_quick.yaml
 STUDY_CONFIGS ?= configs/study_minilm.yaml configs/study_smollm2_lora.yaml
 
-.PHONY: study-quick study
+# Issue 13's tasks on a CPU (each resumes from its committed records: run them one per core); `study-tables`
+# rebuilds every table (each task's results.md, STUDY.md's decision table) from those records, training nothing.
+STUDY_TASK_CONFIGS ?= configs/study_minilm_rt.yaml configs/study_minilm_rt_gauss_newton.yaml \
+	configs/study_minilm_debates.yaml configs/study_smollm2_shakespeare.yaml
+
+.PHONY: study-quick study study-tables
 
 study-quick: install install-assets
 	@for config in $(STUDY_QUICK_CONFIGS); do \
@@ -19,3 +24,6 @@ study: install install-assets
 	@for config in $(STUDY_CONFIGS); do \
 		$(PYTHON) recipes/study.py --config $$config || exit 1; \
 	done
+
+study-tables:
+	$(PYTHON) recipes/study_report.py --document STUDY.md $(STUDY_TASK_CONFIGS)

@@ -359,3 +359,81 @@ def test_make_targets_parse():
         )
         assert proc.returncode == 0, proc.stderr
         assert "recipes/study.py --config" in proc.stdout and config in proc.stdout
+
+
+def summary_of(metric, higher, methods):
+    """A summary.json as fam_hf.study.summarize writes it, with only what the decision table reads."""
+    stat = lambda mean, ci=0.01, n=5: {"mean": mean, "ci95": ci, "n": n}  # noqa: E731
+    rows = {m: {"value": v, "seeds": [0, 1, 2, 3, 4], "test_metric": stat(t),
+                **({"vs_plain": {**stat(d, c), "in_favour": 4}} if d is not None else {})}
+            for m, (v, t, d, c) in methods.items()}  # fmt: skip
+    tau = {"tau": -0.25, "lo": -0.4, "hi": -0.1, "n": 12, "groups": 12}
+    nan = {"tau": float("nan"), "lo": float("nan"), "hi": float("nan"), "n": 2, "groups": 2}
+    return {"task": "(x) a task", "metric": metric, "higher_is_better": higher,
+            "regimes": {"n100": {"best_cheap": "plain", "methods": rows}},
+            "measures": [{"regime": "n100", "label": "κ (train batches)", "across_runs": tau},
+                         {"regime": "all", "label": "κ (train batches)", "across_runs": tau},
+                         {"regime": "all", "label": "SAM sharpness", "across_runs": nan}]}  # fmt: skip
+
+
+def test_the_decision_table_reads_each_interval_the_right_way_round():
+    from fam_hf.study import decision_markdown, verdict
+
+    assert verdict({"mean": 0.02, "ci95": 0.01, "n": 5}, True) == "better"
+    assert verdict({"mean": 0.02, "ci95": 0.01, "n": 5}, False) == "worse"  # perplexity up
+    assert verdict({"mean": -0.02, "ci95": 0.03, "n": 5}, True) == "no difference"
+    assert verdict({"mean": -0.02, "ci95": float("nan"), "n": 1}, True) == "–" and verdict(None, True) == "–"
+    accuracy = summary_of("accuracy", True, {"sam": (0.05, 0.74, -0.02, 0.01), "plain": (None, 0.76, None, 0)})
+    perplexity = summary_of("perplexity", False, {"fam": (1e-5, 50.0, -1.5, 0.5), "plain": (None, 51.5, None, 0)})
+    table = decision_markdown({"studies/a": accuracy, "studies/c": perplexity}).splitlines()
+    rows = [line for line in table if line.startswith("| (x)")]
+    assert rows[0].startswith("| (x) [a](studies/a/results.md) | n100 | plain | 5 | accuracy 0.7600 ± 0.0100 | – | – |")
+    assert "| SAM (ρ = 0.05) | 5 | accuracy 0.7400 ± 0.0100 | -0.0200 ± 0.0100 (4/5) | worse |" in rows[1]
+    assert "| FAM head (λ = 1e-05) | 5 | perplexity 50.0000 ± 0.0100 | -1.5000 ± 0.5000 (4/5) | better |" in rows[3]
+    measures = [line for line in table if line.startswith("| (x)") and "[-0.40, -0.10]" in line]
+    assert len(measures) == 2 and not any("SAM sharpness" in line for line in table)  # "all" only; NaN τ left out
+
+
+def test_one_command_rebuilds_every_table_of_study_md(study, tmp_path):
+    from fam_hf.study import REPORT_BEGIN, REPORT_END
+
+    out, argv, summary, _ = study
+    config = yaml.safe_load((ROOT / "configs" / "study_minilm_rt.yaml").read_text())
+    key = None
+    for token in argv[2:]:  # the fixture's overrides, as config keys
+        if token.startswith("--"):
+            key = token[2:]
+            config[key] = None
+        else:
+            value = yaml.safe_load(token)
+            config[key] = value if config[key] is None else [*np.atleast_1d(config[key]).tolist(), value]
+    for key in ("study_seeds", "study_train_sizes", "study_epochs", "flatness_measures"):
+        config[key] = list(np.atleast_1d(config[key]).tolist())
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(config, allow_unicode=True))
+    document = tmp_path / "STUDY.md"
+    document.write_text(f"# Study\n\nreading\n\n{REPORT_BEGIN}\nold tables\n{REPORT_END}\n\nmore reading\n")
+    results = (out / "records" / "results.md").read_bytes()
+    report = module_from(ROOT / "recipes" / "study_report.py")
+    missing = tmp_path / "missing.yaml"
+    missing.write_text(yaml.safe_dump({**config, "study_records_dir": str(tmp_path / "none")}, allow_unicode=True))
+    report.main([str(path), str(missing), "--document", str(document)])
+    first = document.read_text()
+    assert first.startswith("# Study\n\nreading\n\n" + REPORT_BEGIN) and first.endswith(
+        REPORT_END + "\n\nmore reading\n"
+    )
+    assert "old tables" not in first and (out / "records" / "results.md").read_bytes() == results
+    for label in ("| plain |", "| weight decay (wd = ", "| SAM (ρ = ", "| FAM head (λ = ", "| FAM body (λ = "):
+        assert label in first, label
+    report.main([str(path), str(missing), "--document", str(document)])
+    assert document.read_text() == first  # byte-identical when rebuilt
+    document.write_text("no markers\n")
+    with pytest.raises(ValueError, match="needs one <!-- study-tables:begin -->"):
+        report.main([str(path), "--document", str(document)])
+
+
+def module_from(path: Path):
+    spec = importlib.util.spec_from_file_location(f"recipe_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
