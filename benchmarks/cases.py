@@ -82,10 +82,11 @@ def build_cases(quick: bool, device: str) -> dict[str, Case]:
     full_batch, lora_batch, lm_len = (16, 16, 256) if gpu else ((1, 2, 256) if not quick else (1, 1, 128))
     head = dict(fam_estimator="closed_form")
     probe = dict(fam_layer="model.layers.29.self_attn.q_proj", fam_estimator="probe", fam_probes=1, fam_lambda=0.01)
+    body = dict(fam_layer="bert.encoder.layer.5.output.dense", fam_probes=1)  # the study's FAM-body layer
     cases = [
         Case(
             "minilm-head",
-            "MiniLM sequence classifier, FAM closed form on the head",
+            "MiniLM sequence classifier, FAM on the head (closed form) and on the last FFN output (probe, Gauss–Newton)",
             "minilm-l6",
             "rotten-tomatoes",
             32,
@@ -112,6 +113,18 @@ def build_cases(quick: bool, device: str) -> dict[str, Case]:
                     "reference",
                     "reference method: full head Hessian, `jacfwd(jacrev)`",
                     {"fam_lambda": 0.3},
+                ),
+                Variant(
+                    "probe-body",
+                    "fam",
+                    "FAM probe on `bert.encoder.layer.5.output.dense` (384×1536), 1 probe",
+                    {**body, "fam_estimator": "probe", "fam_lambda": 0.003},
+                ),
+                Variant(
+                    "gn-body",
+                    "fam",
+                    "FAM Gauss–Newton on `bert.encoder.layer.5.output.dense`, 1 probe",
+                    {**body, "fam_estimator": "gauss_newton", "fam_lambda": 0.1},
                 ),
                 _sam(),
             ],  # fmt: skip
@@ -182,6 +195,12 @@ def build_cases(quick: bool, device: str) -> dict[str, Case]:
                     "FAM probe on `layers.29.self_attn.q_proj` (LoRA), 1 probe, `full`",
                     probe,
                     time_target=2.0,
+                ),
+                Variant(
+                    "gauss-newton",
+                    "fam",
+                    "FAM Gauss–Newton on `layers.29.self_attn.q_proj` (LoRA), 1 probe",
+                    {**probe, "fam_estimator": "gauss_newton"},
                 ),
                 Variant(
                     "probe-detached",
@@ -312,7 +331,9 @@ def _sft_case(
 
 QUICK_CASES = ("minilm-head", "smollm2-lora")
 FULL_CASES = ("minilm-head", "smollm2-full-head", "smollm2-lora")
-QUICK_LORA_VARIANTS = ("plain", "fam-head", "fam-head-tf0.25", "probe", "probe-detached", "probe-every4", "sam")
+QUICK_LORA_VARIANTS = (
+    "plain", "fam-head", "fam-head-tf0.25", "probe", "gauss-newton", "probe-detached", "probe-every4", "sam",
+)  # fmt: skip
 
 
 def _reference_note() -> str:

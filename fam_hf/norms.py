@@ -11,18 +11,21 @@ differences; for the probe on MiniLM-L6's ``bert.encoder.layer.5.output.dense``,
 norm (cosine 0.9998). RMSNorm (``F.rms_norm``, transformers' Llama-family norms) and GroupNorm are correct; BatchNorm in
 training mode has the same fault (pytorch/pytorch#186256) and is not handled here (text models do not use it).
 
-Inside :func:`differentiable_layer_norm` every ``torch.nn.functional.layer_norm`` / ``torch.layer_norm`` call
-(``nn.LayerNorm`` included) is computed from primitive ops instead: the same function (to rounding), with
-derivatives autograd gets right at every order.
+Inside :func:`differentiable_layer_norm` every ``torch.nn.functional.layer_norm`` call (``nn.LayerNorm`` and
+transformers' models included) is computed from primitive ops instead: the same function (to rounding), with
+derivatives autograd gets right at every order. It swaps the function on ``torch.nn.functional`` rather than
+installing a ``TorchFunctionMode``: a mode is suspended while it runs a call, ``Tensor.backward`` included, so an
+activation-checkpointed block recomputed during the backward pass would get the fused kernel back (and a
+different set of saved tensors). The swap is process-wide while the context is open (nested uses count).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch.nn import functional as F
-from torch.overrides import TorchFunctionMode
 
 
 def layer_norm(
@@ -31,7 +34,6 @@ def layer_norm(
     weight: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
     eps: float = 1e-5,
-    *_: object,
 ) -> torch.Tensor:
     """``F.layer_norm`` from primitive ops: ``(x − mean) · rsqrt(var + eps) · weight + bias`` over the last
     ``len(normalized_shape)`` dimensions (biased variance, as torch's).
@@ -52,15 +54,22 @@ def layer_norm(
     return out if autocast else out.to(input.dtype)
 
 
-class _ComposedLayerNorm(TorchFunctionMode):
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func is F.layer_norm or func is torch.layer_norm:
-            return layer_norm(*args, **(kwargs or {}))
-        return func(*args, **(kwargs or {}))
+_FUSED = F.layer_norm
+_depth = 0  # open differentiable_layer_norm contexts (FAMTrainer nests the step's and the forward's)
 
 
-def differentiable_layer_norm() -> TorchFunctionMode:
-    """Context manager: ``layer_norm`` calls inside it run :func:`layer_norm` (primitive ops), so derivatives of
-    third order and beyond through them are right. Costs a few more kernels per LayerNorm and Python dispatch per
-    op; ``fam_hf`` enters it only where a penalty's gradient needs a third derivative."""
-    return _ComposedLayerNorm()
+@contextmanager
+def differentiable_layer_norm() -> Iterator[None]:
+    """Context manager: ``F.layer_norm`` is :func:`layer_norm` (primitive ops) inside it, so derivatives of third
+    order and beyond through LayerNorm are right. A few more kernels per LayerNorm; ``fam_hf`` enters it only
+    where a penalty's gradient needs a third derivative."""
+    global _depth
+    if _depth == 0:
+        F.layer_norm = layer_norm
+    _depth += 1
+    try:
+        yield
+    finally:
+        _depth -= 1
+        if _depth == 0:
+            F.layer_norm = _FUSED

@@ -14,6 +14,7 @@ from fam_hf import FAMConfig, FAMTrainer  # noqa: E402
 VARIANTS = {
     "closed_form": {},
     "probe": dict(fam_layer="transformer.h.0.mlp.c_fc", fam_estimator="probe", fam_probes=2),
+    "gauss_newton": dict(fam_layer="transformer.h.0.mlp.c_fc", fam_estimator="gauss_newton", fam_probes=2),
     "relative": dict(fam_lambda_relative=0.05),  # λ from L₀ and κ₀ averaged over the ranks
 }
 

@@ -41,8 +41,9 @@ def ddp_run(tmp_path_factory):
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_two_ranks_equal_one_process_on_the_global_batch(ddp_run, tmp_path, variant):
-    """Closed form: the penalty follows Trainer's token averaging across ranks. Probe: every rank draws the
-    same Rademacher matrices (same seed), so the all-reduced probe is the single-process probe."""
+    """Closed form and Gauss–Newton: the penalty follows Trainer's token averaging across ranks. Probe and
+    Gauss–Newton: every rank draws the same Rademacher matrices (same seed), so the all-reduced estimate is the
+    single-process one."""
     ranks = [torch.load(ddp_run / f"{variant}-rank{r}.pt") for r in range(2)]
     assert all(r["world_size"] == 2 for r in ranks)
     single = train(tmp_path, variant, per_device_batch=16)

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 
 from fam_hf.norms import differentiable_layer_norm, layer_norm
 
@@ -69,7 +70,16 @@ def test_dtypes_follow_torchs_kernel():
             assert nn.LayerNorm(8)(x32).dtype == F.layer_norm(x32, (8,)).dtype
 
 
-def test_other_ops_pass_through():
-    x = torch.randn(2, 3)
+def test_the_swap_nests_is_undone_and_holds_through_a_checkpointed_backward():
+    fused = F.layer_norm
+    norm, x = nn.LayerNorm(4), torch.randn(2, 4, requires_grad=True)
     with differentiable_layer_norm():
-        torch.testing.assert_close(torch.softmax(x, -1) @ torch.ones(3), torch.ones(2))
+        with differentiable_layer_norm():
+            assert F.layer_norm is layer_norm
+        assert F.layer_norm is layer_norm  # the outer context still holds
+        # the block is recomputed during backward: it must save what its forward saved (the composed ops)
+        checkpoint(lambda t: norm(t).sin(), x, use_reentrant=False).sum().backward()
+    assert F.layer_norm is fused and x.grad is not None
+    with pytest.raises(RuntimeError), differentiable_layer_norm():
+        raise RuntimeError
+    assert F.layer_norm is fused

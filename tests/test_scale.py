@@ -13,8 +13,9 @@ from fam_hf import RelativeFlatness, relative_flatness
 PROBE = dict(fam_estimator="probe", fam_layer="transformer.h.0.mlp.c_fc", fam_probes=2)
 
 
-@pytest.mark.parametrize("hessian_grad", ["full", "detached"])
-def test_non_reentrant_checkpointing_gives_the_same_training(tmp_path, hessian_grad):
+@pytest.mark.parametrize("estimator,hessian_grad", [("probe", "full"), ("probe", "detached"), ("gauss_newton", "full")])
+def test_non_reentrant_checkpointing_gives_the_same_training(tmp_path, estimator, hessian_grad):
+    """The recomputation in backward sees the same probe, attention kernel and LayerNorm as the forward."""
     runs = []
     for checkpointing in (False, True):
         model = gpt2()
@@ -27,7 +28,7 @@ def test_non_reentrant_checkpointing_gives_the_same_training(tmp_path, hessian_g
             fam_lambda=0.5,
             fam_hessian_grad=hessian_grad,
             gradient_checkpointing=checkpointing,
-            **PROBE,
+            **{**PROBE, "fam_estimator": estimator},
         )
         trainer.train()
         runs.append((params(model), [h["fam/kappa"] for h in fam_logs(trainer)]))
