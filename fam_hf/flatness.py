@@ -3,8 +3,8 @@
 :class:`RelativeFlatness` resolves the layer and the estimator once; :meth:`RelativeFlatness.record`
 hooks the layer for one forward pass (capturing ``φ`` and ``z``, and adding the probe or exact
 perturbation to ``z``), and :meth:`Recording.result` turns the loss (or, for the Gauss–Newton estimator, the
-logits) of that pass into κ. No second
-forward pass is ever run. :func:`relative_flatness` is the one-call version for measurement.
+logits) of that pass into κ. No second forward pass is ever run. :func:`relative_flatness` is the one-call
+version for measurement.
 """
 
 from __future__ import annotations
