@@ -99,7 +99,7 @@ def penalty_gradient(ctx: Context, model, batch, layer: str, bf16: bool) -> torc
     """∇κ w.r.t. the trainable parameters, flattened: one probe (seed 0), as FAMTrainer's step computes it.
 
     As in ``FAMTrainer.training_step``: forward and κ under autocast, the backward after it, all inside the
-    attention kernels the probe needs (a checkpointed block is recomputed in both backward passes).
+    kernels the probe needs (a checkpointed block is recomputed in both backward passes).
     """
     from fam_hf import RelativeFlatness
 
@@ -108,7 +108,7 @@ def penalty_gradient(ctx: Context, model, batch, layer: str, bf16: bool) -> torc
     autocast = torch.autocast(ctx.device, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     model.train()
     try:
-        with flatness.attention_kernels():
+        with flatness.kernels(differentiable=True):
             with autocast:
                 with flatness.record(batch) as recording:
                     loss = model(**batch).loss
