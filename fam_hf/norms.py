@@ -54,8 +54,8 @@ def layer_norm(
     return out if autocast else out.to(input.dtype)
 
 
-_FUSED = F.layer_norm
 _depth = 0  # open differentiable_layer_norm contexts (FAMTrainer nests the step's and the forward's)
+_outer = None  # the F.layer_norm found when the outermost context opened, put back when it closes
 
 
 @contextmanager
@@ -63,13 +63,13 @@ def differentiable_layer_norm() -> Iterator[None]:
     """Context manager: ``F.layer_norm`` is :func:`layer_norm` (primitive ops) inside it, so derivatives of third
     order and beyond through LayerNorm are right. A few more kernels per LayerNorm; ``fam_hf`` enters it only
     where a penalty's gradient needs a third derivative."""
-    global _depth
+    global _depth, _outer
     if _depth == 0:
-        F.layer_norm = layer_norm
+        _outer, F.layer_norm = F.layer_norm, layer_norm
     _depth += 1
     try:
         yield
     finally:
         _depth -= 1
         if _depth == 0:
-            F.layer_norm = _FUSED
+            F.layer_norm, _outer = _outer, None
