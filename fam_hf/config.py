@@ -55,7 +55,8 @@ class FAMFields:
             "(Hutchinson-style with fam_probes Rademacher probes, any layer, any loss), 'gauss_newton' (the probe "
             "with the Hessian's positive semi-definite Gauss–Newton part: κ ≥ 0 on any layer, where the probe's "
             "κ of a body layer can be driven negative; the model's own loss), 'exact' (full layer Hessian, tiny "
-            "layers only), or 'auto' (closed form where it applies, else probe)."
+            "layers only), or 'auto': the closed form on the output head, Gauss–Newton on any other layer (a penalty "
+            "needs κ bounded below), the probe under a custom loss or fam_hessian_grad='detached'."
         },
     )
     fam_probes: int = field(

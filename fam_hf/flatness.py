@@ -66,6 +66,23 @@ class FlatnessResult:
         return float(self.value)
 
 
+def penalty_estimator(model: nn.Module, layer: str = "auto", hessian_grad: str = "full") -> str:
+    """The estimator ``fam_estimator="auto"`` trains with: what a penalty needs, not what a measurement reports.
+
+    The closed form on the output head under a loss it mirrors; on any other layer under such a loss, the
+    Gauss–Newton estimator, whose curvature is positive semi-definite, so ``λ·κ ≥ 0`` and minimising it cannot
+    run away (a body layer's Hessian is indefinite away from a minimum, and the probe's κ there has no lower
+    bound: issue 13's study drove it to −3,000); the probe otherwise (any other loss, or
+    ``hessian_grad="detached"``, which Gauss–Newton does not take). Measurement (``estimator="auto"`` of
+    :class:`RelativeFlatness`) keeps the probe on a body layer: the paper's κ, with the full Hessian.
+    """
+    if head_loss_for(model) is None:
+        return "probe"
+    if resolve_layer(model, layer).is_output_head:
+        return "closed_form"
+    return "gauss_newton" if hessian_grad == "full" else "probe"
+
+
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{name}={value!r} is not one of {', '.join(map(repr, choices))}")
@@ -81,7 +98,8 @@ class RelativeFlatness:
             (Hutchinson-style, any layer, any loss), ``"gauss_newton"`` (the probe with the Hessian's
             positive semi-definite Gauss–Newton part: κ ≥ 0 on any layer; the model's own cross-entropy/MSE/BCE
             loss, as the closed form), ``"exact"`` (full layer Hessian, small layers), or ``"auto"``: the
-            closed form where it applies, else the probe.
+            closed form where it applies, else the probe (the paper's κ; ``FAMTrainer``'s ``"auto"`` trains a
+            body layer with Gauss–Newton instead: :func:`penalty_estimator`).
         probes: Rademacher probes per estimate (probe and Gauss–Newton estimators).
         hessian_grad: ``"full"`` (true gradient of κ, Hessian included) or ``"detached"`` (Hessian held
             constant, as the reference implementation does).

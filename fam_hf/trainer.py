@@ -12,7 +12,7 @@ from torch import nn
 from transformers import Trainer
 
 from .config import FAMFields
-from .flatness import RelativeFlatness
+from .flatness import RelativeFlatness, penalty_estimator
 from .hub import HubCardMixin
 from .trainer_base import MetricSums, check_args, check_mixin_order, fix_sequence_classifier_loss
 
@@ -103,8 +103,8 @@ class FAMMixin(HubCardMixin):
                 f"fam_estimator='{estimator}' mirrors the model's own loss, but this Trainer computes its loss "
                 "with compute_loss_func or label smoothing; use fam_estimator='probe' (or 'auto')"
             )
-        if custom_loss and estimator == "auto":
-            estimator = "probe"
+        if estimator == "auto":
+            estimator = "probe" if custom_loss else penalty_estimator(self.model, cfg.fam_layer, cfg.fam_hessian_grad)
         return RelativeFlatness(
             self.model,
             cfg.fam_layer,
@@ -276,8 +276,9 @@ class FAMMixin(HubCardMixin):
                     "FAM: κ of '%s' averaged %.4g < 0 over the last %d steps: the loss's Hessian w.r.t. this layer is "
                     "not positive semi-definite here (a layer inside the network, away from a minimum), and minimising "
                     "λ·κ then rewards negative curvature with no lower bound (in issue 13's study it drove κ to −3,000 "
-                    "and the training loss below 0 at λ = 0.003). Penalise the output head (its closed form is ≥ 0), "
-                    "or lower fam_lambda and watch fam/kappa and fam/task_loss",
+                    "and the training loss below 0 at λ = 0.003). Use fam_estimator='gauss_newton' (κ ≥ 0 on any layer; "
+                    "what 'auto' trains with under the model's own loss), penalise the output head (its closed form "
+                    "is ≥ 0), or lower fam_lambda and watch fam/kappa and fam/task_loss",
                     self.flatness.layer.name,
                     means["kappa"],
                     steps,

@@ -11,7 +11,7 @@ from transformers import (
 )
 
 import fam_hf.flatness
-from fam_hf import FAMConfig, FAMTrainer, relative_flatness
+from fam_hf import FAMConfig, FAMTrainer, RelativeFlatness, relative_flatness
 
 
 @pytest.mark.parametrize("estimator", ["closed_form", "probe"])
@@ -102,6 +102,7 @@ def test_probe_penalty_on_a_body_layer_logs_its_std_error(tmp_path):
         per_device_train_batch_size=8,
         fam_lambda=1.0,
         fam_layer="transformer.h.0.mlp.c_fc",
+        fam_estimator="probe",
         fam_probes=2,
     )
     assert trainer.flatness.estimator == "probe"
@@ -213,6 +214,24 @@ def test_custom_loss_switches_auto_to_the_probe(tmp_path):
     assert trainer.flatness.estimator == "probe"
 
 
+@pytest.mark.parametrize(
+    ("layer", "extra", "expected"),
+    [
+        ("auto", {}, "closed_form"),
+        ("transformer.h.0.mlp.c_fc", {}, "gauss_newton"),  # a penalty needs κ bounded below
+        ("transformer.h.0.mlp.c_fc", {"fam_hessian_grad": "detached"}, "probe"),  # Gauss–Newton takes "full" only
+        ("transformer.h.0.mlp.c_fc", {"label_smoothing_factor": 0.1}, "probe"),  # not the model's own loss
+    ],
+    ids=["head", "body", "body_detached", "body_label_smoothing"],
+)
+def test_auto_trains_with_the_estimator_a_penalty_needs(tmp_path, layer, extra, expected):
+    args = FAMConfig(output_dir=str(tmp_path), fam_layer=layer, **extra, **COMMON)
+    assert FAMTrainer(model=gpt2(), args=args).flatness.estimator == expected
+    # measurement keeps the paper's κ (the full Hessian) on a body layer
+    measured = RelativeFlatness(gpt2(), layer).estimator
+    assert measured == ("closed_form" if layer == "auto" else "probe")
+
+
 def test_one_forward_pass_per_micro_batch(tmp_path):
     model = gpt2()
     calls = []
@@ -270,7 +289,7 @@ def test_a_negative_kappa_is_reported_once_naming_the_layer_and_the_fix(tmp_path
             trainer.log({"loss": 1.0})
     warned = [r.getMessage() for r in caplog.records if "not positive semi-definite" in r.getMessage()]
     assert len(warned) == 1 and "'bert.encoder.layer.0.output.dense' averaged -2 < 0" in warned[0]
-    assert "Penalise the output head" in warned[0]
+    assert "Use fam_estimator='gauss_newton'" in warned[0] and "penalise the output head" in warned[0]
     assert trainer.state.log_history[-1]["fam/kappa"] == -3.0
 
 
