@@ -343,7 +343,9 @@ def test_probe_and_exact_on_gpt2_conv1d_projection():
     assert_within_stderr(probe, truth)
 
 
-def test_probe_and_exact_on_lora_projection():
+def lora_gpt2():
+    """A tiny GPT-2 with a LoRA adapter (off its zero init) on ``c_attn``, its batch, and the effective weight
+    ``W0 + s·BA: (d, m)``; ``merged(e)`` runs the base model, adapter disabled, with the base weight ``W0 + s·BA + E``."""
     model = tiny_gpt2()
     lora = get_peft_model(
         model,
@@ -351,19 +353,28 @@ def test_probe_and_exact_on_lora_projection():
             r=2, lora_alpha=4, target_modules=["c_attn"], lora_dropout=0.0, fan_in_fan_out=True, init_lora_weights=False
         ),
     )
-    batch = lm_batch(model)
     layer = lora.base_model.model.transformer.h[0].attn.c_attn
     effective = (layer.base_layer.weight.T + layer.get_delta_weight("default").T).detach()  # (d, m)
     assert not torch.allclose(effective, layer.base_layer.weight.T)  # the adapter is not at its zero init
 
-    def loss_of(e):  # the merged model, adapter disabled: base weight := W0 + s·BA + E
+    def merged(e, **kwargs):
         with lora.disable_adapter():
             return torch.func.functional_call(
                 lora.base_model.model,
                 {"transformer.h.0.attn.c_attn.base_layer.weight": (effective + e).T},
                 args=(),
-                kwargs=batch,
-            ).loss
+                kwargs=kwargs,
+            )
+
+    return lora, layer, effective, merged
+
+
+def test_probe_and_exact_on_lora_projection():
+    lora, layer, effective, merged = lora_gpt2()
+    batch = lm_batch(lora)
+
+    def loss_of(e):
+        return merged(e, **batch).loss
 
     truth = kappa_from_loss_fn(loss_of, effective)
     exact = relative_flatness(lora, batch, "transformer.h.0.attn.c_attn", "exact")
@@ -376,6 +387,26 @@ def test_probe_and_exact_on_lora_projection():
     result.value.backward()
     assert layer.lora_A["default"].weight.grad.abs().sum() > 0
     assert layer.base_layer.weight.grad is None
+
+
+def test_gauss_newton_on_lora_projection_is_the_effective_weights():
+    """κ_GN of the merged weight W0 + s·BA from the full Jacobian of the logits; the gradient trains the adapter."""
+    lora, layer, effective, merged = lora_gpt2()
+    batch = lm_batch(lora)
+    counted = (batch["labels"][:, 1:] != -100).reshape(-1)
+
+    def logits_of(e):
+        logits = merged(e, input_ids=batch["input_ids"]).logits[:, :-1]
+        return logits.reshape(-1, logits.shape[-1])[counted]
+
+    n = int(counted.sum())
+    g = gauss_newton_matrix(logits_of, effective, torch.full((n,), 1.0 / n, dtype=torch.float64))
+    truth = kappa_of_matrix(g, effective)
+    result = relative_flatness(lora, batch, "transformer.h.0.attn.c_attn", "gauss_newton", probes=400)
+    assert_within_stderr(result, truth)
+    result = relative_flatness(lora, batch, "transformer.h.0.attn.c_attn", "gauss_newton", differentiable=True)
+    result.value.backward()
+    assert layer.lora_A["default"].weight.grad.abs().sum() > 0 and layer.base_layer.weight.grad is None
 
 
 def test_probe_on_head_agrees_with_closed_form():
@@ -451,6 +482,12 @@ def gauss_newton_matrix(logits_of_weight, weight, position_weights, *, create_gr
     return torch.einsum("t,tci,tcd,tdj->ij", position_weights, jac, curvature, jac)
 
 
+def kappa_of_matrix(curvature, weight):
+    """``κ = Σ_{s,s'} ⟨w_s, w_s'⟩ Tr(M_{s,s'})`` for a ``(d·m, d·m)`` curvature ``M`` of a ``(d, m)`` weight."""
+    d, m = weight.shape
+    return ((weight @ weight.T) * torch.einsum("aibi->ab", curvature.reshape(d, m, d, m))).sum()
+
+
 def bert_logits_of(model, batch, name):
     param = dict(model.named_parameters())[name]
     inputs = {k: v for k, v in batch.items() if k != "labels"}
@@ -510,9 +547,7 @@ def test_gauss_newton_kappa_on_a_masked_lm_projection_matches_brute_force():
     logits_of, counted = gpt2_counted_logits_of(model, batch, name + ".weight")
     items = 2 * counted  # as if the batch were half of an accumulated step
     g = gauss_newton_matrix(logits_of, weight, torch.full((counted,), 1.0 / items, dtype=torch.float64))
-    d, m = weight.shape
-    traces = torch.einsum("aibi->ab", g.reshape(d, m, d, m))
-    truth = ((weight @ weight.T) * traces).sum()
+    truth = kappa_of_matrix(g, weight)
     result = relative_flatness(model, {**batch, "num_items_in_batch": torch.tensor(items)}, name, "gauss_newton",
                                probes=400)  # fmt: skip
     assert_within_stderr(result, truth)
