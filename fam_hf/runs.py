@@ -85,11 +85,12 @@ def as_config(args, config_class: type, **extra):
 def fam_settings(trainer, script, args: FAMConfig | None = None) -> dict:
     """The FAM fields of the config, what they resolved to, and the recipe's own arguments.
 
-    ``args``: the FAM config κ is measured with, where the trainer is not a ``FAMTrainer`` (the study's SAM runs).
+    ``args``: the FAM config κ is measured with, used where the trainer is not a ``FAMTrainer`` (the study's SAM
+    runs); a ``FAMTrainer`` records its own (the study's FAM-body runs train another layer than κ is measured on).
     """
-    args = args if args is not None else trainer.args
-    settings = {key: value for key, value in asdict(args).items() if key.startswith("fam_")}
     flatness = getattr(trainer, "flatness", None)
+    args = trainer.args if flatness is not None or args is None else args
+    settings = {key: value for key, value in asdict(args).items() if key.startswith("fam_")}
     if flatness is not None:
         settings.update(resolved_layer=flatness.layer.name, resolved_estimator=flatness.estimator)
         if getattr(trainer, "fam_base_lambda", None) is not None:

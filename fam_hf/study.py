@@ -54,7 +54,7 @@ class StudyArguments:
     study_label_smoothings: list[float] = field(default_factory=list, metadata={"help": "label_smoothing: label_smoothing_factor grid (trained by transformers.Trainer; κ measured as in every run)."})  # fmt: skip
     study_fam_body_lambdas: list[float] = field(default_factory=list, metadata={"help": "fam_body: λ grid for FAM on study_fam_body_layer."})  # fmt: skip
     study_fam_body_layer: str = field(default="", metadata={"help": "fam_body: the body layer penalised (probe estimator)."})  # fmt: skip
-    study_fam_body_estimator: str = field(default="probe", metadata={"help": "fam_body: the estimator of κ in training."})  # fmt: skip
+    study_fam_body_estimator: str = field(default="auto", metadata={"help": "fam_body: the estimator of κ in training ('auto': FAMTrainer's choice, Gauss–Newton on a body layer under the model's own loss)."})  # fmt: skip
     study_train_sizes: list[int] = field(default_factory=list, metadata={"help": "Data-size regimes: training examples per regime (0: all); empty: the config's max_train_samples."})  # fmt: skip
     study_epochs: list[float] = field(default_factory=list, metadata={"help": "Epochs per regime (same length as study_train_sizes): the same schedule for every method of a regime."})  # fmt: skip
     study_records_dir: str = field(default="", metadata={"help": "Where the run records and tables go (a tracked folder, e.g. studies/<task>); empty: output_dir. A run whose record is there is finished."})  # fmt: skip

@@ -105,8 +105,10 @@ def test_every_method_runs_and_records_what_the_tables_need(study):
             assert settings["trainer"] == "Trainer" and not any("fam/kappa" in e for e in history)
         elif r["method"] == "sam":
             assert any("sam/sharpness" in e for e in history)
-        elif r["method"] == "fam_body":
-            assert settings["resolved_layer"] == "bert.encoder.layer.0.output.dense"
+        elif r["method"] == "fam_body":  # the trainer's own settings, not those κ is measured with
+            assert settings["resolved_layer"] == settings["fam_layer"] == "bert.encoder.layer.0.output.dense"
+            assert settings["fam_lambda"] == settings["resolved_lambda"] == r["value"]
+            assert settings["fam_estimator"] == settings["resolved_estimator"] == "probe"  # the config's; κ: "auto"
         else:
             assert settings["resolved_layer"] == "classifier"
         if r["method"] in ("fam", "fam_body"):  # λ·κ₀/L₀ from the first logged step
