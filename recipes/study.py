@@ -15,7 +15,7 @@ measurements — for one (regime, method, grid value, seed):
   switch its κ to the probe of the smoothed loss; a baseline has no penalty, so plain ``Trainer`` trains it);
 * ``sam``: ``SAMTrainer`` with ``sam_rho`` from the grid (its ``SAMConfig`` carries the same training settings);
 * ``fam``: ``FAMTrainer`` with ``fam_lambda`` from the grid, on the config's ``fam_layer`` (the head);
-* ``fam_body``: ``FAMTrainer`` with ``fam_lambda`` from the grid on ``study_fam_body_layer`` (probe).
+* ``fam_body``: ``FAMTrainer`` with ``fam_lambda`` from the grid on ``study_fam_body_layer`` (``study_fam_body_estimator``).
 
 κ, the fixed-batch losses (gap = test − train) and the FlatnessCallback's measures are always those of the
 config's ``fam_layer``/estimator with the model's own loss, whatever trained the run. Regimes
