@@ -76,11 +76,14 @@ def penalty_estimator(model: nn.Module, layer: str = "auto", hessian_grad: str =
     ``hessian_grad="detached"``, which Gauss–Newton does not take). Measurement (``estimator="auto"`` of
     :class:`RelativeFlatness`) keeps the probe on a body layer: the paper's κ, with the full Hessian.
     """
-    if head_loss_for(model) is None:
-        return "probe"
-    if resolve_layer(model, layer).is_output_head:
+    if _closed_form_applies(model, resolve_layer(model, layer)):
         return "closed_form"
-    return "gauss_newton" if hessian_grad == "full" else "probe"
+    return "gauss_newton" if head_loss_for(model) is not None and hessian_grad == "full" else "probe"
+
+
+def _closed_form_applies(model: nn.Module, target: Layer) -> bool:
+    """True where κ has a closed form: ``target`` is the output head and the model's loss is one it mirrors."""
+    return target.is_output_head and head_loss_for(model) is not None
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -153,7 +156,7 @@ class RelativeFlatness:
         self._recording: Recording | None = None
 
     def _choose(self, estimator: str) -> str:
-        closed_form_ok = self.layer.is_output_head and head_loss_for(self.model) is not None
+        closed_form_ok = _closed_form_applies(self.model, self.layer)
         if estimator == "auto":
             return "closed_form" if closed_form_ok else "probe"
         if estimator == "gauss_newton":
