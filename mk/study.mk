@@ -11,7 +11,8 @@ STUDY_CONFIGS ?= configs/study_minilm.yaml configs/study_smollm2_lora.yaml
 # Issue 13's tasks on a CPU (each resumes from its committed records: run them one per core); `study-tables`
 # rebuilds every table (each task's results.md, STUDY.md's decision table) from those records, training nothing.
 STUDY_TASK_CONFIGS ?= configs/study_minilm_rt.yaml configs/study_minilm_rt_gauss_newton.yaml \
-	configs/study_minilm_debates.yaml configs/study_smollm2_shakespeare.yaml
+	configs/study_minilm_debates.yaml configs/study_smollm2_shakespeare.yaml \
+	configs/study_smollm2_shakespeare_lr2e-3.yaml
 
 .PHONY: study-quick study study-tables
 

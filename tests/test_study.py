@@ -439,3 +439,29 @@ def module_from(path: Path):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def test_the_committed_tables_are_what_the_committed_records_rebuild(tmp_path, monkeypatch):
+    """Issue 13's acceptance: `make study-tables` on the tracked records rewrites every tracked table byte for byte
+    (each task's results.md, CSV and JSON, and STUDY.md's decision and measure tables). Records committed without
+    their tables, or tables edited by hand, fail here."""
+    make = shutil.which("make") or pytest.skip("make not installed")
+    stub = "PYTHON := python3\n"
+    proc = subprocess.run(
+        [make, "-n", "-f", "-", "-f", "mk/study.mk", "study-tables"],
+        input=stub,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    configs = [token for token in proc.stdout.split() if token.endswith(".yaml")]
+    assert configs and all((ROOT / config).is_file() for config in configs), proc.stdout
+    for name in ("configs", "studies"):
+        shutil.copytree(ROOT / name, tmp_path / name)
+    shutil.copy(ROOT / "STUDY.md", tmp_path / "STUDY.md")
+    monkeypatch.chdir(tmp_path)  # the configs name their records folders relative to the repository root
+    module_from(ROOT / "recipes" / "study_report.py").main([*configs, "--document", "STUDY.md"])
+    tracked = [p.relative_to(ROOT) for p in (ROOT / "studies").rglob("*") if p.is_file()] + [Path("STUDY.md")]
+    changed = [str(p) for p in tracked if (tmp_path / p).read_bytes() != (ROOT / p).read_bytes()]
+    assert not changed, f"rebuilt tables differ from the committed ones (run `make study-tables`): {changed}"
