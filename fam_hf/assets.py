@@ -11,7 +11,8 @@ pulls dependencies that are not installed). Data sets live in :mod:`fam_hf.data`
 * :func:`load_metric` gives built-in accuracy and F1 (no network) and ``evaluate.load`` for any other
   metric, because the ``evaluate`` package ships no metric code (``evaluate.load("accuracy")`` fetches a
   script from the Hub, and that script needs scikit-learn).
-* :func:`parse_config` reads a recipe's dataclasses from ``--config file.yaml`` plus command-line flags.
+* :func:`parse_config` reads a recipe's dataclasses from ``--config file.yaml`` plus command-line flags;
+  :func:`load_config` reads the file, with the config it names as its ``base:``.
 """
 
 from __future__ import annotations
@@ -301,7 +302,6 @@ def parse_config(dataclass_types: Sequence[type], args: Sequence[str] | None = N
         script_args, training_args = parse_config([ScriptArguments, FAMConfig])
         # python recipe.py --config configs/x.yaml --max_steps 20
     """
-    import yaml
     from transformers import HfArgumentParser
 
     parser = HfArgumentParser(dataclass_types)
@@ -313,12 +313,7 @@ def parse_config(dataclass_types: Sequence[type], args: Sequence[str] | None = N
     config_file = pre.parse_known_args(argv)[0].config
     fields = sorted({action.dest for action in parser._actions} - {"help", "config"})
     if config_file is not None:
-        path = Path(config_file)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file '{config_file}' does not exist; see configs/*.yaml for examples")
-        values = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(values, dict):
-            raise ValueError(f"{config_file}: expected a mapping of field names to values, got {type(values).__name__}")
+        values = load_config(config_file)
         unknown = [key for key in values if key not in fields]
         if unknown:
             raise ValueError(f"{config_file}: {_unknown_message(unknown, fields, dataclass_types)}")
@@ -336,6 +331,39 @@ def parse_config(dataclass_types: Sequence[type], args: Sequence[str] | None = N
             if getattr(output, name) == [None]:  # a list field given as `--tags null`
                 setattr(output, name, None)
     return tuple(outputs)
+
+
+BASE_KEY = "base"
+
+
+def load_config(path: str | os.PathLike, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The keys of a YAML config, with those of its ``base:`` config (a path relative to the file) beneath them.
+
+    A config that differs from another in a few values names it and lists only those::
+
+        # configs/study_smollm2_shakespeare_lr2e-3.yaml
+        base: study_smollm2_shakespeare.yaml
+        learning_rate: 2.0e-3
+
+    Bases chain; the file's own keys win over its base's, and the command line over both (:func:`parse_config`).
+    A missing file, a file that is not a mapping, and a base cycle are errors that name the file.
+    """
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        named_by = f" (the base of {_seen[-1]})" if _seen else ""
+        raise FileNotFoundError(f"config file '{path}'{named_by} does not exist; see configs/*.yaml for examples")
+    if path.resolve() in _seen:
+        chain = " -> ".join(str(p) for p in (*_seen, path.resolve()))
+        raise ValueError(f"{path}: its base configs form a cycle ({chain}); remove one `{BASE_KEY}:`")
+    values = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a mapping of field names to values, got {type(values).__name__}")
+    base = values.pop(BASE_KEY, None)
+    if base is None:
+        return values
+    return {**load_config(path.parent / base, (*_seen, path.resolve())), **values}
 
 
 # What undoes an optional field on the command line, as YAML's null does. Not "none": report_to takes it.

@@ -38,10 +38,8 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
-
 from fam_hf import FAMConfig
-from fam_hf.assets import parse_config
+from fam_hf.assets import load_config, parse_config
 from fam_hf.plots import load_log_history
 from fam_hf.runs import as_config
 from fam_hf.study import (
@@ -105,8 +103,8 @@ def load_recipe(argv: list[str]):
     pre.add_argument("--study_recipe")
     known = pre.parse_known_args(argv)[0]
     name = known.study_recipe
-    if name is None and known.config is not None and Path(known.config).is_file():
-        name = (yaml.safe_load(Path(known.config).read_text()) or {}).get("study_recipe")
+    if name is None and known.config is not None:
+        name = load_config(known.config).get("study_recipe")
     path = Path(__file__).resolve().parent / f"{name}.py"
     if name is None or name == "study" or not path.is_file():
         choices = sorted(p.stem for p in path.parent.glob("finetune_*.py"))
@@ -236,6 +234,8 @@ def train_one(recipe, study, argv, records_dir: Path, method: str, value, seed: 
     script, args, trainer_class, training_args = run_arguments(recipe, study, argv, method, value, seed, folder,
                                                                size, epochs)  # fmt: skip
     wanted = {"train_size": size, "epochs": epochs, "settings": shared_settings(script, args)}
+    if method in METHOD_SETTINGS:
+        wanted["trained_with"] = method_settings(method, training_args or args)
     if path.is_file():  # finished earlier (perhaps in another session): never redone
         record = json.loads(path.read_text())
         changed = {k: (record[k], v) for k, v in wanted.items() if k in record and record[k] != v}
@@ -282,7 +282,7 @@ def train_one(recipe, study, argv, records_dir: Path, method: str, value, seed: 
         "machine": f"{platform.machine()} {platform.system()}, Python {platform.python_version()}, torch "
         f"{torch.__version__}, {torch.get_num_threads()} torch thread(s)",
         **{k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
-        "settings": wanted["settings"],
+        **{k: wanted[k] for k in ("settings", "trained_with") if k in wanted},
         "checkpoints": checkpoints(history),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -303,6 +303,18 @@ def shared_settings(script, args) -> dict:
     """What every run of a regime shares (data, schedule, measurement), recorded so that a resumed study cannot
     mix runs made with other settings (the method's own knob and the seed are not in it)."""
     return {name: getattr(script, name, getattr(args, name, None)) for name in SHARED}
+
+
+# A method's own settings besides its grid knob: a run made with another estimator (or SAM variant) at the same
+# grid value has the same record path, so they are recorded and checked too (records older than this key are not).
+FAM_SETTINGS = ("fam_layer", "fam_estimator", "fam_probes", "fam_hessian_grad", "fam_scale", "fam_every_n_steps",
+                "fam_warmup_steps", "fam_token_fraction")  # fmt: skip
+METHOD_SETTINGS = {"fam": FAM_SETTINGS, "fam_body": FAM_SETTINGS, "sam": ("sam_adaptive",)}
+
+
+def method_settings(method: str, training_args) -> dict:
+    """``{name: value}`` of ``METHOD_SETTINGS[method]`` in the arguments the run trains with."""
+    return {name: getattr(training_args, name) for name in METHOD_SETTINGS[method]}
 
 
 def checkpoints(history: list[dict]) -> list[dict]:

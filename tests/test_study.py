@@ -212,6 +212,8 @@ def test_a_study_resumes_from_its_records(study):
     assert len((out / "records" / "runs.jsonl").read_text().splitlines()) == len(records)
     with pytest.raises(ValueError, match=r"other settings than this study asks for .*learning_rate"):
         study_module().main([*argv, "--learning_rate", "0.001"])  # a changed schedule cannot mix with the records
+    with pytest.raises(ValueError, match=r"other settings than this study asks for .*'fam_estimator': 'probe'"):
+        study_module().main([*argv, "--study_fam_body_estimator", "gauss_newton"])  # nor another body estimator
 
 
 def test_the_rescaling_control_preserves_the_function_and_flags_what_moves(study):
@@ -340,7 +342,7 @@ def test_study_configs_parse_and_label_quick_runs(path):
     module = study_module()
     recipe = module.load_recipe(["--config", str(path)])
     from fam_hf import FAMConfig
-    from fam_hf.assets import parse_config
+    from fam_hf.assets import load_config, parse_config
 
     study, script, args = parse_config(
         [module.StudyArguments, recipe.ScriptArguments, FAMConfig], ["--config", str(path)]
@@ -349,7 +351,7 @@ def test_study_configs_parse_and_label_quick_runs(path):
     assert study.study_quick == quick and ("quick" in args.output_dir) == quick
     enough = 3 if study.study_recipe == "finetune_clm" else 5  # issue 13: ≥ 5 seeds for (a), (b); ≥ 3 for (c)
     assert (len(study.study_seeds) >= enough or quick) and not script.save_model
-    assert yaml.safe_load(path.read_text())["fam_lambda"] == 0.0  # set per run by the study
+    assert load_config(path)["fam_lambda"] == 0.0  # set per run by the study
 
 
 def test_make_targets_parse():
