@@ -313,10 +313,12 @@ def parse_config(dataclass_types: Sequence[type], args: Sequence[str] | None = N
     config_file = pre.parse_known_args(argv)[0].config
     fields = sorted({action.dest for action in parser._actions} - {"help", "config"})
     if config_file is not None:
-        values = load_config(config_file)
+        values, sources = _load_config_sources(Path(config_file), ())
         unknown = [key for key in values if key not in fields]
-        if unknown:
-            raise ValueError(f"{config_file}: {_unknown_message(unknown, fields, dataclass_types)}")
+        if unknown:  # named by the file that holds it: a base's typo is the base's
+            source = sources[unknown[0]]
+            keys = [key for key in unknown if sources[key] == source]
+            raise ValueError(f"{source}: {_unknown_message(keys, fields, dataclass_types)}")
         parser.set_defaults(**values)
         for action in parser._actions:
             if action.dest in values:
@@ -336,34 +338,46 @@ def parse_config(dataclass_types: Sequence[type], args: Sequence[str] | None = N
 BASE_KEY = "base"
 
 
-def load_config(path: str | os.PathLike, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+def load_config(path: str | os.PathLike) -> dict[str, Any]:
     """The keys of a YAML config, with those of its ``base:`` config (a path relative to the file) beneath them.
 
     A config that differs from another in a few values names it and lists only those::
 
-        # configs/study_smollm2_shakespeare_lr2e-3.yaml
-        base: study_smollm2_shakespeare.yaml
-        learning_rate: 2.0e-3
+        # configs/study_minilm_debates.yaml
+        base: study_minilm_rt.yaml
+        dataset: debates-2016
+        max_length: 128
 
     Bases chain; the file's own keys win over its base's, and the command line over both (:func:`parse_config`).
-    A missing file, a file that is not a mapping, and a base cycle are errors that name the file.
+    A missing file, a file that is not a mapping, a ``base:`` that is not a path and a base cycle are errors
+    that name the file.
     """
+    return _load_config_sources(Path(path), ())[0]
+
+
+def _load_config_sources(path: Path, seen: tuple[Path, ...]) -> tuple[dict[str, Any], dict[str, Path]]:
+    """``(values, {key: the file that set it})`` of :func:`load_config`; ``seen``: the files that named it."""
     import yaml
 
-    path = Path(path)
     if not path.is_file():
-        named_by = f" (the base of {_seen[-1]})" if _seen else ""
+        named_by = f" (the base of {seen[-1]})" if seen else ""
         raise FileNotFoundError(f"config file '{path}'{named_by} does not exist; see configs/*.yaml for examples")
-    if path.resolve() in _seen:
-        chain = " -> ".join(str(p) for p in (*_seen, path.resolve()))
+    if path.resolve() in seen:
+        chain = " -> ".join(str(p) for p in (*seen, path.resolve()))
         raise ValueError(f"{path}: its base configs form a cycle ({chain}); remove one `{BASE_KEY}:`")
     values = yaml.safe_load(path.read_text()) or {}
     if not isinstance(values, dict):
         raise ValueError(f"{path}: expected a mapping of field names to values, got {type(values).__name__}")
     base = values.pop(BASE_KEY, None)
+    sources = dict.fromkeys(values, path)
     if base is None:
-        return values
-    return {**load_config(path.parent / base, (*_seen, path.resolve())), **values}
+        return values, sources
+    if not isinstance(base, str) or not base.strip():
+        raise ValueError(
+            f"{path}: `{BASE_KEY}:` must be the path of another config (relative to this file), got {base!r}"
+        )
+    base_values, base_sources = _load_config_sources(path.parent / Path(base).expanduser(), (*seen, path.resolve()))
+    return {**base_values, **values}, {**base_sources, **sources}
 
 
 # What undoes an optional field on the command line, as YAML's null does. Not "none": report_to takes it.

@@ -26,6 +26,7 @@ study: install install-assets
 	@for config in $(STUDY_CONFIGS); do \
 		$(PYTHON) recipes/study.py --config $$config || exit 1; \
 	done
+	$(MAKE) study-tables  # folders shared by two configs: their tables from every record in them
 
 study-tables:
 	$(PYTHON) recipes/study_report.py --document STUDY.md $(STUDY_TASK_CONFIGS)

@@ -60,6 +60,11 @@ def main(argv: list[str] | None = None) -> dict:
     recipe = load_recipe(argv)
     study, script, args = parse_config([StudyArguments, recipe.ScriptArguments, FAMConfig], argv)
     check_study(study)
+    if args.fam_lambda_relative is not None:
+        raise ValueError(
+            f"fam_lambda_relative={args.fam_lambda_relative} would set λ in every run, plain ones included; a study "
+            "sets λ per run from study_fam_lambdas / study_fam_body_lambdas: set fam_lambda_relative to null"
+        )
     records_dir = Path(study.study_records_dir or args.output_dir)
     restore_records(records_dir)
     if not study.study_only_aggregate:
@@ -307,9 +312,10 @@ def shared_settings(script, args) -> dict:
 
 # A method's own settings besides its grid knob: a run made with another estimator (or SAM variant) at the same
 # grid value has the same record path, so they are recorded and checked too (records older than this key are not).
+# As written ('auto' stays 'auto'), so an equivalent explicit setting also stops a resume: the safe side.
 FAM_SETTINGS = ("fam_layer", "fam_estimator", "fam_probes", "fam_hessian_grad", "fam_scale", "fam_every_n_steps",
-                "fam_warmup_steps", "fam_token_fraction")  # fmt: skip
-METHOD_SETTINGS = {"fam": FAM_SETTINGS, "fam_body": FAM_SETTINGS, "sam": ("sam_adaptive",)}
+                "fam_warmup_steps", "fam_token_fraction", "fam_seed")  # fmt: skip
+METHOD_SETTINGS = {"fam": FAM_SETTINGS, "fam_body": FAM_SETTINGS, "sam": ("sam_adaptive", "sam_eta")}
 
 
 def method_settings(method: str, training_args) -> dict:

@@ -386,6 +386,17 @@ def test_a_bad_base_is_named(tmp_path):
     (tmp_path / "e.yaml").write_text("- a list\n")
     with pytest.raises(ValueError, match=r"e\.yaml: expected a mapping of field names to values, got list"):
         load_config(tmp_path / "d.yaml")
+    for bad in ("3", "[x.yaml]", '""'):
+        (tmp_path / "f.yaml").write_text(f"base: {bad}\n")
+        with pytest.raises(ValueError, match=r"f\.yaml: `base:` must be the path of another config"):
+            load_config(tmp_path / "f.yaml")
+
+
+def test_an_unknown_key_is_named_with_the_file_that_holds_it(tmp_path):
+    (tmp_path / "root.yaml").write_text("model_name_or_path: m\nmax_lenght: 3\n")
+    (tmp_path / "leaf.yaml").write_text("base: root.yaml\nlimit: 2\n")
+    with pytest.raises(ValueError, match=r"root\.yaml: unknown key 'max_lenght' \(did you mean 'max_length'\?\)"):
+        parse_config([Args], ["--config", str(tmp_path / "leaf.yaml")])
 
 
 def test_config_values_are_validated_by_fam_config(tmp_path):

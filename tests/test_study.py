@@ -335,6 +335,8 @@ def test_bad_study_settings_name_the_fix(tmp_path):
         study_module().main([*base, "--study_train_sizes", "100", "300", "--study_epochs", "3"])
     with pytest.raises(ValueError, match=r"study_recipe='nope' is not a recipe; .*finetune_classification"):
         study_module().main([*base, "--study_recipe", "nope"])
+    with pytest.raises(ValueError, match=r"fam_lambda_relative=0.02 would set λ in every run.*set .* to null"):
+        study_module().main([*base, "--fam_lambda_relative", "0.02"])
 
 
 @pytest.mark.parametrize("path", STUDY_CONFIGS, ids=lambda p: p.name)
@@ -399,10 +401,11 @@ def test_the_decision_table_reads_each_interval_the_right_way_round():
 
 
 def test_one_command_rebuilds_every_table_of_study_md(study, tmp_path):
+    from fam_hf.assets import load_config
     from fam_hf.study import REPORT_BEGIN, REPORT_END
 
     out, argv, summary, _ = study
-    config = yaml.safe_load((ROOT / "configs" / "study_minilm_rt.yaml").read_text())
+    config = load_config(ROOT / "configs" / "study_minilm_rt.yaml")
     key = None
     for token in argv[2:]:  # the fixture's overrides, as config keys
         if token.startswith("--"):
