@@ -34,6 +34,7 @@ from fam_hf.runs import (
     fixed_batch_measures,
     fixed_batches,
     flatness_callback,
+    model_loss,
     save_run,
 )
 
@@ -161,8 +162,9 @@ def run(
     train_metrics = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint).metrics
 
     # -- evaluate: validation and held-out test; κ on the same fixed batches ------------------------------
-    metrics = {**train_metrics, **trainer.evaluate(metric_key_prefix="validation")}
-    metrics.update(trainer.evaluate(tokenized["test"], metric_key_prefix="test"))
+    with model_loss(trainer):  # held-out loss without label smoothing (accuracy and F1 do not depend on it)
+        metrics = {**train_metrics, **trainer.evaluate(metric_key_prefix="validation")}
+        metrics.update(trainer.evaluate(tokenized["test"], metric_key_prefix="test"))
     end = {split: fixed_batch_measures(trainer.model, b, args, script.kappa_probes) for split, b in batches.items()}
     for split in batches:  # eval mode, no dropout: the loss gap on these batches is test − train
         for name in ("kappa", "loss"):

@@ -36,6 +36,7 @@ from fam_hf.runs import (
     fixed_batch_measures,
     fixed_batches,
     flatness_callback,
+    model_loss,
     save_run,
 )
 
@@ -158,8 +159,9 @@ def run(
     train_metrics = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint).metrics
 
     # -- evaluate: perplexity on held-out documents; κ on the same fixed batches --------------------------
-    metrics = {**train_metrics, **trainer.evaluate(metric_key_prefix="validation")}
-    metrics.update(trainer.evaluate(blocks["test"], metric_key_prefix="test"))
+    with model_loss(trainer):  # not the label-smoothed objective: perplexity is the model's
+        metrics = {**train_metrics, **trainer.evaluate(metric_key_prefix="validation")}
+        metrics.update(trainer.evaluate(blocks["test"], metric_key_prefix="test"))
     for split in ("validation", "test"):
         metrics[f"{split}_perplexity"] = math.exp(min(metrics[f"{split}_loss"], 50.0))
     end = {split: fixed_batch_measures(trainer.model, b, args, script.kappa_probes) for split, b in batches.items()}

@@ -34,7 +34,7 @@ from fam_hf.chat_data import (
 )
 from fam_hf.data import carve_splits, load_source, slice_splits
 from fam_hf.data_checks import check_sizes
-from fam_hf.runs import check_output_dir, fixed_batch_measures, fixed_batches, save_run
+from fam_hf.runs import check_output_dir, fixed_batch_measures, fixed_batches, model_loss, save_run
 from fam_hf.trl import FAMSFTConfig, FAMSFTTrainer
 
 KAPPA_SPLITS = ("train", "test")  # κ is reported on fixed batches of these splits
@@ -147,7 +147,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     # -- evaluate: loss and perplexity of the assistant's turns on unseen plays; κ on the fixed batches ---
     metrics = dict(train_metrics)
     for split in ("validation", "test"):
-        evaluated = trainer.evaluate(split, metric_key_prefix=split)  # the prepared split, by name
+        with model_loss(trainer):  # the model's loss, not the label-smoothed objective
+            evaluated = trainer.evaluate(split, metric_key_prefix=split)  # the prepared split, by name
         # TRL reports its own metrics (entropy, token accuracy) as eval_*, whatever the prefix
         metrics.update({key.replace("eval_", f"{split}_", 1): value for key, value in evaluated.items()})
         metrics[f"{split}_perplexity"] = math.exp(min(metrics[f"{split}_loss"], 50.0))

@@ -179,6 +179,20 @@ def test_clm_recipe_full_fine_tune_reports_held_out_perplexity(tmp_path, tiny_ll
     AutoModelForCausalLM.from_pretrained(tmp_path / "out")
 
 
+def test_held_out_perplexity_is_the_models_own_under_label_smoothing(tmp_path, tiny_llama, documents):
+    """Trainer evaluates with the label-smoothed objective; the recipe's perplexity must not (at lr 0 both runs
+    evaluate the same untrained model, so their held-out losses are equal only without the smoothing)."""
+    losses = {}
+    for eps in (0.0, 0.3):
+        out = tmp_path / f"ls{eps}"
+        args = clm_args(out, CLM_CONFIG, tiny_llama, documents, "--learning_rate", "0", "--max_steps", "1",
+                        "--label_smoothing_factor", str(eps), "--fam_lambda", "0")  # fmt: skip
+        metrics = recipe("finetune_clm").main(args)
+        losses[eps] = (metrics["validation_loss"], metrics["test_loss"], metrics["train_loss"])
+    assert losses[0.3][:2] == pytest.approx(losses[0.0][:2], rel=1e-6)
+    assert losses[0.3][2] > losses[0.0][2] * (1 + 1e-4)  # training did use the smoothed loss
+
+
 def test_clm_recipe_lora_saves_an_adapter_that_peft_reloads(tmp_path, tiny_llama, documents):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
