@@ -30,9 +30,10 @@ def model_loss(trainer) -> Iterator[None]:
     """Inside it ``trainer.evaluate`` reports the model's own loss, not the label-smoothed training objective.
 
     ``Trainer`` applies ``label_smoothing_factor`` in ``compute_loss``, evaluation included, so a held-out loss
-    (and a perplexity taken from it) would carry ε times the mean −log p over all classes: with SmolLM2's 49k
-    vocabulary, ε = 0.005 adds 0.07 nats (test perplexity 44.2 where the model's own is 41.5). Metrics from
-    predictions (accuracy, F1) are unaffected either way.
+    (and a perplexity taken from it) would carry ε times the mean −log p over all classes. With SmolLM2's 49k
+    vocabulary that is large: a study run at ε = 0.005 reported test perplexity 44.2 against plain's 41.2, while
+    the model's own loss on fixed test batches was plain's (3.732 vs 3.736 nats). Metrics from predictions
+    (accuracy, F1) are unaffected either way.
     """
     smoother, trainer.label_smoother = trainer.label_smoother, None
     try:
