@@ -190,7 +190,7 @@ def test_held_out_perplexity_is_the_models_own_under_label_smoothing(tmp_path, t
         metrics = recipe("finetune_clm").main(args)
         losses[eps] = (metrics["validation_loss"], metrics["test_loss"], metrics["train_loss"])
     assert losses[0.3][:2] == pytest.approx(losses[0.0][:2], rel=1e-6)
-    assert losses[0.3][2] > losses[0.0][2] * (1 + 1e-4)  # training did use the smoothed loss
+    assert losses[0.3][2] != pytest.approx(losses[0.0][2], rel=1e-5)  # training did use the smoothed loss
 
 
 def test_clm_recipe_lora_saves_an_adapter_that_peft_reloads(tmp_path, tiny_llama, documents):
