@@ -146,12 +146,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     # -- evaluate: loss and perplexity of the assistant's turns on unseen plays; κ on the fixed batches ---
     metrics = dict(train_metrics)
-    for split in ("validation", "test"):
-        with model_loss(trainer):  # the model's loss, not the label-smoothed objective
+    with model_loss(trainer):  # the model's loss, not the label-smoothed objective
+        for split in ("validation", "test"):
             evaluated = trainer.evaluate(split, metric_key_prefix=split)  # the prepared split, by name
-        # TRL reports its own metrics (entropy, token accuracy) as eval_*, whatever the prefix
-        metrics.update({key.replace("eval_", f"{split}_", 1): value for key, value in evaluated.items()})
-        metrics[f"{split}_perplexity"] = math.exp(min(metrics[f"{split}_loss"], 50.0))
+            # TRL reports its own metrics (entropy, token accuracy) as eval_*, whatever the prefix
+            metrics.update({key.replace("eval_", f"{split}_", 1): value for key, value in evaluated.items()})
+            metrics[f"{split}_perplexity"] = math.exp(min(metrics[f"{split}_loss"], 50.0))
     end = {split: fixed_batch_measures(trainer.model, b, args, script.kappa_probes) for split, b in batches.items()}
     for split in batches:  # eval mode, no dropout: the loss gap on these batches is test − train
         for name in ("kappa", "loss"):
