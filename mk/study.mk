@@ -1,12 +1,12 @@
 # The study (issue 13): when does FAM improve held-out performance, against what users would do instead?
 # (recipes/study.py, STUDY.md). Included from the Makefile, which defines PYTHON, PIP and the `install` target.
 
-# Quick: a smoke version of both tasks, ≤ 45 min on 2 CPU cores (every output says QUICK; records in outputs/).
+# Quick: a smoke version of tasks (a) and (c), ≤ 45 min on 2 CPU cores (every output says QUICK; records in outputs/).
 # Full: task (a) in all four data-size regimes (FAM body with Gauss–Newton in its own config), (b), (c) at lr 2e-3,
 # and the older 200-step SmolLM2 + LoRA study; meant for a GPU. Records go to studies/<task>/ (tracked): a finished
 # run is never redone, so each config trains only what the committed records lack.
 # Task (a)'s two smallest regimes alone, on a CPU: $(PYTHON) recipes/study.py --config configs/study_minilm_rt.yaml
-STUDY_QUICK_CONFIGS ?= configs/study_minilm_quick.yaml configs/study_smollm2_lora_quick.yaml
+STUDY_QUICK_CONFIGS ?= configs/study_minilm_quick.yaml configs/study_smollm2_shakespeare_quick.yaml
 STUDY_CONFIGS ?= configs/study_minilm.yaml configs/study_minilm_gauss_newton.yaml configs/study_minilm_debates.yaml \
 	configs/study_smollm2_shakespeare_lr2e-3.yaml configs/study_smollm2_lora.yaml
 
