@@ -48,6 +48,7 @@ class StudyArguments:
     )
     study_methods: list[str] = field(default_factory=lambda: list(METHODS), metadata={"help": f"Any of {', '.join(METHODS)}."})  # fmt: skip
     study_higher_is_better: bool = field(default=True, metadata={"help": "True for accuracy, False for perplexity."})
+    study_second_metric: str = field(default="", metadata={"help": "A second test metric tabled beside study_metric, paired with plain (test_<m> in the records; e.g. f1: macro-F1 with 3+ classes, which a shift toward the majority class does not raise as it raises accuracy). Same direction as study_metric; never selected on. Empty: none."})  # fmt: skip
     study_sam_rhos: list[float] = field(default_factory=lambda: [0.05], metadata={"help": "sam: ρ grid."})
     study_sam_adaptive: bool = field(default=False, metadata={"help": "ASAM instead of SAM."})
     study_weight_decays: list[float] = field(default_factory=list, metadata={"help": "weight_decay: AdamW's weight decay grid (plain runs keep the config's)."})  # fmt: skip
@@ -189,13 +190,23 @@ def measure_table(records: list[dict], study: StudyArguments) -> list[dict]:
     return rows
 
 
+def second_metric(record: dict, name: str) -> float:
+    if f"test_{name}" not in record:
+        metrics = sorted(k[5:] for k in record if k.startswith("test_") and isinstance(record[k], float))
+        raise ValueError(f"study_second_metric={name!r}: run {record['run_id']} has no test_{name}; its record has "
+                         f"test metrics {metrics}: choose one of them or set study_second_metric to ''")  # fmt: skip
+    return record[f"test_{name}"]
+
+
 def summarize(records: list[dict], study: StudyArguments) -> dict:
     """Everything the tables show, from the records alone."""
     records = sorted(records, key=sort_key)
-    metric, higher = study.study_metric, study.study_higher_is_better
+    metric, higher, second = study.study_metric, study.study_higher_is_better, study.study_second_metric
     summary: dict = {"task": study.study_name, "quick": study.study_quick, "note": study.study_note, "metric": metric,
                      "higher_is_better": higher, "seeds": study.study_seeds, "regimes": {}, "selection": [],
                      "measures": []}  # fmt: skip
+    if second:
+        summary["second_metric"] = second
     summary["machines"] = sorted({r.get("machine", "?") for r in records})
     for regime in dict.fromkeys(r["regime"] for r in records):
         runs = [r for r in records if r["regime"] == regime]
@@ -221,6 +232,12 @@ def summarize(records: list[dict], study: StudyArguments) -> dict:
                 if reference and reference != method and reference in finals:
                     ref = {s: r["test_metric"] for s, r in finals[reference].items()}
                     row[name] = paired(test, ref, higher)
+            if second:
+                seconds = {s: second_metric(r, second) for s, r in by_seed.items()}
+                row["test_second"] = dict(zip(("mean", "ci95"), mean_ci(list(seconds.values()))), n=len(seconds))
+                if method != "plain" and "plain" in finals:
+                    ref = {s: second_metric(r, second) for s, r in finals["plain"].items()}
+                    row["second_vs_plain"] = paired(seconds, ref, higher)
             table[method] = row
         summary["regimes"][regime] = {"best_cheap": best_cheap, "methods": table}
         for r in runs:
@@ -254,7 +271,7 @@ def _label(method: str, value) -> str:
 
 
 def markdown(summary: dict) -> str:
-    metric = summary["metric"]
+    metric, second = summary["metric"], summary.get("second_metric")
     quick = " — QUICK (reduced; not the full study)" if summary["quick"] else ""
     lines = [f"# {summary['task']}{quick}", "", "Rebuilt from the run records by `recipes/study.py --study_only_aggregate true`; do not edit.", ""]  # fmt: skip
     if summary["note"]:
@@ -263,19 +280,22 @@ def markdown(summary: dict) -> str:
         f"Mean ± half-width of the 95% t-interval over seeds (selection on seed {summary['seeds'][0]}'s validation "
         f"split). Δ: paired by seed, test {metric} − the reference's, with the seeds in favour. Train/test loss and "
         "gap (= test − train) on the fixed batches in eval mode; κ of the same layer (the config's fam_layer) for "
-        "every method. Share = λ·κ₀/L₀, the penalty's share of the loss at the first logged step.",
+        "every method. Share = λ·κ₀/L₀, the penalty's share of the loss at the first logged step."
+        + (f" Test {second}: a second metric, paired with plain the same way, never selected on." if second else ""),
         "",
     ]
     for regime, info in summary["regimes"].items():
         best = info["best_cheap"]
         lines += [f"## Regime {regime}", "", f"Best cheap baseline (by mean validation {metric}): "
                   f"{LABEL.get(best, '–') if best else '–'}.", ""]  # fmt: skip
-        header = ["method", "epochs", "seeds", f"test {metric}", "Δ vs plain", "Δ vs best cheap", "train loss",
+        header = ["method", "epochs", "seeds", f"test {metric}", "Δ vs plain", "Δ vs best cheap",
+                  *([f"test {second}", f"Δ {second} vs plain"] if second else []), "train loss",
                   "test loss", "gap", "κ end (train)", "κ end (test)", "share λκ₀/L₀"]  # fmt: skip
         lines += ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
         for method, row in info["methods"].items():
             cells = [_label(method, row["value"]), f"{row['epochs']:g}", str(len(row["seeds"])),
                      _stat(row.get("test_metric")), _diff(row.get("vs_plain")), _diff(row.get("vs_best_cheap")),
+                     *([_stat(row.get("test_second")), _diff(row.get("second_vs_plain"))] if second else []),
                      _stat(row.get("loss_train_end")), _stat(row.get("loss_test_end")), _stat(row.get("gap")),
                      _stat(row.get("kappa_train_end"), ".4g"), _stat(row.get("kappa_test_end"), ".4g"),
                      _stat(row.get("lambda_share_start"), ".3g")]  # fmt: skip

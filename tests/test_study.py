@@ -174,6 +174,31 @@ def test_every_method_gets_the_same_grid_budget():
         assert len({len(grid(args, m)) for m in methods(args) if m != "plain"}) == 1, path.name
 
 
+def test_a_second_metric_is_paired_with_plain_by_hand_and_never_selected_on(study):
+    from fam_hf.study import markdown, summarize
+
+    _, _, summary, records = study
+    args = study_module_args(study)
+    args.study_second_metric = "f1"
+    second = summarize(records, args)
+    rows = second["regimes"]["n24"]["methods"]
+    for method, row in rows.items():
+        assert row["value"] == summary["regimes"]["n24"]["methods"][method]["value"]  # selection unchanged
+        runs = {r["seed"]: r for r in records if r["method"] == method and r["value"] == row["value"]}
+        assert row["test_second"]["mean"] == pytest.approx(np.mean([r["test_f1"] for r in runs.values()]))
+        if method == "plain":
+            assert "second_vs_plain" not in row
+            continue
+        plain = {r["seed"]: r["test_f1"] for r in records if r["method"] == "plain"}
+        by_hand = [runs[s]["test_f1"] - plain[s] for s in sorted(runs)]
+        assert row["second_vs_plain"]["values"] == pytest.approx(by_hand)
+    table = markdown(second)
+    assert "| test f1 | Δ f1 vs plain |" in table and "| test f1 |" not in markdown(summary)
+    args.study_second_metric = "recall"
+    with pytest.raises(ValueError, match=r"study_second_metric='recall'.*no test_recall.*'accuracy', 'f1'"):
+        summarize(records, args)
+
+
 def test_aggregation_from_the_records_is_byte_identical(study):
     out, argv, _, _ = study
     records = out / "records"
