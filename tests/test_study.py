@@ -171,7 +171,7 @@ def test_every_method_gets_the_same_grid_budget():
 
         args = parse_config([StudyArguments, recipe.ScriptArguments, FAMConfig], ["--config", str(path)])[0]
         check_study(args)
-        assert len({len(grid(args, m)) for m in methods(args) if m != "plain"}) == 1, path.name
+        assert len({len(grid(args, m)) for m in methods(args) if m != "plain"}) <= 1, path.name  # 0: plain alone
 
 
 def test_a_second_metric_is_paired_with_plain_by_hand_and_never_selected_on(study):
