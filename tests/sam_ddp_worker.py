@@ -43,3 +43,5 @@ if __name__ == "__main__":
             },
             out / f"{variant}-rank{trainer.accelerator.process_index}.pt",
         )
+    # leave the gloo group before exiting, not while its threads still run (an exit mid-teardown can abort a rank)
+    torch.distributed.destroy_process_group()
