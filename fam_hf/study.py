@@ -191,6 +191,7 @@ def measure_table(records: list[dict], study: StudyArguments) -> list[dict]:
 
 
 def second_metric(record: dict, name: str) -> float:
+    """The run's ``test_<name>``; a record without it is an error that lists the test metrics it has."""
     if f"test_{name}" not in record:
         metrics = sorted(k[5:] for k in record if k.startswith("test_") and isinstance(record[k], float))
         raise ValueError(f"study_second_metric={name!r}: run {record['run_id']} has no test_{name}; its record has "

@@ -43,5 +43,4 @@ if __name__ == "__main__":
             },
             out / f"{variant}-rank{trainer.accelerator.process_index}.pt",
         )
-    # leave the gloo group before exiting, not while its threads still run (an exit mid-teardown can abort a rank)
-    torch.distributed.destroy_process_group()
+    trainer.accelerator.end_training()  # leave the gloo group before exiting, not while its threads still run
