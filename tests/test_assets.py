@@ -170,6 +170,23 @@ def test_debates_test_split_is_the_vp_debate_with_speakers_never_seen_in_trainin
     assert set(other["validation"]["text"]) != set(splits["validation"]["text"])
 
 
+def test_conventions_split_by_speaker_with_paragraphs_as_rows():
+    rows = data.conventions_2012()
+    assert len(rows) == 3_032 and len(set(rows["text"])) == 3_032
+    assert rows.features["label"].names == ["democrat", "republican"]
+    assert sum(rows["label"]) == 1_242  # 41.0% republican
+    assert min(len(t.split()) for t in rows["text"]) >= 5 and not any("\n" in t for t in rows["text"])
+    assert len(set(rows["speaker"])) == 183  # 180 named, 3 unnamed speeches each on their own
+    splits = load_splits("conventions-2012", seed=0, test_size=0.2, validation_size=0.1)
+    speakers = {name: set(split["speaker"]) for name, split in splits.items()}
+    assert [len(s) for s in speakers.values()] == [128, 18, 37]
+    assert not speakers["train"] & speakers["test"] and not speakers["train"] & speakers["validation"]
+    assert not speakers["validation"] & speakers["test"]
+    assert sum(len(s) for s in splits.values()) == 3_032
+    other = load_splits("conventions-2012", seed=1, test_size=0.2, validation_size=0.1)
+    assert set(other["test"]["speaker"]) != speakers["test"]
+
+
 def test_shakespeare_plays_split_by_play():
     plays = data.shakespeare()
     assert len(plays) == 38
