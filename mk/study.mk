@@ -8,12 +8,14 @@
 # Task (a)'s two smallest regimes alone, on a CPU: $(PYTHON) recipes/study.py --config configs/study_minilm_rt.yaml
 STUDY_QUICK_CONFIGS ?= configs/study_minilm_quick.yaml configs/study_smollm2_shakespeare_quick.yaml
 STUDY_CONFIGS ?= configs/study_minilm.yaml configs/study_minilm_gauss_newton.yaml configs/study_minilm_debates.yaml \
-	configs/study_minilm_debates_plain_short.yaml configs/study_smollm2_shakespeare_lr2e-3.yaml configs/study_smollm2_lora.yaml
+	configs/study_minilm_debates_plain_short.yaml configs/study_minilm_debates_fam_body_n300.yaml \
+	configs/study_minilm_conventions.yaml configs/study_smollm2_shakespeare_lr2e-3.yaml configs/study_smollm2_lora.yaml
 
 # Issue 13's tasks on a CPU (each resumes from its committed records: run them one per core); `study-tables`
 # rebuilds every table (each task's results.md, STUDY.md's decision table) from those records, training nothing.
 STUDY_TASK_CONFIGS ?= configs/study_minilm_rt.yaml configs/study_minilm_rt_gauss_newton.yaml \
 	configs/study_minilm_debates.yaml configs/study_minilm_debates_plain_short.yaml \
+	configs/study_minilm_debates_fam_body_n300.yaml configs/study_minilm_conventions.yaml \
 	configs/study_smollm2_shakespeare.yaml configs/study_smollm2_shakespeare_lr2e-3.yaml
 
 .PHONY: study-quick study study-tables
