@@ -109,7 +109,7 @@ def conventions_2012() -> Dataset:
     paragraph alone.
 
     Keeps the first of each duplicated paragraph and those of at least 5 words (shorter ones are applause
-    lines — "Thank you." — that both sides say): 3,032 paragraphs, 59.0% Democratic, from 180 speakers. Split
+    lines — "Thank you." — that both sides say): 3,032 paragraphs, 59.0% Democratic, from 180 named speakers. Split
     by ``speaker`` so that no speaker is in two splits. Columns: ``text``, ``label`` (democrat 0,
     republican 1), ``speaker`` (the 3 unnamed speeches each a speaker of their own).
     """
