@@ -1,11 +1,12 @@
 # The study (issue 13): when does FAM improve held-out performance, against what users would do instead?
 # (recipes/study.py, STUDY.md). Included from the Makefile, which defines PYTHON, PIP and the `install` target.
 
-# Quick: a smoke version of tasks (a) and (c), ≤ 45 min on 2 CPU cores (33 min on an idle one, 3 Dec; every output
-# says QUICK; records in outputs/).
-# Full: task (a) in all four data-size regimes (FAM body with Gauss–Newton in its own config), (b), (c) at lr 2e-3,
-# and the older 200-step SmolLM2 + LoRA study; meant for a GPU. Records go to studies/<task>/ (tracked): a finished
-# run is never redone, so each config trains only what the committed records lack.
+# Quick: a smoke version of tasks (a) and (c), ≤ 45 min on 2 CPU cores (33 min on an idle machine, 3 Dec; every
+# output says QUICK; records in outputs/).
+# Full: task (a) in all four data-size regimes (FAM body with Gauss–Newton in its own config), (b) with its control
+# and follow-up, (b′) with its follow-up, (c) at lr 2e-3, and the older 200-step SmolLM2 + LoRA study; meant for a
+# GPU. Records go to studies/<task>/ (tracked): a finished run is never redone, so each config trains only what the
+# committed records lack.
 # Task (a)'s two smallest regimes alone, on a CPU: $(PYTHON) recipes/study.py --config configs/study_minilm_rt.yaml
 STUDY_QUICK_CONFIGS ?= configs/study_minilm_quick.yaml configs/study_smollm2_shakespeare_quick.yaml
 STUDY_CONFIGS ?= configs/study_minilm.yaml configs/study_minilm_gauss_newton.yaml configs/study_minilm_debates.yaml \
@@ -18,7 +19,8 @@ STUDY_CONFIGS ?= configs/study_minilm.yaml configs/study_minilm_gauss_newton.yam
 STUDY_TASK_CONFIGS ?= configs/study_minilm_rt.yaml configs/study_minilm_rt_gauss_newton.yaml \
 	configs/study_minilm_debates.yaml configs/study_minilm_debates_plain_short.yaml \
 	configs/study_minilm_debates_fam_body_n300.yaml configs/study_minilm_conventions.yaml \
-	configs/study_minilm_conventions_fam_body.yaml configs/study_smollm2_shakespeare.yaml configs/study_smollm2_shakespeare_lr2e-3.yaml
+	configs/study_minilm_conventions_fam_body.yaml configs/study_smollm2_shakespeare.yaml \
+	configs/study_smollm2_shakespeare_lr2e-3.yaml
 
 .PHONY: study-quick study study-tables
 
