@@ -3,7 +3,7 @@ PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 TORCH := torch==2.13.0
 
-.PHONY: install test test-all lint
+.PHONY: install test test-all test-ranks-under-load lint
 
 .DEFAULT_GOAL := install
 include mk/recipes.mk mk/bench.mk mk/study.mk mk/packaging.mk
@@ -21,6 +21,12 @@ test: install install-assets
 test-all: install install-assets
 	$(PIP) install --quiet -e ".[dev,deepspeed]"
 	$(PYTHON) -m pytest -q -m ""
+
+# The multi-process tests (real ranks) RUNS times in a row while busy loops hold every core, as on a loaded CI
+# machine, where a rank once aborted at exit (fam_hf.runs.leave_process_group); a tally, and exit 1 on any failure.
+RUNS ?= 20
+test-ranks-under-load: install install-assets
+	$(PYTHON) mk/under_load.py --runs $(RUNS) -- $(PYTHON) -m pytest -q -m "multiprocess and not slow"
 
 lint:
 	$(PYTHON) -m ruff check fam_hf tests recipes benchmarks

@@ -34,6 +34,7 @@ from fam_hf.runs import (
     fixed_batch_measures,
     fixed_batches,
     flatness_callback,
+    leave_process_group,
     model_loss,
     save_run,
 )
@@ -193,3 +194,4 @@ def run(
 
 if __name__ == "__main__":
     main()
+    leave_process_group()  # under accelerate launch: before the interpreter exits

@@ -34,7 +34,14 @@ from fam_hf.chat_data import (
 )
 from fam_hf.data import carve_splits, load_source, slice_splits
 from fam_hf.data_checks import check_sizes
-from fam_hf.runs import check_output_dir, fixed_batch_measures, fixed_batches, model_loss, save_run
+from fam_hf.runs import (
+    check_output_dir,
+    fixed_batch_measures,
+    fixed_batches,
+    leave_process_group,
+    model_loss,
+    save_run,
+)
 from fam_hf.trl import FAMSFTConfig, FAMSFTTrainer
 
 KAPPA_SPLITS = ("train", "test")  # κ is reported on fixed batches of these splits
@@ -179,3 +186,4 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
 if __name__ == "__main__":
     main()
+    leave_process_group()  # under accelerate launch: before the interpreter exits

@@ -10,6 +10,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from models import COMMON, gpt2, lm_data  # noqa: E402
 
 from fam_hf import FAMConfig, FAMTrainer  # noqa: E402
+from fam_hf.runs import leave_process_group  # noqa: E402
 
 VARIANTS = {
     "closed_form": {},
@@ -33,17 +34,19 @@ def train(output_dir: Path, variant: str, per_device_batch: int) -> FAMTrainer:
     return trainer
 
 
+def save(trainer: FAMTrainer, out: Path, variant: str) -> None:
+    torch.save(
+        {
+            "params": {k: v.detach().clone() for k, v in trainer.model.state_dict().items()},
+            "logs": [h for h in trainer.state.log_history if "fam/kappa" in h],
+            "world_size": trainer.accelerator.num_processes,
+        },
+        out / f"{variant}-rank{trainer.accelerator.process_index}.pt",
+    )
+
+
 if __name__ == "__main__":
     out = Path(sys.argv[1])
     for variant in VARIANTS:
-        trainer = train(out, variant, per_device_batch=8)
-        rank = trainer.accelerator.process_index
-        torch.save(
-            {
-                "params": {k: v.detach().clone() for k, v in trainer.model.state_dict().items()},
-                "logs": [h for h in trainer.state.log_history if "fam/kappa" in h],
-                "world_size": trainer.accelerator.num_processes,
-            },
-            out / f"{variant}-rank{rank}.pt",
-        )
-    trainer.accelerator.end_training()  # leave the gloo group before exiting, not while its threads still run
+        save(train(out, variant, per_device_batch=8), out, variant)  # no trainer outlives its variant
+    assert not leave_process_group()

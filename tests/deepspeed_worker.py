@@ -11,6 +11,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from models import COMMON, gpt2, lm_data  # noqa: E402
 
 from fam_hf import FAMConfig, FAMTrainer, RelativeFlatness  # noqa: E402
+from fam_hf.runs import leave_process_group  # noqa: E402
 
 
 def deepspeed_config(stage: int) -> dict:
@@ -44,8 +45,7 @@ def refusal(make) -> str:
     return ""
 
 
-if __name__ == "__main__":
-    out, stage = Path(sys.argv[1]), int(sys.argv[2])
+def run(out: Path, stage: int) -> None:
     trainer = train(out / f"zero{stage}", per_device_batch=8, stage=stage)
     engine = trainer.model_wrapped
     if stage == 3:
@@ -67,3 +67,8 @@ if __name__ == "__main__":
         },
         out / f"zero{stage}-rank{trainer.accelerator.process_index}.pt",
     )
+
+
+if __name__ == "__main__":
+    run(Path(sys.argv[1]), int(sys.argv[2]))  # no trainer or engine outlives it
+    assert not leave_process_group()

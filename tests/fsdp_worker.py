@@ -5,6 +5,7 @@ accelerate turns an FSDP config into plain multi-CPU when `use_cpu` is set, so t
 `fully_shard` directly: the point is that κ reads the head's weight inside its forward, where FSDP has
 gathered it."""
 
+import os
 import sys
 from pathlib import Path
 
@@ -29,8 +30,7 @@ def step(model, batch, num_items):
     return loss, kappa
 
 
-if __name__ == "__main__":
-    dist.init_process_group("gloo")
+def run(path: str) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     batch = {k: torch.tensor(v) for k, v in lm_data(16)[:16].items()}
     local = {k: v[rank * 8 : (rank + 1) * 8] for k, v in batch.items()}
@@ -64,6 +64,18 @@ if __name__ == "__main__":
                 "ref_grads": {n: p.grad for n, p in reference.named_parameters()},
                 "probe_refused": probe_refused,
             },
-            sys.argv[1],
+            path,
         )
+
+
+if __name__ == "__main__":
+    dist.init_process_group("gloo")
+    run(sys.argv[1])
+    # Unlike DDP (tests/ddp_worker.py), the sharded model outlives run(): FSDP2's hooks stay referenced from
+    # tensors the collector cannot reach, and DTensor's sharding caches keep its mesh (torch 2.13), so the group's
+    # gloo threads outlive destroy_process_group and can abort the interpreter's finalization when one frees a
+    # finished collective (pytorch/pytorch#190489; fam_hf.runs.leave_process_group). Skip the finalization.
     dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -11,6 +11,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from models import COMMON, gpt2, lm_data  # noqa: E402
 
 from fam_hf import SAMConfig, SAMTrainer  # noqa: E402
+from fam_hf.runs import leave_process_group  # noqa: E402
 
 VARIANTS = {"sam": dict(sam_rho=0.1), "asam": dict(sam_rho=0.5, sam_adaptive=True)}
 STEPS = 2
@@ -24,23 +25,29 @@ class RecordingSAMTrainer(SAMTrainer):
         return super().training_step(model, inputs, num_items_in_batch)
 
 
+def train_and_save(out: Path, variant: str) -> None:
+    args = SAMConfig(
+        output_dir=str(out / variant), max_steps=STEPS, per_device_train_batch_size=8, **COMMON, **VARIANTS[variant]
+    )
+    trainer = RecordingSAMTrainer(model=gpt2().double(), args=args, train_dataset=lm_data(32))
+    trainer.seen = []
+    trainer.train()
+    torch.save(
+        {
+            "params": {k: v.detach().clone() for k, v in trainer.model.state_dict().items()},
+            "logs": [h for h in trainer.state.log_history if "sam/rho" in h],
+            "seen": trainer.seen,
+            "world_size": trainer.accelerator.num_processes,
+            "loss_scale": trainer.accelerator.num_processes  # Trainer's token averaging across ranks
+            if trainer.model_accepts_loss_kwargs and args.average_tokens_across_devices
+            else 1,
+        },
+        out / f"{variant}-rank{trainer.accelerator.process_index}.pt",
+    )
+
+
 if __name__ == "__main__":
     out = Path(sys.argv[1])
-    for variant, sam in VARIANTS.items():
-        args = SAMConfig(output_dir=str(out / variant), max_steps=STEPS, per_device_train_batch_size=8, **COMMON, **sam)
-        trainer = RecordingSAMTrainer(model=gpt2().double(), args=args, train_dataset=lm_data(32))
-        trainer.seen = []
-        trainer.train()
-        torch.save(
-            {
-                "params": {k: v.detach().clone() for k, v in trainer.model.state_dict().items()},
-                "logs": [h for h in trainer.state.log_history if "sam/rho" in h],
-                "seen": trainer.seen,
-                "world_size": trainer.accelerator.num_processes,
-                "loss_scale": trainer.accelerator.num_processes  # Trainer's token averaging across ranks
-                if trainer.model_accepts_loss_kwargs and args.average_tokens_across_devices
-                else 1,
-            },
-            out / f"{variant}-rank{trainer.accelerator.process_index}.pt",
-        )
-    trainer.accelerator.end_training()  # leave the gloo group before exiting, not while its threads still run
+    for variant in VARIANTS:
+        train_and_save(out, variant)
+    assert not leave_process_group()

@@ -12,6 +12,7 @@ from ddp_worker import VARIANTS, train
 from models import console_script
 
 HERE = Path(__file__).parent
+pytestmark = pytest.mark.multiprocess
 
 
 def launch(launcher: str, *args: str) -> None:

@@ -278,6 +278,7 @@ def ddp_run(tmp_path_factory):
 
 
 @pytest.mark.parametrize("variant", ["sam", "asam"])
+@pytest.mark.multiprocess
 def test_two_ddp_ranks_stay_in_sync_and_equal_a_replay_with_per_rank_perturbations(ddp_run, variant):
     """Each rank perturbs with its own gradient (first pass under no_sync); the second pass is all-reduced. The
     replay computes each rank's ε̂ by hand from the micro-batches that rank was handed."""

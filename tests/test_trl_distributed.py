@@ -15,6 +15,7 @@ from trl_ddp_worker import PER_DEVICE, VARIANTS, train  # noqa: E402
 from fam_hf import relative_flatness  # noqa: E402
 
 EQUAL_TO_ONE_PROCESS = [v for v in VARIANTS if v != "local_tokens"]
+pytestmark = pytest.mark.multiprocess
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from test_trl import LAM, SFT_COMMON, chat_data, llama, tokenizer  # noqa: E402
 
+from fam_hf.runs import leave_process_group  # noqa: E402
 from fam_hf.trl import FAMSFTConfig, FAMSFTTrainer  # noqa: E402
 
 PER_DEVICE = 8  # the one-process run takes 2 × 8
@@ -51,18 +52,21 @@ def train(output_dir: Path, variant: str, per_device_batch: int) -> RecordingFAM
     return trainer
 
 
+def save(trainer: RecordingFAMSFTTrainer, out: Path, variant: str) -> None:
+    torch.save(
+        {
+            "params": {k: v.detach().clone() for k, v in trainer.model.state_dict().items()},
+            "initial": trainer.initial_state,
+            "logs": [h for h in trainer.state.log_history if "fam/kappa" in h],
+            "seen": trainer.seen,
+            "world_size": trainer.accelerator.num_processes,
+        },
+        out / f"{variant}-rank{trainer.accelerator.process_index}.pt",
+    )
+
+
 if __name__ == "__main__":
     out = Path(sys.argv[1])
     for variant in VARIANTS:
-        trainer = train(out, variant, per_device_batch=PER_DEVICE)
-        rank = trainer.accelerator.process_index
-        torch.save(
-            {
-                "params": {k: v.detach().clone() for k, v in trainer.model.state_dict().items()},
-                "initial": trainer.initial_state,
-                "logs": [h for h in trainer.state.log_history if "fam/kappa" in h],
-                "seen": trainer.seen,
-                "world_size": trainer.accelerator.num_processes,
-            },
-            out / f"{variant}-rank{rank}.pt",
-        )
+        save(train(out, variant, per_device_batch=PER_DEVICE), out, variant)  # no trainer outlives its variant
+    assert not leave_process_group()
