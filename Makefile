@@ -23,7 +23,7 @@ test-all: install install-assets
 	$(PYTHON) -m pytest -q -m ""
 
 # The multi-process tests (real ranks) RUNS times in a row while busy loops hold every core, as on a loaded CI
-# machine, where a rank once aborted at exit (fam_hf.runs.leave_process_group); a tally, and exit 1 on any failure.
+# machine, where a rank once aborted at exit (fam_hf.distributed.leave_process_group); a tally, and exit 1 on any failure.
 RUNS ?= 20
 test-ranks-under-load: install install-assets
 	$(PYTHON) mk/under_load.py --runs $(RUNS) -- $(PYTHON) -m pytest -q -m "multiprocess and not slow"

@@ -3,7 +3,7 @@
     python mk/under_load.py --runs 20 -- python -m pytest -q -m "multiprocess and not slow"
 
 Multi-process tests have failed only on loaded machines (a rank's gloo thread lagging behind the interpreter's
-exit: fam_hf.runs.leave_process_group), so they are repeated here under a load of ``--busy`` spinning processes
+exit: fam_hf.distributed.leave_process_group), so they are repeated here under a load of ``--busy`` spinning processes
 (default: twice the cores, load average ≈ 3× the cores with the test's own ranks). Each busy loop stops by
 itself after ``--limit`` seconds even if this script is killed. Prints one line per run and a tally, keeps each
 failed run's output in ``--logs``, and exits 1 if any run failed.

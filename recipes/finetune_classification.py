@@ -27,6 +27,7 @@ from transformers import DataCollatorWithPadding, Trainer, TrainingArguments, se
 
 from fam_hf import FAMConfig, FAMTrainer
 from fam_hf.assets import load_metric, load_model_and_tokenizer, parse_config
+from fam_hf.distributed import leave_process_group
 from fam_hf.data import carve_splits, encode_labels, load_source, require_columns, slice_splits
 from fam_hf.data_checks import check_cells, check_classes, check_overlap, check_sizes, require_pad_token
 from fam_hf.runs import (
@@ -34,7 +35,6 @@ from fam_hf.runs import (
     fixed_batch_measures,
     fixed_batches,
     flatness_callback,
-    leave_process_group,
     model_loss,
     save_run,
 )

@@ -29,6 +29,7 @@ from transformers import Trainer, TrainingArguments, default_data_collator, set_
 
 from fam_hf import FAMConfig, FAMTrainer
 from fam_hf.assets import load_model_and_tokenizer, parse_config
+from fam_hf.distributed import leave_process_group
 from fam_hf.data import carve_splits, chunk_texts, load_source, require_columns, slice_splits
 from fam_hf.data_checks import check_blocks, check_cells, check_overlap, check_sizes
 from fam_hf.runs import (
@@ -36,7 +37,6 @@ from fam_hf.runs import (
     fixed_batch_measures,
     fixed_batches,
     flatness_callback,
-    leave_process_group,
     model_loss,
     save_run,
 )

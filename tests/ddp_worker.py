@@ -10,7 +10,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from models import COMMON, gpt2, lm_data  # noqa: E402
 
 from fam_hf import FAMConfig, FAMTrainer  # noqa: E402
-from fam_hf.runs import leave_process_group  # noqa: E402
+from fam_hf.distributed import leave_process_group  # noqa: E402
 
 VARIANTS = {
     "closed_form": {},

@@ -74,7 +74,7 @@ if __name__ == "__main__":
     # Unlike DDP (tests/ddp_worker.py), the sharded model outlives run(): FSDP2's hooks stay referenced from
     # tensors the collector cannot reach, and DTensor's sharding caches keep its mesh (torch 2.13), so the group's
     # gloo threads outlive destroy_process_group and can abort the interpreter's finalization when one frees a
-    # finished collective (pytorch/pytorch#190489; fam_hf.runs.leave_process_group). Skip the finalization.
+    # finished collective (pytorch/pytorch#190489; fam_hf.distributed.leave_process_group). Skip the finalization.
     dist.destroy_process_group()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -11,7 +11,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from models import COMMON, gpt2, lm_data  # noqa: E402
 
 from fam_hf import SAMConfig, SAMTrainer  # noqa: E402
-from fam_hf.runs import leave_process_group  # noqa: E402
+from fam_hf.distributed import leave_process_group  # noqa: E402
 
 VARIANTS = {"sam": dict(sam_rho=0.1), "asam": dict(sam_rho=0.5, sam_adaptive=True)}
 STEPS = 2

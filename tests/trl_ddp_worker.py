@@ -11,7 +11,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from test_trl import LAM, SFT_COMMON, chat_data, llama, tokenizer  # noqa: E402
 
-from fam_hf.runs import leave_process_group  # noqa: E402
+from fam_hf.distributed import leave_process_group  # noqa: E402
 from fam_hf.trl import FAMSFTConfig, FAMSFTTrainer  # noqa: E402
 
 PER_DEVICE = 8  # the one-process run takes 2 × 8
