@@ -27,9 +27,9 @@ from transformers import DataCollatorWithPadding, Trainer, TrainingArguments, se
 
 from fam_hf import FAMConfig, FAMTrainer
 from fam_hf.assets import load_metric, load_model_and_tokenizer, parse_config
-from fam_hf.distributed import leave_process_group
 from fam_hf.data import carve_splits, encode_labels, load_source, require_columns, slice_splits
 from fam_hf.data_checks import check_cells, check_classes, check_overlap, check_sizes, require_pad_token
+from fam_hf.distributed import leave_process_group
 from fam_hf.runs import (
     check_output_dir,
     fixed_batch_measures,

@@ -29,9 +29,9 @@ from transformers import Trainer, TrainingArguments, default_data_collator, set_
 
 from fam_hf import FAMConfig, FAMTrainer
 from fam_hf.assets import load_model_and_tokenizer, parse_config
-from fam_hf.distributed import leave_process_group
 from fam_hf.data import carve_splits, chunk_texts, load_source, require_columns, slice_splits
 from fam_hf.data_checks import check_blocks, check_cells, check_overlap, check_sizes
+from fam_hf.distributed import leave_process_group
 from fam_hf.runs import (
     check_output_dir,
     fixed_batch_measures,

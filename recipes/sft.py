@@ -32,9 +32,9 @@ from fam_hf.chat_data import (
     training_chat_template,
     with_counted_positions,
 )
-from fam_hf.distributed import leave_process_group
 from fam_hf.data import carve_splits, load_source, slice_splits
 from fam_hf.data_checks import check_sizes
+from fam_hf.distributed import leave_process_group
 from fam_hf.runs import (
     check_output_dir,
     fixed_batch_measures,

@@ -40,8 +40,8 @@ from pathlib import Path
 
 from fam_hf import FAMConfig
 from fam_hf.assets import load_config, parse_config
-from fam_hf.plots import load_log_history
 from fam_hf.distributed import leave_process_group
+from fam_hf.plots import load_log_history
 from fam_hf.runs import as_config
 from fam_hf.study import (
     RESCALING_NAME,
