@@ -32,7 +32,8 @@ class Variant:
         fam: ``FAMConfig`` fields (``fam_*``).
         sam: ``SAMConfig`` fields (``sam_*``).
         requires: ``FAMConfig`` fields that must exist, else the variant is skipped with a note.
-        time_target, memory_target: the issue's targets, as the largest ratio to the plain step.
+        time_target, memory_target: the targets BENCHMARKS.md judges the variant by, as the largest ratio to the
+            plain step.
         reference_speedup_target: the reference method must be at least this many times slower than this variant.
     """
 
@@ -297,7 +298,8 @@ def _sft_case(
     smoke: bool = False,
 ) -> Case:
     """FAMSFTTrainer against TRL's SFTTrainer (the ``plain`` step here: fused LM head, no logits), and the plain
-    ``Trainer`` step that materialises the logits, on the same batches (issue 14's targets)."""
+    ``Trainer`` step that materialises the logits, on the same batches (targets: BENCHMARKS.md, "FAM inside TRL's
+    SFTTrainer")."""
     head = dict(fam_estimator="closed_form", fam_lambda=1e-3 if smoke else 1e-5)
     targets = {} if smoke else dict(time_target=1.25, memory_target=1.05)
     return Case(

@@ -27,7 +27,7 @@ from .gpu_check_setup import (
 
 def kappa_products_bf16(ctx: Context, out: Outcome) -> None:
     """softmax_curvature with bf16 operands in its three products vs float64, on the same (φ, z) of a bf16 pass."""
-    from fam_hf.estimators import CHUNK_ELEMENTS, closed_form, softmax_curvature
+    from fam_hf.curvature import CHUNK_ELEMENTS, closed_form, softmax_curvature
     from fam_hf.head_loss import head_loss_for
 
     model, batch = model_and_batch(ctx)

@@ -1,6 +1,7 @@
 """The reference FAM penalty, re-implemented from its description as the benchmark's baseline.
 
-The paper's reference implementation (Petzka et al., NeurIPS 2021; DESIGN §2.1 (c)) computes the full
+The paper's reference implementation (Petzka et al., NeurIPS 2021;
+docs/mathematics.md#exact-layer-hessian) computes the full
 Hessian of the training loss with respect to one layer's weight ``W: (d, m)`` with
 ``torch.func.jacfwd(torch.func.jacrev(loss_of_weight))``, where ``loss_of_weight(W)`` runs the *whole*
 model with that weight replaced (``torch.func.functional_call``), and then

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-from .flatness import ESTIMATORS, HESSIAN_GRADS, SCALES
+from .options import ESTIMATORS, HESSIAN_GRADS, SCALES, EstimatorName, HessianGrad, Scale, check_choice
 
 
 @dataclass
@@ -48,7 +48,7 @@ class FAMFields:
             "module name or glob matching one linear layer (nn.Linear, GPT-2 Conv1D, PEFT LoRA layer)."
         },
     )
-    fam_estimator: str = field(
+    fam_estimator: EstimatorName = field(
         default="auto",
         metadata={
             "help": "How κ is computed: 'closed_form' (exact, output head with cross-entropy/MSE/BCE), 'probe' "
@@ -62,14 +62,14 @@ class FAMFields:
     fam_probes: int = field(
         default=1, metadata={"help": "Rademacher probes per step for the probe and Gauss–Newton estimators (≥ 1)."}
     )
-    fam_hessian_grad: str = field(
+    fam_hessian_grad: HessianGrad = field(
         default="full",
         metadata={
             "help": "'full': the true gradient of λκ, differentiating the Hessian too. 'detached': the Hessian is "
             "held constant (the reference implementation's gradient)."
         },
     )
-    fam_scale: str = field(
+    fam_scale: Scale = field(
         default="paper",
         metadata={"help": "'paper': κ as defined; 'reference': each block trace divided by m (reference code)."},
     )
@@ -116,8 +116,7 @@ class FAMFields:
             ("fam_hessian_grad", HESSIAN_GRADS),
             ("fam_scale", SCALES),
         ):
-            if getattr(self, name) not in choices:
-                raise ValueError(f"{name}={getattr(self, name)!r} is not one of {', '.join(map(repr, choices))}")
+            check_choice(name, getattr(self, name), choices)
         if not 0 < self.fam_token_fraction <= 1:
             raise ValueError(f"fam_token_fraction={self.fam_token_fraction} must be in (0, 1] (1: every position)")
         for name, minimum in (("fam_probes", 1), ("fam_every_n_steps", 1), ("fam_warmup_steps", 0)):

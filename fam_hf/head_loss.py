@@ -13,6 +13,7 @@ transformers computes the loss inside the model (``transformers.loss.loss_utils`
 
 Anything else (masked LM, seq2seq, token classification, soft-capped or rescaled logits, custom losses)
 is not mirrored: use the probe estimator there, which differentiates whatever loss is actually used.
+The weights this yields, per loss: docs/mathematics.md#counted-positions-and-normalisation.
 """
 
 from __future__ import annotations

@@ -3,12 +3,13 @@
 A *layer* here is a linear map ``z = W φ (+ b)`` inside a model: ``nn.Linear``, transformers' ``Conv1D``
 (GPT-2; stores ``W`` transposed), a PEFT LoRA-wrapped linear (the effective map ``W0 + s·B·A``), or an
 output head wrapped by PEFT's ``modules_to_save``. The features ``φ`` are whatever enters the module's
-forward, so they are captured with a forward hook on :attr:`Layer.module` (see ``fam_hf.estimators``).
+forward, so they are captured with a forward hook on :attr:`Layer.module` (see :mod:`fam_hf.flatness`).
 """
 
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -56,60 +57,92 @@ class Layer:
         return tuple(self.weight().shape)  # type: ignore[return-value]
 
 
+@dataclass(frozen=True)
+class LayerType:
+    """One kind of linear map ``z = W φ (+ b)`` that κ can be taken of: how to recognise it and how to read ``W``.
+
+    Attributes:
+        kind: the name recorded in :attr:`Layer.kind` (``"linear"``, ``"conv1d"``, ``"lora"``,
+            ``"modules_to_save"``).
+        matches: whether a module is of this type.
+        weight: the module's map as ``W: (d, m)``, differentiable w.r.t. the parameters.
+        wrapper: the module stands for the modules inside it (a LoRA layer's base and adapters, the copies of
+            ``modules_to_save``), which are not layers of their own.
+    """
+
+    kind: str
+    matches: Callable[[nn.Module], bool]
+    weight: Callable[[nn.Module], torch.Tensor]
+    wrapper: bool = False
+
+
+def layer_type(module: nn.Module) -> LayerType | None:
+    """The first entry of :data:`LAYER_TYPES` that matches ``module`` (PEFT's dispatcher rule), or None."""
+    return next((entry for entry in LAYER_TYPES if entry.matches(module)), None)
+
+
 def _effective_weight(module: nn.Module) -> torch.Tensor:
-    if isinstance(module, ModulesToSaveWrapper):
-        active = (
-            module.original_module
-            if module.disable_adapters or not module.active_adapters
-            else module.modules_to_save[module.active_adapters[0]]
-        )
-        return _effective_weight(active)
-    if isinstance(module, LoraLayer):
-        base = module.get_base_layer()
-        weight = _effective_weight(base)
-        if module.merged or module.disable_adapters:
-            return weight
-        for adapter in module.active_adapters:
-            if adapter not in module.lora_A:
-                continue
-            if module.use_dora.get(adapter, False):
-                raise ValueError(
-                    "relative flatness of a DoRA layer is not supported (its effective weight is normalised "
-                    "per column); use plain LoRA, or put FAM on another layer such as the output head"
-                )
-            # get_delta_weight already applies fan_in_fan_out, so the delta has the base weight's layout
-            delta = module.get_delta_weight(adapter)
-            weight = weight + (delta.T if isinstance(base, Conv1D) else delta)
+    entry = layer_type(module)
+    if entry is None:
+        raise TypeError(f"{type(module).__name__} is not a supported layer type")
+    return entry.weight(module)
+
+
+def _modules_to_save_weight(module: ModulesToSaveWrapper) -> torch.Tensor:
+    active = (
+        module.original_module
+        if module.disable_adapters or not module.active_adapters
+        else module.modules_to_save[module.active_adapters[0]]
+    )
+    return _effective_weight(active)
+
+
+def _lora_weight(module: LoraLayer) -> torch.Tensor:
+    """``W0 + Σ_active s·B·A``: only ``A``/``B`` carry gradients when ``W0`` is frozen."""
+    base = module.get_base_layer()
+    weight = _effective_weight(base)
+    if module.merged or module.disable_adapters:
         return weight
-    if isinstance(module, nn.Linear):
-        if not module.weight.is_floating_point():
-            # a k-bit base (bitsandbytes Linear4bit/Linear8bitLt, a LoRA's frozen base under QLoRA) stores packed
-            # integers; the layer computes with the dequantized float weight, so κ uses that one
-            from peft.utils.integrations import dequantize_module_weight
-
-            return dequantize_module_weight(module)
-        return module.weight
-    if isinstance(module, Conv1D):
-        return module.weight.T
-    raise TypeError(f"{type(module).__name__} is not a supported layer type")
-
-
-def _is_supported(module: nn.Module) -> bool:
-    if isinstance(module, LoraLayer):
-        return isinstance(module.get_base_layer(), (nn.Linear, Conv1D))
-    if isinstance(module, ModulesToSaveWrapper):
-        return _is_supported(module.original_module)
-    return isinstance(module, (nn.Linear, Conv1D))
+    for adapter in module.active_adapters:
+        if adapter not in module.lora_A:
+            continue
+        if module.use_dora.get(adapter, False):
+            raise ValueError(
+                "relative flatness of a DoRA layer is not supported (its effective weight is normalised "
+                "per column); use plain LoRA, or put FAM on another layer such as the output head"
+            )
+        # get_delta_weight already applies fan_in_fan_out, so the delta has the base weight's layout
+        delta = module.get_delta_weight(adapter)
+        weight = weight + (delta.T if isinstance(base, Conv1D) else delta)
+    return weight
 
 
-def _kind(module: nn.Module) -> str:
-    if isinstance(module, ModulesToSaveWrapper):
-        return "modules_to_save"
-    if isinstance(module, LoraLayer):
-        return "lora"
-    if isinstance(module, Conv1D):
-        return "conv1d"
-    return "linear"
+def _dequantized_weight(module: nn.Linear) -> torch.Tensor:
+    # a k-bit base (bitsandbytes Linear4bit/Linear8bitLt, a LoRA's frozen base under QLoRA) stores packed integers;
+    # the layer computes with the dequantized float weight, so κ uses that one
+    from peft.utils.integrations import dequantize_module_weight
+
+    return dequantize_module_weight(module)
+
+
+# First match wins. Wrappers come before what they wrap.
+LAYER_TYPES: list[LayerType] = [
+    LayerType(
+        "modules_to_save",
+        lambda m: isinstance(m, ModulesToSaveWrapper) and layer_type(m.original_module) is not None,
+        _modules_to_save_weight,
+        wrapper=True,
+    ),
+    LayerType(
+        "lora",
+        lambda m: isinstance(m, LoraLayer) and isinstance(m.get_base_layer(), (nn.Linear, Conv1D)),
+        _lora_weight,
+        wrapper=True,
+    ),
+    LayerType("conv1d", lambda m: isinstance(m, Conv1D), lambda m: m.weight.T),  # GPT-2 stores W transposed
+    LayerType("linear", lambda m: isinstance(m, nn.Linear) and not m.weight.is_floating_point(), _dequantized_weight),
+    LayerType("linear", lambda m: isinstance(m, nn.Linear), lambda m: m.weight),
+]
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -135,9 +168,10 @@ def candidate_layers(model: nn.Module) -> list[str]:
     for name, module in model.named_modules():
         if any(name.startswith(prefix) for prefix in hidden_prefixes):
             continue
-        if _is_supported(module):
+        entry = layer_type(module)
+        if entry is not None:
             names.append(name)
-            if isinstance(module, (LoraLayer, ModulesToSaveWrapper)):
+            if entry.wrapper:
                 hidden_prefixes.append(name + ".")
     return names
 
@@ -152,7 +186,7 @@ def output_head_name(model: nn.Module) -> str | None:
     model = unwrap_model(model)
     modules = dict(model.named_modules())
     for path in _HEAD_PATHS:
-        if path in modules and _is_supported(modules[path]):
+        if path in modules and layer_type(modules[path]) is not None:
             return path
     get_output_embeddings = getattr(model, "get_output_embeddings", None)
     head = get_output_embeddings() if callable(get_output_embeddings) else None
@@ -160,7 +194,7 @@ def output_head_name(model: nn.Module) -> str | None:
         for name, module in modules.items():
             # PEFT's modules_to_save wrapper replaces the head; transformers still returns the wrapper
             if module is head or (isinstance(module, ModulesToSaveWrapper) and head is module.original_module):
-                return name if _is_supported(module) else None
+                return name if layer_type(module) is not None else None
     return None
 
 
@@ -204,7 +238,7 @@ def resolve_layer(model: nn.Module, spec: str = "auto") -> Layer:
                 raise ValueError(f"{problem}; name exactly one of: {_listing(candidates)}")
             name = matches[0]
     module = dict(base.named_modules())[name]
-    layer = Layer(name=name, module=module, kind=_kind(module), is_output_head=name == head)
+    layer = Layer(name=name, module=module, kind=layer_type(module).kind, is_output_head=name == head)
     layer.weight()  # fails now, with its reason, where the layer's type is unsupported (e.g. DoRA)
     return layer
 

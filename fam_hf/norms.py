@@ -10,6 +10,7 @@ BERT, an entry of the Gauss–Newton penalty's gradient (a LayerNorm weight befo
 differences; for the probe on MiniLM-L6's ``bert.encoder.layer.5.output.dense``, 2.6% of the whole gradient's
 norm (cosine 0.9998). RMSNorm (``F.rms_norm``, transformers' Llama-family norms) and GroupNorm are correct; BatchNorm in
 training mode has the same fault (pytorch/pytorch#186256) and is not handled here (text models do not use it).
+See docs/measures.md#layernorm-third-derivatives.
 
 Inside :func:`differentiable_layer_norm` every ``torch.nn.functional.layer_norm`` call (``nn.LayerNorm`` and
 transformers' models included) is computed from primitive ops instead: the same function (to rounding), with

@@ -5,7 +5,7 @@ module raises :class:`~fam_hf.extras.MissingExtraError` with that command. ``imp
 
 ``SFTTrainer`` computes its loss with a *fused* LM head (``model(**inputs, fused_lm_head=True)``: the hidden
 states times ``lm_head.weight``, in chunks, no logits), so ``lm_head``'s forward never runs in training.
-``FAMSFTTrainer`` therefore takes κ of the LM head from the head's input (:class:`fam_hf.lm_head.HeadInputFlatness`:
+``FAMSFTTrainer`` therefore takes κ of the LM head from the head's input (:class:`fam_hf.flatness.HeadInputFlatness`:
 the backbone's last hidden state, at the positions the loss counts, assistant-only / completion-only masks,
 packing and padding-free batches included) and never asks TRL for the logits (which would cost an extra
 no-grad full-logits forward per step). The probe and exact estimators need a second derivative through the
@@ -22,12 +22,8 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 
-import torch
-
 from .config import FAMFields
 from .extras import require
-from .layers import resolve_layer
-from .lm_head import HeadInputFlatness
 from .sam_config import SAMFields
 from .sam_trainer import SAMMixin
 from .trainer import FAMMixin
@@ -50,50 +46,18 @@ class FAMSFTTrainer(FAMMixin, SFTTrainer):
     :class:`FAMSFTConfig`."""
 
     _fam_config_name = "FAMSFTConfig"
-    _fam_wants_outputs = False  # SFTTrainer would recompute the logits in an extra no-grad forward
     _tag_names = [*SFTTrainer._tag_names, "fam"]
 
-    def _fam_fused_loss(self) -> bool:
-        # SFTTrainer.compute_loss: the fused head unless the loss needs the full logits
-        return self.compute_loss_func is None and not (self.label_smoother is not None and self.args.loss_type == "nll")
-
-    def _fam_flatness(self, generator: torch.Generator):
-        if not self._fam_fused_loss():
-            return super()._fam_flatness(generator)
-        cfg = self.args
-        if cfg.loss_type != "nll":
+    def fam_loss_kind(self) -> str:
+        # SFTTrainer.compute_loss: the fused head, unless the loss needs the full logits
+        if self.compute_loss_func is not None or (self.label_smoother is not None and self.args.loss_type == "nll"):
+            return "custom"
+        if self.args.loss_type != "nll":
             raise ValueError(
-                f"loss_type={cfg.loss_type!r} weighs each token's loss by its own detached probability, which the "
-                "LM-head closed form does not mirror; use loss_type='nll' with FAMSFTTrainer"
+                f"loss_type={self.args.loss_type!r} weighs each token's loss by its own detached probability, which "
+                "the LM-head closed form does not mirror; use loss_type='nll' with FAMSFTTrainer"
             )
-        flatness = HeadInputFlatness(
-            self.model,
-            hessian_grad=cfg.fam_hessian_grad,
-            scale=cfg.fam_scale,
-            generator=generator,
-            token_fraction=cfg.fam_token_fraction,
-        )
-        head = flatness.layer.name
-        if resolve_layer(self.model, cfg.fam_layer).name != head or cfg.fam_estimator not in ("auto", "closed_form"):
-            raise ValueError(
-                f"fam_layer={cfg.fam_layer!r} with fam_estimator={cfg.fam_estimator!r}: SFTTrainer's loss runs "
-                "through TRL's fused LM head, which never calls the head module and has no second derivative, so "
-                "only the LM head's closed form (from the head's input) can train; use fam_layer='auto' (or "
-                f"'{head}') with fam_estimator='auto' or 'closed_form', or penalise another layer with FAMTrainer "
-                "and the full logits"
-            )
-        return flatness
-
-    def _fam_loss_items(self, num_items_in_batch):
-        # the fused loss divides by num_items_in_batch whenever Trainer gives it one
-        return num_items_in_batch if self._fam_fused_loss() else super()._fam_loss_items(num_items_in_batch)
-
-    def _loss_scale(self, num_items_in_batch) -> float:
-        if self._fam_fused_loss():  # as SFTTrainer.compute_loss scales its loss
-            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-                return self.accelerator.num_processes // self.get_tp_size()
-            return 1
-        return super()._loss_scale(num_items_in_batch)
+        return "fused"
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """benchmarks/: the reference method agrees with fam_hf's closed form, and the harness produces its tables.
 
-No time or memory figure is asserted here (DESIGN §5: speed is measured in benchmarks/, never asserted by a
-timed test); the harness runs on tiny random models only to check that it works end to end.
+No time or memory figure is asserted here (speed is measured in benchmarks/, never asserted by a timed
+test); the harness runs on tiny random models only to check that it works end to end.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def test_reference_hessian_matches_fam_hf_brute_force():
     flatness = fam_hf.RelativeFlatness(model, "classifier", "exact")
     with flatness.record(batch, differentiable=False) as recording:
         loss = model(**batch).loss
-    brute = fam_hf.layer_hessian(loss, recording._perturbation)
+    brute = fam_hf.layer_hessian(loss, recording.perturbation)
     flatness.close()
     torch.testing.assert_close(reference, brute, rtol=1e-10, atol=1e-14)
 

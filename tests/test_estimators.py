@@ -15,7 +15,7 @@ from transformers import (
 )
 
 from fam_hf import RelativeFlatness, closed_form, relative_flatness
-from fam_hf.estimators import softmax_curvature
+from fam_hf.curvature import softmax_curvature
 from fam_hf.norms import differentiable_layer_norm
 
 RTOL_CLOSED = 1e-8
@@ -265,7 +265,7 @@ def test_probe_gradient_for_a_fixed_probe_matches_brute_force(hessian_grad):
     with flat.record() as recording:
         loss = model(**batch).loss
     got = torch.autograd.grad(recording.result(loss).value, params, allow_unused=True)
-    r = recording._probe_matrices[0].to(torch.float64)
+    r = recording.probe_matrices[0].to(torch.float64)
 
     name = "bert.encoder.layer.0.intermediate.dense.weight"
     weight = dict(model.named_parameters())[name]
@@ -517,7 +517,7 @@ def test_gauss_newton_for_a_fixed_probe_matches_brute_force(hessian_grad_check):
         outputs = model(**batch)
     result = recording.result(outputs.loss, logits=outputs.logits)
     assert result.estimator == "gauss_newton" and result.probes == 1
-    r = recording._probe_matrices[0]
+    r = recording.probe_matrices[0]
     weight = dict(model.named_parameters())[name + ".weight"]
     c = torch.tensor([1 / 3, 1 / 3, 1 / 3, 0.0], dtype=torch.float64)  # the ignored example weighs 0
     g = gauss_newton_matrix(bert_logits_of(model, batch, name + ".weight"), weight, c, create_graph=hessian_grad_check)

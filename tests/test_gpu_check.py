@@ -2,7 +2,8 @@
 
 The dry run runs as the GPU run will: a fresh process of ``python benchmarks/gpu_check.py``, here with the
 ``datasets`` package made unimportable, as it is on the GPU machine. No time or memory figure is asserted
-(DESIGN §5); the numeric checks that the CPU can run must pass with their numbers.
+(they are measured and reported, never asserted by a test); the numeric checks that the CPU can run must pass
+with their numbers.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The logits-free LM-head closed form (fam_hf/lm_head.py) against the closed form on the logits and the brute-force
+"""The logits-free LM-head closed form (fam_hf.flatness.HeadInputFlatness, fam_hf.curvature.weighted_curvature_from_features) against the closed form on the logits and the brute-force
 float64 Hessian, and its custom backward against autograd of the formula."""
 
 from __future__ import annotations
@@ -11,8 +11,9 @@ from torch.nn import functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from fam_hf import RelativeFlatness, relative_flatness
-from fam_hf.estimators import softmax_curvature
-from fam_hf.lm_head import HeadInputFlatness, weighted_curvature_from_features
+from fam_hf.curvature import softmax_curvature
+from fam_hf.curvature import weighted_curvature_from_features
+from fam_hf.flatness import HeadInputFlatness
 
 RTOL = 1e-8
 

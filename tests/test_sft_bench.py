@@ -1,6 +1,7 @@
 """benchmarks/: the FAMSFTTrainer-vs-SFTTrainer case runs through the harness (tiny random Llama, seconds).
 
-No time or memory figure is asserted (DESIGN §5); this only checks that the case builds, steps and is tabled.
+No time or memory figure is asserted (speed and memory are measured into BENCHMARKS.md, never asserted by a
+test); this only checks that the case builds, steps and is tabled.
 """
 
 from __future__ import annotations

@@ -175,7 +175,7 @@ def test_evaluation_is_untouched(tmp_path):
 
 
 def test_non_finite_kappa_skips_the_penalty_and_never_writes_nan(tmp_path, monkeypatch):
-    monkeypatch.setattr(fam_hf.flatness, "closed_form", lambda *a, **k: torch.tensor(float("nan")))
+    monkeypatch.setattr(fam_hf.flatness.closed_form, "closed_form", lambda *a, **k: torch.tensor(float("nan")))
     model = gpt2()
     trainer = fam_trainer(model, lm_data(16), tmp_path, max_steps=2, per_device_train_batch_size=8, fam_lambda=1.0)
     trainer.train()
@@ -282,10 +282,10 @@ def test_a_negative_kappa_is_reported_once_naming_the_layer_and_the_fix(tmp_path
     trainer = fam_trainer(bert(), cls_data(8), tmp_path, max_steps=1, fam_layer="bert.encoder.layer.0.output.dense",
                           fam_estimator="probe")  # fmt: skip
     for kappa in (-2.0, -3.0):
-        trainer._fam_steps = 1
+        trainer.fam_penalty.steps = 1
         zero = torch.zeros(())
-        trainer._fam_sums.add(kappa=torch.tensor(kappa), penalty=zero, stderr=zero, skipped=zero)
-        with caplog.at_level("WARNING", logger="fam_hf.trainer"):
+        trainer.fam_penalty.sums.add(kappa=torch.tensor(kappa), penalty=zero, stderr=zero, skipped=zero)
+        with caplog.at_level("WARNING", logger="fam_hf.penalty"):
             trainer.log({"loss": 1.0})
     warned = [r.getMessage() for r in caplog.records if "not positive semi-definite" in r.getMessage()]
     assert len(warned) == 1 and "'bert.encoder.layer.0.output.dense' averaged -2 < 0" in warned[0]
@@ -325,4 +325,4 @@ def test_lambda_relative_sets_lambda_from_the_first_steps_loss_and_kappa(tmp_pat
 def test_lambda_relative_refuses_a_first_kappa_that_is_not_positive(tmp_path):
     trainer = fam_trainer(bert(), cls_data(16), tmp_path, max_steps=1, fam_lambda_relative=0.1)
     with pytest.raises(ValueError, match=r"L₀ = 0.5 and κ₀ = -1 on 'classifier' \(both must be > 0\); set fam_lambda"):
-        trainer._fam_calibrate(torch.tensor(0.5), torch.tensor(-1.0))
+        trainer.fam_penalty.calibrate(torch.tensor(0.5), torch.tensor(-1.0), trainer.accelerator)

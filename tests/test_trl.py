@@ -18,7 +18,7 @@ from tokenizers import Tokenizer, models  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
 from trl import SFTConfig, SFTTrainer  # noqa: E402
 
-import fam_hf.estimators  # noqa: E402
+import fam_hf.curvature  # noqa: E402
 from fam_hf import FAMFields, FAMMixin, FAMTrainer, RelativeFlatness, SAMMixin, relative_flatness  # noqa: E402
 from fam_hf.trl import FAMSFTConfig, FAMSFTTrainer, SAMSFTConfig, SAMSFTTrainer  # noqa: E402
 
@@ -186,7 +186,8 @@ def test_trl_defaults_survive_in_the_combined_configs(tmp_path):
 
 
 class NaiveFAMSFT(FAMTrainer, SFTTrainer):
-    """What the issue tried: FAMTrainer in front of SFTTrainer, hooking lm_head (which the fused loss never calls)."""
+    """What came before FAMSFTTrainer: FAMTrainer in front of SFTTrainer, hooking lm_head (which the fused loss never
+    calls)."""
 
 
 def test_every_path_that_would_train_nothing_raises(tmp_path):
@@ -199,7 +200,7 @@ def test_every_path_that_would_train_nothing_raises(tmp_path):
     # ... and without that forward it never runs at all
     naive = sft(NaiveFAMSFT, FAMSFTConfig, llama(), tmp_path / "never", max_steps=1, fam_lambda=LAM,
                 per_device_train_batch_size=4)  # fmt: skip
-    naive._fam_wants_outputs = False
+    naive._fam_wants_outputs = lambda: False
     with pytest.raises(RuntimeError, match=r"did not run.*train nothing.*fam_hf.trl.FAMSFTTrainer"):
         naive.train()
     # Probe/exact and body layers under the fused head: refused at construction, naming the fix
@@ -225,7 +226,7 @@ def test_every_path_that_would_train_nothing_raises(tmp_path):
 def test_the_fused_kernels_missing_double_backward_is_explained():
     message = "mm(): functions with out=... arguments don't support automatic differentiation, but one of the arguments requires grad."  # noqa: E501
     with pytest.raises(RuntimeError, match="TRL's fused LM head.*Penalise the LM head"):
-        with fam_hf.estimators.explain_missing_double_backward():
+        with fam_hf.curvature.explain_missing_double_backward():
             raise RuntimeError(message)
 
 

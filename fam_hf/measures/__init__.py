@@ -1,4 +1,4 @@
-"""Flatness and sharpness measures from the papers behind fam_hf (DESIGN §2.2), as plain functions.
+"""Flatness and sharpness measures from the papers behind fam_hf (docs/measures.md), as plain functions.
 
 Each takes a model and a batch (``model(**batch).loss`` is the loss, or pass ``loss_fn(model, batch)``),
 never modifies the model, and returns a small dataclass (value, and standard error where stochastic):

@@ -34,7 +34,7 @@ from torch import nn
 
 from ..layers import resolve_layer
 from .eigen import estimate_top_eigenpairs
-from .hessian import LossFn, LossHessian, Operator, matmat_of, model_loss
+from .hessian import LossFn, LossHessian, Operator, as_operator, model_loss
 
 
 def dual_weight_change(weight: torch.Tensor, activity: torch.Tensor, activity_change: torch.Tensor) -> torch.Tensor:
@@ -113,7 +113,7 @@ def duality_decomposition(
     contributions = 0.5 * eigenvalues.to(flat.dtype) * sigma_sq
     taylor = None
     if hessian is not None:
-        matmat = matmat_of(hessian)[0]
+        matmat = as_operator(hessian).matmat
         _, s, qt = torch.linalg.svd(flat, full_matrices=False)
         keep = s > s.max() * torch.finfo(s.dtype).eps * max(flat.shape)  # numerical rank r
         s, q = s[keep], qt[keep].T  # (r,), (n, r)

@@ -21,7 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .hessian import LossFn, LossHessian, Operator, Wrt, default_generator, matmat_of
+from ..curvature import default_generator
+from .hessian import LossFn, LossHessian, Operator, Wrt, as_operator
 
 EIGEN_METHODS = ("lanczos", "exact")
 WHICH = ("LA", "LM")
@@ -86,39 +87,23 @@ def estimate_top_eigenpairs(
         raise ValueError(f"method={method!r} is not one of {', '.join(map(repr, EIGEN_METHODS))}")
     if which not in WHICH:
         raise ValueError(f"which={which!r} is not one of {', '.join(map(repr, WHICH))}")
-    matmat, n, dtype, device = matmat_of(operator)
+    operator = as_operator(operator)
+    n, dtype, device = operator.shape[0], operator.dtype, operator.device
     if not 1 <= k <= n:
         raise ValueError(f"k={k} must be between 1 and the number of variables n={n}")
-    start = operator.matvecs if isinstance(operator, LossHessian) else 0
+    start = operator.matvecs
     if method == "lanczos" and k < n:
-        values, vectors, counted = _lanczos(matmat, n, k, which, tol, maxiter, default_generator(generator))
+        from scipy.sparse.linalg import eigsh
+
+        # Lanczos needs a starting vector; ARPACK's own is drawn from a global RNG, so draw it here instead.
+        v0 = torch.randn(n, generator=default_generator(generator), dtype=torch.float64).numpy()
+        values, vectors = eigsh(operator.to_scipy(), k=k, which=which, v0=v0, tol=tol, maxiter=maxiter)
         values, vectors = torch.from_numpy(values).to(device, dtype), torch.from_numpy(vectors).to(device, dtype)
     else:
         method = "exact"
-        dense = operator.dense() if isinstance(operator, LossHessian) else (operator + operator.T) / 2
-        counted = n if isinstance(operator, LossHessian) else 0
-        values, vectors = torch.linalg.eigh(dense)
+        values, vectors = torch.linalg.eigh(operator.dense())
     order = torch.argsort(values if which == "LA" else values.abs(), descending=True)[:k]
-    matvecs = operator.matvecs - start if isinstance(operator, LossHessian) else counted
-    return HessianEigenpairs(values[order], vectors[:, order], method, matvecs, n)
-
-
-def _lanczos(matmat, n, k, which, tol, maxiter, generator):
-    from scipy.sparse.linalg import LinearOperator, eigsh
-
-    count = 0
-
-    def matvec(x):
-        nonlocal count
-        count += 1
-        v = torch.from_numpy(x.reshape(-1, 1).copy())
-        return matmat(v).reshape(-1).to(torch.float64).cpu().numpy()
-
-    # Lanczos needs a starting vector; ARPACK's own is drawn from a global RNG, so draw it here instead.
-    v0 = torch.randn(n, generator=generator, dtype=torch.float64).numpy()
-    operator = LinearOperator((n, n), matvec=matvec, dtype="float64")
-    values, vectors = eigsh(operator, k=k, which=which, v0=v0, tol=tol, maxiter=maxiter)
-    return values, vectors, count
+    return HessianEigenpairs(values[order], vectors[:, order], method, operator.matvecs - start, n)
 
 
 def top_eigenvalues(

@@ -21,17 +21,15 @@ What the Hessian is taken with respect to (``wrt``):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ..estimators import explain_missing_double_backward
+from ..curvature import second_order_kernels
 from ..layers import Layer, resolve_layer
 
 LossFn = Callable[[nn.Module, Mapping[str, Any]], torch.Tensor]
@@ -150,19 +148,92 @@ def perturbed_loss(
     return torch.func.functional_call(_LossOf(model, loss_fn), moved, args=(batch,))
 
 
-@contextmanager
-def second_order_context() -> Iterator[None]:
-    """Grad enabled, SDPA's math kernel (the fused kernels have no double backward), and autograd's
-    "derivative … not implemented" re-raised with the fix."""
-    with ExitStack() as stack:
-        stack.enter_context(torch.enable_grad())
-        stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
-        stack.enter_context(explain_missing_double_backward())
-        yield
+class SymmetricOperator:
+    """A symmetric ``(n, n)`` linear operator known by its products, as curvlinops' operators are: ``A @ v`` for
+    ``v: (n,)``, ``A @ V`` for ``V: (n, k)``, :attr:`shape`, :meth:`dense` and :meth:`to_scipy`. The measures take
+    one, or a dense tensor, which :func:`as_operator` wraps.
+
+    Attributes:
+        matvecs: matrix-vector products computed so far (a product with ``k`` columns counts ``k``).
+    """
+
+    matvecs: int = 0
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        raise NotImplementedError
+
+    @property
+    def dtype(self) -> torch.dtype:
+        raise NotImplementedError
+
+    @property
+    def device(self) -> torch.device:
+        raise NotImplementedError
+
+    def matmat(self, vectors: torch.Tensor) -> torch.Tensor:
+        """``A V`` for ``V: (n, k)``; returns ``(n, k)`` in :attr:`dtype`."""
+        raise NotImplementedError
+
+    def matvec(self, vector: torch.Tensor) -> torch.Tensor:
+        """``A v`` for ``v: (n,)``."""
+        return self.matmat(vector.reshape(-1, 1)).reshape(-1)
+
+    def __matmul__(self, other: torch.Tensor) -> torch.Tensor:
+        return self.matvec(other) if other.dim() == 1 else self.matmat(other)
+
+    def dense(self) -> torch.Tensor:
+        """The whole ``(n, n)`` matrix, symmetrised."""
+        raise NotImplementedError
+
+    def to_scipy(self):
+        """A ``scipy.sparse.linalg.LinearOperator`` in float64 over NumPy arrays (for ``eigsh`` and friends)."""
+        from scipy.sparse.linalg import LinearOperator
+
+        def matvec(x):
+            v = torch.from_numpy(x.reshape(-1, 1).copy())
+            return self.matmat(v.to(self.device, self.dtype)).reshape(-1).to(torch.float64).cpu().numpy()
+
+        return LinearOperator(self.shape, matvec=matvec, dtype="float64")
 
 
-class LossHessian:
-    """``H = ∇²L(w)``, the Hessian of the loss on ``batch`` w.r.t. ``wrt``, as an ``(n, n)`` operator.
+class DenseOperator(SymmetricOperator):
+    """A dense symmetric ``(n, n)`` tensor as a :class:`SymmetricOperator` (products are counted; :meth:`dense`
+    computes none)."""
+
+    def __init__(self, matrix: torch.Tensor) -> None:
+        if matrix.dim() != 2 or matrix.shape[0] != matrix.shape[1]:
+            raise ValueError(f"a dense operator must be a square matrix; got shape {tuple(matrix.shape)}")
+        self.matrix = matrix
+        self.matvecs = 0
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.matrix.shape)  # type: ignore[return-value]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.matrix.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.matrix.device
+
+    def matmat(self, vectors: torch.Tensor) -> torch.Tensor:
+        self.matvecs += vectors.shape[1]
+        return self.matrix @ vectors.to(self.matrix.dtype)
+
+    def dense(self) -> torch.Tensor:
+        return (self.matrix + self.matrix.T) / 2
+
+
+def as_operator(operator: SymmetricOperator | torch.Tensor) -> SymmetricOperator:
+    """``operator`` itself, or a dense tensor wrapped as a :class:`DenseOperator`."""
+    return operator if isinstance(operator, SymmetricOperator) else DenseOperator(operator)
+
+
+class LossHessian(SymmetricOperator):
+    """``H = ∇²L(w)``, the Hessian of the loss on ``batch`` w.r.t. ``wrt``, as an ``(n, n)`` :class:`SymmetricOperator`.
 
     Args:
         model: any ``nn.Module``; run in the mode it is in (``model.eval()`` to measure without dropout).
@@ -190,7 +261,7 @@ class LossHessian:
         self.dim = self.subset.dim
         self.matvecs = 0
         self._zeros = [torch.zeros_like(v, requires_grad=True) for v in self.subset.values]
-        with second_order_context():
+        with torch.enable_grad(), second_order_kernels():
             loss = perturbed_loss(model, batch, self.subset, self._zeros, loss_fn)
             grads = torch.autograd.grad(loss, self._zeros, create_graph=True, allow_unused=True)
         self.loss = loss.detach()
@@ -198,6 +269,10 @@ class LossHessian:
         self.gradient = self.subset.flatten(self._grads).detach()
         # Gradients that do not depend on δ (the loss is linear in that tensor) have zero curvature.
         self._curved = [i for i, g in enumerate(self._grads) if g.requires_grad]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.dim, self.dim)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -213,7 +288,7 @@ class LossHessian:
         parts = self.subset.unflatten(vector.to(device=self.device, dtype=self.dtype))
         out = [torch.zeros_like(z) for z in self._zeros]
         if self._curved:
-            with second_order_context():
+            with torch.enable_grad(), second_order_kernels():
                 hv = torch.autograd.grad(
                     [self._grads[i] for i in self._curved],
                     self._zeros,
@@ -236,26 +311,4 @@ class LossHessian:
         return (h + h.T) / 2
 
 
-Operator = LossHessian | torch.Tensor
-
-
-def matmat_of(operator: Operator) -> tuple[Callable[[torch.Tensor], torch.Tensor], int, torch.dtype, torch.device]:
-    """``(V ↦ A V, n, dtype, device)`` for a :class:`LossHessian` or a dense symmetric ``(n, n)`` tensor."""
-    if isinstance(operator, LossHessian):
-        return operator.matmat, operator.dim, operator.dtype, operator.device
-    if operator.dim() != 2 or operator.shape[0] != operator.shape[1]:
-        raise ValueError(f"a dense operator must be a square matrix; got shape {tuple(operator.shape)}")
-    return (lambda v: operator @ v.to(operator.dtype)), operator.shape[0], operator.dtype, operator.device
-
-
-def rademacher_vectors(
-    dim: int, count: int, *, generator: torch.Generator | None, dtype: torch.dtype, device: torch.device
-) -> torch.Tensor:
-    """``(dim, count)`` i.i.d. ±1 entries, drawn on the CPU from ``generator`` (same draw on any device)."""
-    signs = torch.randint(0, 2, (dim, count), generator=generator, dtype=torch.int8)
-    return (signs.to(dtype) * 2 - 1).to(device)
-
-
-def default_generator(generator: torch.Generator | None) -> torch.Generator:
-    """``generator``, or a fresh CPU generator seeded with 0 so that results are reproducible by default."""
-    return generator if generator is not None else torch.Generator().manual_seed(0)
+Operator = SymmetricOperator | torch.Tensor

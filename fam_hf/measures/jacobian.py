@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .hessian import default_generator
+from ..curvature import default_generator
 
 JACOBIAN_METHODS = ("projection", "exact")
 _NOT_INPUTS = ("labels", "num_items_in_batch")

@@ -14,7 +14,8 @@ Both are invariant to *layer-wise* rescaling (``W → αW`` compensated elsewher
 not to neuron-wise rescaling (rows of ``W`` scaled by different factors). The NeurIPS 2021 paper's
 relative flatness ``κ = Σ_{s,s'} ⟨w_s, w_s'⟩ Tr(H_{s,s'})`` (:func:`fam_hf.relative_flatness`) is the
 neuron-wise refinement that is invariant to both; ``‖W‖²_F Tr(H_W)`` keeps only ``‖W‖²_F = Σ_s ⟨w_s, w_s⟩``
-against the whole trace, so the two agree when ``W Wᵀ`` is a multiple of the identity.
+against the whole trace: when ``W Wᵀ = c I_d``, ``κ = c Tr(H_W) = ‖W‖²_F Tr(H_W) / d`` (equal for ``d = 1``)
+(docs/measures.md#layer-wise-flatness).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 ``Tr(H) = Σ_i λ_i`` for ``H = ∇²L`` (``n × n``), estimated from Hessian-vector products:
 
 * Hutchinson (1989): ``Tr(H) = E_v[vᵀ H v]`` for Rademacher ``v``; unbiased, ``Var(vᵀHv) = 2 Σ_{i≠j} H_ij²``.
-* Hutch++ (Meyer, Musco, Musco, Williams, SOSA 2021): a third of the budget sketches the top of the
+* Hutch++ (Meyer, Musco, Musco, Woodruff, SOSA 2021): a third of the budget sketches the top of the
   spectrum (``Q = orth(H S)``), whose trace ``Tr(QᵀHQ)`` is exact; Hutchinson handles only the rest,
   ``(I − QQᵀ) H (I − QQᵀ)``. Exact once the sketch spans the space (budget ≥ ``3n``).
 * exact: ``Σ_i e_iᵀ H e_i`` over the standard basis, ``n`` HVPs.
@@ -23,7 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .hessian import LossFn, LossHessian, Operator, Wrt, default_generator, matmat_of, rademacher_vectors
+from ..curvature import default_generator, rademacher
+from .hessian import LossFn, LossHessian, Operator, Wrt, as_operator
 
 TRACE_METHODS = ("hutchinson", "hutch++", "exact")
 
@@ -71,7 +72,8 @@ def estimate_trace(
     """
     if method not in TRACE_METHODS:
         raise ValueError(f"method={method!r} is not one of {', '.join(map(repr, TRACE_METHODS))}")
-    matmat, n, dtype, device = matmat_of(operator)
+    operator = as_operator(operator)
+    matmat, n, dtype, device = operator.matmat, operator.shape[0], operator.dtype, operator.device
     generator = default_generator(generator)
     if method == "exact":
         basis = torch.eye(n, dtype=dtype, device=device)
@@ -79,15 +81,15 @@ def estimate_trace(
     if probes < (3 if method == "hutch++" else 1):
         raise ValueError(f"probes={probes} is too few for method={method!r} (at least 1; 3 for Hutch++)")
     if method == "hutchinson":
-        v = rademacher_vectors(n, probes, generator=generator, dtype=dtype, device=device)
+        v = rademacher(n, probes, generator=generator, dtype=dtype, device=device)
         values = (v * matmat(v)).sum(0)
         return HessianTrace(values.mean(), _std_error(values), method, probes, n)
     sketch = probes // 3
     residual = probes - 2 * sketch
-    s = rademacher_vectors(n, sketch, generator=generator, dtype=dtype, device=device)
+    s = rademacher(n, sketch, generator=generator, dtype=dtype, device=device)
     q, _ = torch.linalg.qr(matmat(s))  # (n, min(n, sketch)): an orthonormal basis of the sketched range
     top = (q * matmat(q)).sum()  # Tr(Qᵀ H Q)
-    g = rademacher_vectors(n, residual, generator=generator, dtype=dtype, device=device)
+    g = rademacher(n, residual, generator=generator, dtype=dtype, device=device)
     g = g - q @ (q.T @ g)  # (I − QQᵀ) g
     values = (g * matmat(g)).sum(0)
     return HessianTrace(top + values.mean(), _std_error(values), method, 2 * sketch + residual, n)

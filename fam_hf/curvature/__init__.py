@@ -1,0 +1,52 @@
+"""Pure tensor mathematics of relative flatness: no transformers, no Trainer.
+
+* :mod:`~fam_hf.curvature.closed_form` — κ of an output head, exactly, from its logits or from its input;
+* :mod:`~fam_hf.curvature.probes` — Rademacher probes through the loss (Hessian) or the logits (Gauss–Newton),
+  and the random draws every estimator and measure shares;
+* :mod:`~fam_hf.curvature.exact` — the full layer Hessian (tests, small layers);
+* :mod:`~fam_hf.curvature.kernels` — the one context in which second derivatives are available and right.
+
+The mathematics is in docs/mathematics.md.
+"""
+
+from .closed_form import (
+    CHUNK_ELEMENTS,
+    LOSS_TYPES,
+    closed_form,
+    compute_dtype,
+    softmax_curvature,
+    weighted_curvature_from_features,
+)
+from .exact import kappa_from_hessian, layer_hessian
+from .kernels import explain_missing_double_backward, second_order_kernels
+from .probes import (
+    UnusedPerturbationError,
+    default_generator,
+    gauss_newton_forms,
+    host_to_device,
+    logit_tangents,
+    probe_quadratic_forms,
+    rademacher,
+    sample_positions,
+)
+
+__all__ = [
+    "CHUNK_ELEMENTS",
+    "LOSS_TYPES",
+    "UnusedPerturbationError",
+    "closed_form",
+    "compute_dtype",
+    "default_generator",
+    "explain_missing_double_backward",
+    "gauss_newton_forms",
+    "host_to_device",
+    "kappa_from_hessian",
+    "layer_hessian",
+    "logit_tangents",
+    "probe_quadratic_forms",
+    "rademacher",
+    "sample_positions",
+    "second_order_kernels",
+    "softmax_curvature",
+    "weighted_curvature_from_features",
+]

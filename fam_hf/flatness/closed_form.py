@@ -1,0 +1,237 @@
+"""The exact closed forms of κ for an output head (docs/mathematics.md#closed-form-for-an-output-head).
+
+:class:`ClosedFormFlatness` reads the head's input and logits at the head's forward hook, under the loss the model
+computes itself (:class:`~fam_hf.head_loss.HeadLoss`). :class:`HeadInputFlatness` is for losses that never run the
+head module and never form the logits (TRL's fused LM head): it captures the head's input as the backbone's
+``last_hidden_state`` and computes the same κ from it and the head's weight, in row chunks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..curvature import CHUNK_ELEMENTS, closed_form, compute_dtype, sample_positions, weighted_curvature_from_features
+from ..head_loss import IGNORE_INDEX, head_loss_for
+from ..layers import Layer, unwrap_model
+from .base import Recording, RelativeFlatness
+
+MIRRORED_LOSSES = "causal-LM or sequence-classification cross-entropy, MSE, BCE, on unmodified logits"
+
+
+class ClosedFormFlatness(RelativeFlatness):
+    """Exact κ of the model's output head from its logits, under the model's own cross-entropy, MSE or BCE loss:
+    a few extra matrix products, first-order autograd only."""
+
+    estimator = "closed_form"
+    samples_positions = True
+
+    @classmethod
+    def refusal(cls, model: nn.Module, layer: Layer, *, loss: str = "model", **options: Any) -> str | None:
+        if loss == "custom":
+            return (
+                "fam_estimator='closed_form' mirrors the model's own loss, but this Trainer computes its loss with "
+                "compute_loss_func or label smoothing; use fam_estimator='probe' (or 'auto')"
+            )
+        if not layer.is_output_head:
+            why = f"'{layer.name}' is not the model's output head"
+        elif head_loss_for(model) is None:
+            why = f"{type(model).__name__}'s loss is not one the closed form mirrors ({MIRRORED_LOSSES})"
+        else:
+            return None
+        return f"estimator='closed_form' cannot apply: {why}; use estimator='probe' (or 'auto')"
+
+    class Recording(Recording):
+        def capture(self, features, output, weight, first_call):
+            if first_call:
+                self.output = output
+                self._value = self._closed_form(weight, features, output)
+            return None
+
+        def _closed_form(self, weight, features, output) -> torch.Tensor:
+            fam = self.flatness
+            labels = self.batch.get("labels")
+            if labels is None:
+                raise ValueError("the closed-form estimator needs the batch's labels: record(batch) with 'labels'")
+            head_loss = head_loss_for(fam.model, labels)
+            with torch.set_grad_enabled(self.differentiable and torch.is_grad_enabled()):
+                if fam.hessian_grad == "detached" or not self.differentiable:
+                    output, features = output.detach(), features.detach()
+                output, features, weights = head_loss.positions(
+                    output,
+                    features,
+                    labels,
+                    input_ids=self.batch.get("input_ids"),
+                    num_items_in_batch=self.norm.items(self.norm.model_takes_items),
+                )
+                if fam.token_fraction < 1:
+                    chosen, weights = sample_positions(weights, fam.token_fraction, fam.generator)
+                    output, features = output[chosen], features[chosen]
+                return closed_form(weight, features, output, weights, head_loss.loss_type)
+
+        def value(self, loss, logits):
+            if logits is not None and logits.shape[-1] != self.output.shape[-1]:
+                raise ValueError(
+                    f"the model's logits ({tuple(logits.shape)}) are not the output of '{self.flatness.layer.name}' "
+                    f"({tuple(self.output.shape)}); use estimator='probe'"
+                )
+            return self._value * self.norm.scale(self.norm.model_takes_items), None
+
+
+class HeadInputFlatness(RelativeFlatness):
+    """Exact κ of a causal LM's output head from the head's input (the backbone's last hidden state).
+
+    The estimator for losses that never materialise the logits (TRL's fused LM head): it captures ``φ`` with a
+    hook on the backbone module and computes κ from it, the head's weight and the loss's counted positions, in
+    row chunks (:func:`fam_hf.curvature.weighted_curvature_from_features`), so the penalty never keeps an
+    ``N × vocabulary`` tensor. Its result is ``"closed_form"``'s.
+
+    Args:
+        model: a transformers ``*ForCausalLM`` (optionally PEFT- or DDP-wrapped) with an unmodified
+            cross-entropy head (no soft-capping or logit scaling).
+        layer: ``"auto"`` or the head's name; any other layer is refused.
+        chunk_elements: logits entries formed at a time (``rows × vocabulary``).
+        The other options are :class:`~fam_hf.RelativeFlatness`'s.
+    """
+
+    estimator = "closed_form"
+    samples_positions = True
+
+    def __init__(
+        self, model: nn.Module, layer: str = "auto", estimator: str = "auto", *, chunk_elements: int = CHUNK_ELEMENTS,
+        **options: Any,
+    ) -> None:  # fmt: skip
+        super().__init__(model, layer, estimator, **options)
+        reason = self.refusal(model, self.layer)
+        if reason is not None:
+            raise ValueError(reason)
+        base = unwrap_model(model)
+        self.backbone: nn.Module = base.base_model
+        if self.backbone is base:
+            raise ValueError(f"{type(base).__name__} has no backbone module (base_model) whose output feeds the head")
+        self.chunk_elements = chunk_elements
+
+    @classmethod
+    def refusal(cls, model: nn.Module, layer: Layer, *, loss: str = "fused", **options: Any) -> str | None:
+        head_loss = head_loss_for(model)
+        if head_loss is None or not head_loss.shift_labels or not layer.is_output_head:
+            return (
+                f"the LM-head closed form applies to a causal LM's output head under its plain cross-entropy; "
+                f"{type(unwrap_model(model)).__name__} is not one (or its logits are soft-capped/scaled)"
+            )
+        return None
+
+    @property
+    def description(self) -> str:
+        return f"closed form from the input of '{self.layer.name}' (the backbone's last hidden state)"
+
+    @property
+    def hooked_module(self) -> nn.Module:
+        return self.backbone
+
+    class Recording(Recording):
+        hidden: torch.Tensor | None = None  # the backbone's last_hidden_state: (B, T, m)
+
+        def on_forward(self, features, output):
+            if not self.open:
+                return None
+            self.calls += 1
+            hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+            # The first pass that can carry the penalty's gradient wins (a no-grad pass for metrics may follow it).
+            if self.hidden is None or (not self.with_grad and torch.is_grad_enabled()):
+                self.hidden, self.with_grad = hidden, torch.is_grad_enabled()
+            return None
+
+        def check(self) -> None:
+            fam = self.flatness
+            name = type(fam.backbone).__name__
+            if self.hidden is None:
+                raise RuntimeError(
+                    f"the backbone ({name}) whose output feeds '{fam.layer.name}' did not run during the forward pass "
+                    "inside record(): κ would train nothing; run the model's forward inside record()"
+                )
+            if self.differentiable and not self.with_grad:
+                raise RuntimeError(
+                    f"the backbone ({name}) ran only under torch.no_grad() inside record(), so the loss was not "
+                    f"computed from it and the penalty on '{fam.layer.name}' would train nothing; run the loss's "
+                    "forward pass with gradients enabled inside record()"
+                )
+
+        def value(self, loss, logits):
+            fam = self.flatness
+            weight = fam.layer.weight()
+            if weight.dim() != 2 or weight.numel() == 0:
+                raise RuntimeError(
+                    f"the weight of '{fam.layer.name}' is partitioned outside its forward pass ({tuple(weight.shape)}); "
+                    "the LM-head closed form from the head's input needs the whole matrix: train with DDP"
+                )
+            self.fan_in = weight.shape[1]
+            # the fused loss divides by num_items_in_batch whenever Trainer gives it one
+            with torch.set_grad_enabled(self.differentiable and torch.is_grad_enabled()):
+                hidden = self.hidden if self.differentiable and fam.hessian_grad == "full" else self.hidden.detach()
+                if not self.differentiable:
+                    weight = weight.detach()
+                features, weights = lm_head_positions(hidden, self.batch, self.norm.items(True))
+                if fam.token_fraction < 1:
+                    chosen, weights = sample_positions(weights, fam.token_fraction, fam.generator)
+                    features = features[chosen]
+                module = fam.layer.module
+                bias = getattr(getattr(module, "base_layer", module), "bias", None)
+                if bias is not None and not self.differentiable:
+                    bias = bias.detach()
+                dtype = compute_dtype(weight.dtype)
+                product_dtype = torch.bfloat16 if features.is_cuda and features.dtype == torch.bfloat16 else None
+                value = weighted_curvature_from_features(
+                    features,
+                    weight,
+                    bias,
+                    weights.to(dtype) * features.to(dtype).pow(2).sum(-1),
+                    chunk_rows=max(1, fam.chunk_elements // weight.shape[0]),
+                    through_logits=fam.hessian_grad == "full",
+                    product_dtype=product_dtype,
+                )
+            return value * self.norm.scale(True), None
+
+
+def lm_head_positions(
+    hidden: torch.Tensor,
+    batch: Mapping[str, Any],
+    num_items_in_batch: torch.Tensor | int | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The head inputs at the positions a causal-LM loss counts, with the loss's weight of each.
+
+    Args:
+        hidden: the backbone's ``last_hidden_state``, ``(B, T, m)``.
+        batch: the inputs: ``shift_labels: (B, T)`` (already aligned with ``hidden``, as under context
+            parallelism) or else ``labels: (B, T)``, scored one position ahead (``hidden[t]`` predicts
+            ``labels[t + 1]``). Assistant-only and completion-only masks, packing and padding-free batches all
+            arrive as ``-100`` labels.
+        num_items_in_batch: the loss's denominator when it is given one; else the count of counted positions.
+
+    Returns:
+        ``features: (N, m)`` (only the counted positions; a host synchronisation, as TRL's kernel does on
+        GPUs) and ``weights: (N,)`` with ``Σ_t weights_t ℓ_t`` the loss.
+    """
+    labels = batch.get("shift_labels")
+    if labels is None:
+        labels = batch.get("labels")
+        if labels is None:
+            raise ValueError("the LM-head closed form needs the batch's labels (or shift_labels)")
+        labels = nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
+    if labels.shape != hidden.shape[:-1]:
+        raise ValueError(
+            f"labels {tuple(labels.shape)} do not line up with the head's input {tuple(hidden.shape)}; the LM-head "
+            "closed form expects the backbone's last_hidden_state of the batch the loss was computed on"
+        )
+    counted = (labels != IGNORE_INDEX).to(hidden.device)
+    features = hidden[counted]
+    dtype = compute_dtype(hidden.dtype)
+    if num_items_in_batch is not None:
+        denominator = torch.as_tensor(num_items_in_batch, device=hidden.device, dtype=dtype)
+    else:
+        denominator = counted.sum().to(dtype).clamp_min(1)
+    weights = torch.ones(features.shape[0], device=hidden.device, dtype=dtype) / denominator
+    return features, weights

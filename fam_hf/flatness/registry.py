@@ -1,0 +1,90 @@
+"""Which estimator computes κ of a layer: the one table of estimators and the one place that chooses among them.
+
+An estimator is chosen for a *purpose*: ``"measure"`` reports the paper's κ (the closed form on an output head,
+else the probe with the full Hessian); ``"penalty"`` trains against it and needs κ bounded below (the closed form,
+else Gauss–Newton, whose curvature is positive semi-definite, else the probe). And for a *loss*: ``"model"`` (the
+model's own loss through its head), ``"custom"`` (a loss a trainer computes from the logits: compute_loss_func,
+label smoothing; only the probe differentiates it), ``"fused"`` (a loss that never runs the head module, TRL's
+fused LM head: only the closed form from the head's input). Each estimator says itself why it cannot apply
+(:meth:`~fam_hf.RelativeFlatness.refusal`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from ..layers import Layer, resolve_layer
+from ..options import ESTIMATORS as NAMES
+from ..options import check_choice
+from .base import RelativeFlatness
+from .closed_form import ClosedFormFlatness, HeadInputFlatness
+from .exact import ExactFlatness
+from .probe import GaussNewtonFlatness, ProbeFlatness
+
+ESTIMATORS: dict[str, type[RelativeFlatness]] = {
+    "closed_form": ClosedFormFlatness,
+    "probe": ProbeFlatness,
+    "gauss_newton": GaussNewtonFlatness,
+    "exact": ExactFlatness,
+}
+assert ("auto", *ESTIMATORS) == NAMES, "fam_hf.options.EstimatorName lists the estimators of this table"
+
+# What "auto" tries, in order, for each purpose: the first that applies.
+AUTO = {"measure": ("closed_form", "probe"), "penalty": ("closed_form", "gauss_newton", "probe")}
+
+
+def choose(
+    model: nn.Module,
+    layer: str | Layer = "auto",
+    estimator: str = "auto",
+    options: dict[str, Any] | None = None,
+    *,
+    purpose: str = "measure",
+    loss: str = "model",
+) -> type[RelativeFlatness]:
+    """The estimator class that computes κ of ``layer`` for ``purpose`` under ``loss``.
+
+    Args:
+        model: the model (optionally PEFT- or DDP-wrapped).
+        layer: a layer spec (see :func:`fam_hf.resolve_layer`) or a resolved :class:`~fam_hf.Layer`.
+        estimator: ``"auto"`` or an estimator's name.
+        options: the estimator's keyword options (``hessian_grad``, ``max_exact_entries`` …), which some
+            refusals depend on.
+        purpose: ``"measure"`` or ``"penalty"``.
+        loss: ``"model"``, ``"custom"`` or ``"fused"``.
+
+    Raises:
+        ValueError: an unknown name, or the named estimator cannot apply (the message says why and what to use).
+    """
+    check_choice("estimator", estimator, NAMES)
+    options = options or {}
+    target = layer if isinstance(layer, Layer) else resolve_layer(model, layer)
+    if loss == "fused":
+        if estimator not in ("auto", "closed_form") or not target.is_output_head:
+            raise ValueError(
+                f"fam_layer={target.name!r} with fam_estimator={estimator!r}: the loss runs through a fused LM head "
+                "(TRL's SFTTrainer), which never calls the head module and has no second derivative, so only the LM "
+                "head's closed form (from the head's input) can train; use fam_layer='auto' with fam_estimator='auto' "
+                "or 'closed_form', or penalise another layer with FAMTrainer and the full logits"
+            )
+        return HeadInputFlatness
+    if estimator == "auto":
+        for name in AUTO[purpose]:
+            if ESTIMATORS[name].refusal(model, target, loss=loss, **options) is None:
+                return ESTIMATORS[name]
+    chosen = ESTIMATORS["probe" if estimator == "auto" else estimator]
+    reason = chosen.refusal(model, target, loss=loss, **options)
+    if reason is not None:
+        raise ValueError(reason)
+    return chosen
+
+
+def penalty_estimator(model: nn.Module, layer: str = "auto", hessian_grad: str = "full") -> str:
+    """The name of the estimator ``fam_estimator="auto"`` trains with: the closed form on the output head under
+    a loss it mirrors; on any other layer the Gauss–Newton estimator, whose curvature is positive semi-definite,
+    so ``λ·κ ≥ 0`` and minimising it cannot run away (a body layer's Hessian is indefinite away from a minimum,
+    and the probe's κ there has no lower bound: in this project's study it went to −3,000, STUDY.md); the probe
+    otherwise (any other loss, or ``hessian_grad="detached"``, which Gauss–Newton does not take)."""
+    return choose(model, layer, "auto", {"hessian_grad": hessian_grad}, purpose="penalty").estimator
