@@ -29,4 +29,4 @@ test-ranks-under-load: install install-assets
 	$(PYTHON) mk/under_load.py --runs $(RUNS) -- $(PYTHON) -m pytest -q -m "multiprocess and not slow"
 
 lint:
-	$(PYTHON) -m ruff check fam_hf tests recipes benchmarks
+	$(PYTHON) -m ruff check fam_hf tests recipes benchmarks study mk

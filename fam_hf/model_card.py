@@ -1,7 +1,7 @@
 """Model cards that say how a model was trained with FAM and how flat it came out.
 
 :func:`card_facts` (from a trainer) and :func:`run_card_facts` (from a finished run folder) gather what a card
-records: base model, data set, task, the FAM settings (:func:`fam_hf.runs.fam_settings`), κ as logged during
+records: base model, data set, task, the FAM settings (:func:`resolved_fam_settings`), κ as logged during
 training (``fam/*``) and as measured by ``FlatnessCallback`` (``flatness/*``) and by the recipes
 (``metrics.json``: κ on fixed batches at start and end), evaluation metrics, hyperparameters and library
 versions. :func:`model_card` turns them into a ``huggingface_hub.ModelCard`` (metadata through
@@ -19,7 +19,7 @@ import json
 import math
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -118,9 +118,30 @@ class CardFacts:
 # -- gathering the facts ------------------------------------------------------------------------------------
 
 
-@dataclass
-class _NoScript:
-    """``runs.fam_settings`` also records a recipe's arguments; a trainer used outside the recipes has none."""
+def resolved_fam_settings(trainer, args=None) -> dict[str, Any]:
+    """The ``fam_*`` fields of the trainer's config, what they resolved to, and the trainer's class name.
+
+    A FAM trainer reports its own config and its ``flatness``: the layer, the estimator (with its detail where
+    the name does not say it all) and λ as ``fam_lambda_relative`` set it. ``args``: the FAM config κ is
+    measured with where ``trainer`` has no FAM penalty (a baseline such as ``SAMTrainer``, whose config has no
+    ``fam_*`` fields); its layer is resolved on ``trainer.model``. The card's FAM section, and the ``"fam"``
+    of the recipes' ``fam_config.json``.
+    """
+    flatness = getattr(trainer, "flatness", None)
+    args = trainer.args if flatness is not None or args is None else args
+    settings = {key: value for key, value in asdict(args).items() if key.startswith("fam_")}
+    if flatness is not None:
+        settings.update(resolved_layer=flatness.layer.name, resolved_estimator=flatness.estimator)
+        if getattr(trainer, "fam_base_lambda", None) is not None:
+            settings["resolved_lambda"] = trainer.fam_base_lambda  # fam_lambda, or as fam_lambda_relative set it
+        if flatness.description:  # how κ was computed, where the estimator's name does not say it all
+            settings["resolved_estimator_detail"] = flatness.description
+    else:  # trained without the penalty: κ is only measured, on the same layer
+        from .layers import resolve_layer
+
+        settings["resolved_layer"] = resolve_layer(trainer.model, args.fam_layer).name
+    settings["trainer"] = type(trainer).__name__
+    return settings
 
 
 def card_facts(trainer, *, model_name=None, finetuned_from=None, tasks=None, dataset=None, dataset_tags=None,
@@ -128,8 +149,6 @@ def card_facts(trainer, *, model_name=None, finetuned_from=None, tasks=None, dat
     """What ``trainer`` (a ``FAMTrainer``) knows, plus the recipes' ``metrics.json``/``fam_config.json`` in its
     ``output_dir`` when present. The keyword arguments are ``Trainer.create_model_card``'s."""
     from transformers.modelcard import extract_hyperparameters_from_trainer
-
-    from .runs import fam_settings
 
     run = read_run_files(trainer.args.output_dir)
     script = _without_tokens(run.get("fam_config", {}).get("script", {}))
@@ -143,7 +162,7 @@ def card_facts(trainer, *, model_name=None, finetuned_from=None, tasks=None, dat
     dataset_name = dataset if isinstance(dataset, str) else script.get("dataset")
     return CardFacts(
         model_name=model_name or Path(trainer.args.output_dir).name,
-        fam=fam_settings(trainer, _NoScript())["fam"],
+        fam=resolved_fam_settings(trainer),
         log_history=list(trainer.state.log_history),
         metrics={**eval_metrics(trainer.state.log_history), **run.get("metrics", {})},
         hyperparameters=hyperparameters,

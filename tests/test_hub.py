@@ -27,7 +27,6 @@ from fam_hf import FAMConfig, FAMTrainer
 from fam_hf.cli import main
 from fam_hf.hub import HubPushError
 from fam_hf.model_card import card_facts, model_card
-from fam_hf.runs import fam_settings, write_json
 
 TESTS = Path(__file__).resolve().parent
 TOKEN = "fam-tests-secret-token-5c1e0b7d"  # not hf_-shaped, so only keeping it out (not pattern masking) passes
@@ -222,6 +221,8 @@ def test_fam_hf_publish_pushes_a_finished_run_and_rebuilds_a_missing_card(tmp_pa
     trainer.evaluate()
     trainer.save_model()
     trainer.save_state()
+    from kit.runs import fam_settings, write_json  # the recipes' kit (recipes/ is on sys.path: conftest.py)
+
     write_json(str(run), "fam_config.json", fam_settings(trainer, RecipeArguments()))
     write_json(str(run), "metrics.json", {"test_accuracy": 0.75, "kappa_train_start": 0.5, "kappa_train_end": 0.25})
     (run / "README.md").unlink()  # a run saved before cards existed

@@ -11,8 +11,7 @@ from torch.nn import functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from fam_hf import RelativeFlatness, relative_flatness
-from fam_hf.curvature import softmax_curvature
-from fam_hf.curvature import weighted_curvature_from_features
+from fam_hf.curvature import softmax_curvature, weighted_curvature_from_features
 from fam_hf.flatness import HeadInputFlatness
 
 RTOL = 1e-8

@@ -22,8 +22,8 @@ tomllib = pytest.importorskip("tomllib", reason="reads pyproject.toml with Pytho
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 # What the tree imports that no distribution provides: its own modules, run as scripts or from sys.path.
-LOCAL = {"fam_hf", "benchmarks", "recipes"} | {
-    p.stem for d in ("tests", "benchmarks", "recipes") for p in (ROOT / d).glob("*.py")
+LOCAL = {"fam_hf", "benchmarks", "recipes", "kit", "study"} | {
+    p.stem for d in ("tests", "benchmarks", "recipes", "study") for p in (ROOT / d).glob("*.py")
 }
 
 
@@ -60,7 +60,7 @@ def distribution(module: str) -> str:
 @pytest.mark.parametrize(
     "folder, groups",
     [("fam_hf", ("core", "plots", "deepspeed", "trl")), ("recipes", ("core", "plots", "trl")),
-     ("benchmarks", ("core", "bitsandbytes", "trl", "test")),
+     ("benchmarks", ("core", "bitsandbytes", "trl", "test")), ("study", ("core", "plots")),
      ("tests", ("core", "test", "plots", "deepspeed", "trl"))],
 )  # fmt: skip
 def test_every_import_is_declared(folder, groups):
@@ -150,7 +150,7 @@ def test_wheel_installs_into_a_clean_virtualenv(tmp_path):
         metadata = archive.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
     sources = {f"fam_hf/{p.name}" for p in (ROOT / "fam_hf").glob("*.py")}
     assert sources <= names, f"missing from the wheel: {sorted(sources - names)}"
-    assert not {n for n in names if n.startswith(("tests/", "recipes/", "benchmarks/"))}
+    assert not {n for n in names if n.startswith(("tests/", "recipes/", "benchmarks/", "study/", "kit/"))}
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
     for field in ("License-Expression: Apache-2.0", "Requires-Python: >=3.10", "Provides-Extra: plots",
                   "Classifier: Programming Language :: Python :: 3.11", "Requires-Dist: torch>=2.6"):  # fmt: skip

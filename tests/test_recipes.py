@@ -10,10 +10,12 @@ import shutil
 import socket
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
+from kit import load_config, parse_config
 
 from fam_hf.assets import model_path
 
@@ -156,7 +158,6 @@ def test_classification_recipe_scores_with_the_metrics_it_is_given_offline(tmp_p
 )
 def test_null_on_the_command_line_undoes_the_configs_slice(name, config, tmp_path):
     from fam_hf import FAMConfig
-    from fam_hf.assets import parse_config
 
     module = recipe(name)
     argv = ["--config", str(config), "--output_dir", str(tmp_path)]
@@ -257,7 +258,117 @@ def test_a_non_empty_output_dir_is_not_overwritten(tmp_path, tiny_bert):
     assert (tmp_path / "out" / "model.safetensors").read_text() == "earlier run"
 
 
-# -- configs --------------------------------------------------------------------------------------------
+# -- configs: the recipes' parser (recipes/kit/config.py), then the shipped files ------------------------
+
+
+@dataclass
+class Args:
+    model_name_or_path: str
+    max_length: int = 128
+    tags: list[str] | None = None
+    limit: int | None = None
+
+
+def test_yaml_gives_defaults_and_the_command_line_wins(tmp_path):
+    from fam_hf import FAMConfig
+
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        "model_name_or_path: minilm-l6\nmax_length: 32\ntags: [a, b]\n"
+        f"output_dir: {tmp_path}\nfam_lambda: 0.5\nlearning_rate: 5e-5\nuse_cpu: true\nreport_to: none\n"
+    )
+    args, fam = parse_config([Args, FAMConfig], ["--config", str(config), "--fam_lambda", "0.25", "--max_length", "16"])
+    assert (args.model_name_or_path, args.max_length, args.tags) == ("minilm-l6", 16, ["a", "b"])
+    assert fam.fam_lambda == 0.25 and fam.learning_rate == 5e-5  # YAML 1.1 reads 5e-5 as a string: converted
+    args, _ = parse_config([Args, FAMConfig], ["--model_name_or_path", "x", "--output_dir", str(tmp_path)])
+    assert args.model_name_or_path == "x" and args.max_length == 128
+
+
+def test_null_on_the_command_line_undoes_an_optional_field(tmp_path, capsys):
+    from fam_hf import FAMConfig
+
+    config = tmp_path / "c.yaml"
+    config.write_text(f"model_name_or_path: m\nlimit: 5\ntags: [a]\noutput_dir: {tmp_path}\nfam_seed: 3\n")
+    args, fam = parse_config(
+        [Args, FAMConfig], ["--config", str(config), "--limit", "null", "--tags", "None", "--fam_seed", "null"]
+    )
+    assert (args.limit, args.tags, fam.fam_seed) == (None, None, None)
+    args, fam = parse_config([Args, FAMConfig], ["--config", str(config), "--limit", "7", "--report_to", "none"])
+    assert (args.limit, args.tags, fam.fam_seed, fam.report_to) == (7, ["a"], 3, [])  # "none" is report_to's own
+    with pytest.raises(SystemExit):  # a field that cannot be None still refuses it
+        parse_config([Args, FAMConfig], ["--config", str(config), "--max_length", "null"])
+    assert "invalid int value: 'null'" in capsys.readouterr().err
+
+
+def test_unknown_keys_are_named(tmp_path):
+    from fam_hf import FAMConfig
+
+    config = tmp_path / "c.yaml"
+    config.write_text("model_name_or_path: m\nfam_lamda: 0.1\n")
+    with pytest.raises(ValueError, match=r"c\.yaml: unknown key 'fam_lamda' \(did you mean 'fam_lambda'\?\): "
+                                         r"not a field of Args or FAMConfig"):  # fmt: skip
+        parse_config([Args, FAMConfig], ["--config", str(config)])
+    with pytest.raises(ValueError, match=r"command line: unknown key 'max_lenght' \(did you mean 'max_length'\?\)"):
+        parse_config([Args, FAMConfig], ["--model_name_or_path", "m", "--max_lenght", "3"])
+    with pytest.raises(FileNotFoundError, match="config file 'nope.yaml' does not exist"):
+        parse_config([Args, FAMConfig], ["--config", "nope.yaml"])
+
+
+def test_a_config_inherits_its_base_and_overrides_it(tmp_path):
+    from fam_hf import FAMConfig
+
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "root.yaml").write_text(
+        f"model_name_or_path: m\nmax_length: 32\ntags: [a, b]\nlimit: 5\noutput_dir: {tmp_path}\nfam_lambda: 0.5\n"
+    )
+    (tmp_path / "mid.yaml").write_text("base: base/root.yaml\nmax_length: 64\ntags: [c]\n")  # relative to the file
+    (tmp_path / "leaf.yaml").write_text("base: mid.yaml\nlimit: null\nfam_lambda: 0.1\n")
+    assert load_config(tmp_path / "leaf.yaml") == {
+        "model_name_or_path": "m", "max_length": 64, "tags": ["c"], "limit": None, "output_dir": str(tmp_path),
+        "fam_lambda": 0.1,
+    }  # fmt: skip
+    args, fam = parse_config([Args, FAMConfig], ["--config", str(tmp_path / "leaf.yaml"), "--max_length", "8"])
+    assert (args.model_name_or_path, args.max_length, args.tags, args.limit, fam.fam_lambda) == (
+        "m",
+        8,
+        ["c"],
+        None,
+        0.1,
+    )
+
+
+def test_a_bad_base_is_named(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: b.yaml\nlimit: 1\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ValueError, match=r"base configs form a cycle \(.*a\.yaml -> .*b\.yaml -> .*a\.yaml\)"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("base: missing.yaml\n")
+    with pytest.raises(FileNotFoundError, match=r"missing\.yaml' \(the base of .*c\.yaml\) does not exist"):
+        load_config(tmp_path / "c.yaml")
+    (tmp_path / "d.yaml").write_text("base: e.yaml\n")
+    (tmp_path / "e.yaml").write_text("- a list\n")
+    with pytest.raises(ValueError, match=r"e\.yaml: expected a mapping of field names to values, got list"):
+        load_config(tmp_path / "d.yaml")
+    for bad in ("3", "[x.yaml]", '""'):
+        (tmp_path / "f.yaml").write_text(f"base: {bad}\n")
+        with pytest.raises(ValueError, match=r"f\.yaml: `base:` must be the path of another config"):
+            load_config(tmp_path / "f.yaml")
+
+
+def test_an_unknown_key_is_named_with_the_file_that_holds_it(tmp_path):
+    (tmp_path / "root.yaml").write_text("model_name_or_path: m\nmax_lenght: 3\n")
+    (tmp_path / "leaf.yaml").write_text("base: root.yaml\nlimit: 2\n")
+    with pytest.raises(ValueError, match=r"root\.yaml: unknown key 'max_lenght' \(did you mean 'max_length'\?\)"):
+        parse_config([Args], ["--config", str(tmp_path / "leaf.yaml")])
+
+
+def test_config_values_are_validated_by_fam_config(tmp_path):
+    from fam_hf import FAMConfig
+
+    with pytest.raises(ValueError, match="fam_lambda=-1.0 is negative"):
+        parse_config(
+            [Args, FAMConfig], ["--model_name_or_path", "m", "--output_dir", str(tmp_path), "--fam_lambda", "-1"]
+        )
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs" / "accelerate").glob("*.yaml")), ids=lambda p: p.name)
@@ -273,7 +384,6 @@ def test_recipe_configs_show_every_fam_knob(path):
     import dataclasses
 
     from fam_hf import FAMConfig
-    from fam_hf.assets import load_config
 
     keys = set(load_config(path))  # with its base's keys
     fam_fields = {f.name for f in dataclasses.fields(FAMConfig) if f.name.startswith("fam_")}
@@ -323,7 +433,7 @@ def test_two_real_ranks_via_accelerate_launch(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "threads are still running" not in proc.stderr  # the group ended before the interpreter (runs.py)
+    assert "threads are still running" not in proc.stderr  # the group ended before the interpreter (fam_hf.distributed)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["world_size"] == 2
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 20

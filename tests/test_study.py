@@ -1,4 +1,4 @@
-"""The study harness (recipes/study.py, fam_hf/study.py, fam_hf/study_stats.py) on a tiny random BERT: runs of
+"""The study harness (study/run.py, study/harness.py, study/tables.py, study/stats.py) on a tiny random BERT: runs of
 every method, selection on validation only, an equal grid budget, records that resume, byte-identical
 aggregation, and the statistics against hand computations. No test asserts a study outcome."""
 
@@ -9,7 +9,6 @@ import json
 import math
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,18 +16,17 @@ import pytest
 import yaml
 from scipy import stats
 
+from fam_hf.data import load_splits
+
 ROOT = Path(__file__).resolve().parents[1]
 STUDY_CONFIGS = sorted((ROOT / "configs").glob("study_*.yaml"))
 TABLES = ("runs.jsonl", "runs.csv", "checkpoints.csv", "summary.json", "results.md")
 
 
 def study_module():
-    if "recipe_study" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("recipe_study", ROOT / "recipes" / "study.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["recipe_study"] = module  # dataclasses look their module up while the file runs
-        spec.loader.exec_module(module)
-    return sys.modules["recipe_study"]
+    from study import run  # study/run.py (tests/conftest.py puts the repository root on sys.path)
+
+    return run
 
 
 @pytest.fixture(scope="module")
@@ -120,9 +118,10 @@ def test_every_method_runs_and_records_what_the_tables_need(study):
 
 
 def study_module_args(study):
+    from kit import parse_config
+
     from fam_hf import FAMConfig
-    from fam_hf.assets import parse_config
-    from fam_hf.study import StudyArguments
+    from study.harness import StudyArguments
 
     argv = study[1]
     recipe = study_module().load_recipe(argv)
@@ -140,7 +139,7 @@ def test_each_grid_value_is_chosen_on_the_first_seeds_validation_metric(study):
 
 
 def test_selection_reads_validation_never_test():
-    from fam_hf.study import StudyArguments, chosen_values
+    from study.harness import StudyArguments, chosen_values
 
     study = StudyArguments("finetune_classification", "t", "accuracy", [0.1, 1.0], study_seeds=[0, 1],
                            study_methods=["plain", "fam"])  # fmt: skip
@@ -157,7 +156,7 @@ def test_selection_reads_validation_never_test():
 
 
 def test_every_method_gets_the_same_grid_budget():
-    from fam_hf.study import StudyArguments, check_study, grid, methods
+    from study.harness import StudyArguments, check_study, grid, methods
 
     study = StudyArguments("finetune_classification", "t", "accuracy", [0.1, 0.3], study_methods=["plain", "fam", "sam"],
                            study_sam_rhos=[0.05])  # fmt: skip
@@ -166,8 +165,9 @@ def test_every_method_gets_the_same_grid_budget():
     module = study_module()
     for path in STUDY_CONFIGS:  # every shipped config tunes its methods alike
         recipe = module.load_recipe(["--config", str(path)])
+        from kit import parse_config
+
         from fam_hf import FAMConfig
-        from fam_hf.assets import parse_config
 
         args = parse_config([StudyArguments, recipe.ScriptArguments, FAMConfig], ["--config", str(path)])[0]
         check_study(args)
@@ -175,7 +175,7 @@ def test_every_method_gets_the_same_grid_budget():
 
 
 def test_a_second_metric_is_paired_with_plain_by_hand_and_never_selected_on(study):
-    from fam_hf.study import markdown, summarize
+    from study.tables import markdown, summarize
 
     _, _, _, records = study
     args = study_module_args(study)
@@ -247,7 +247,7 @@ def test_the_rescaling_control_preserves_the_function_and_flags_what_moves(study
     import torch
     from transformers import BertConfig, BertForSequenceClassification
 
-    from fam_hf.study_rescaling import rescale_norm_and_next, rescaling_control
+    from study.rescaling import rescale_norm_and_next, rescaling_control
 
     config = BertConfig(vocab_size=40, hidden_size=12, num_hidden_layers=1, num_attention_heads=2,
                         intermediate_size=16, max_position_embeddings=16, num_labels=3, attn_implementation="eager")  # fmt: skip
@@ -276,6 +276,49 @@ def test_the_rescaling_control_preserves_the_function_and_flags_what_moves(study
     out = study[0] / "records"
     assert {r["layer"] for r in json.loads((out / "rescaling.json").read_text())["rows"]} == {linear, "classifier"}
     assert "Rescaling control" in (out / "results.md").read_text()
+
+
+# -- the study's data sets (study/data.py) --------------------------------------------------------------
+
+
+@pytest.fixture
+def study_data():
+    """study/data.py, its aliases registered with fam_hf.data as the study registers them."""
+    from study import data
+
+    data.register()
+    return data
+
+
+def test_debates_test_split_is_the_vp_debate_with_speakers_never_seen_in_training(study_data):
+    splits = load_splits("debates-2016", seed=0, test_size=0.2, validation_size=0.2)
+    assert [len(splits[k]) for k in ("train", "validation", "test")] == [382, 95, 406]  # 883 statements
+    assert set(splits["test"]["debate"]) == {"VP"} and "VP" not in set(splits["train"]["debate"])
+    assert not set(splits["train"]["speaker"]) & set(splits["test"]["speaker"])
+    assert splits["test"].features["label"].names == ["Democratic", "Republican", "Moderator"]
+    speakers = dict(zip(splits["test"]["speaker"], splits["test"]["label"]))
+    assert speakers == {"KAINE": 0, "PENCE": 1, "QUIJANO": 2}
+    assert min(len(t.split()) for s in splits.values() for t in s["text"]) >= 5
+    other = load_splits("debates-2016", seed=1, test_size=0.2, validation_size=0.2)
+    assert other["test"]["text"] == splits["test"]["text"]  # fixed; validation is carved by row per seed
+    assert set(other["validation"]["text"]) != set(splits["validation"]["text"])
+
+
+def test_conventions_split_by_speaker_with_paragraphs_as_rows(study_data):
+    rows = study_data.conventions_2012()
+    assert len(rows) == 3_032 and len(set(rows["text"])) == 3_032
+    assert rows.features["label"].names == ["democrat", "republican"]
+    assert sum(rows["label"]) == 1_242  # 41.0% republican
+    assert min(len(t.split()) for t in rows["text"]) >= 5 and not any("\n" in t for t in rows["text"])
+    assert len(set(rows["speaker"])) == 183  # 180 named, 3 unnamed speeches each on their own
+    splits = load_splits("conventions-2012", seed=0, test_size=0.2, validation_size=0.1)
+    speakers = {name: set(split["speaker"]) for name, split in splits.items()}
+    assert [len(s) for s in speakers.values()] == [128, 18, 37]
+    assert not speakers["train"] & speakers["test"] and not speakers["train"] & speakers["validation"]
+    assert not speakers["validation"] & speakers["test"]
+    assert sum(len(s) for s in splits.values()) == 3_032
+    other = load_splits("conventions-2012", seed=1, test_size=0.2, validation_size=0.1)
+    assert set(other["test"]["speaker"]) != speakers["test"]
 
 
 # -- statistics against hand computations ------------------------------------------------------------------
@@ -311,7 +354,7 @@ def percentile(values, q):
 
 
 def test_kendall_tau_and_its_bootstrap_over_runs_match_a_hand_computation():
-    from fam_hf.study_stats import bootstrap_tau, kendall_tau
+    from study.stats import bootstrap_tau, kendall_tau
 
     x = [0.1, 0.4, 0.35, 0.8, 0.2, 0.9, float("nan"), 0.5]
     y = [1.0, 2.0, 2.5, 3.0, 0.5, 2.0, 1.0, 2.2]
@@ -338,7 +381,7 @@ def test_kendall_tau_and_its_bootstrap_over_runs_match_a_hand_computation():
 
 
 def test_mean_ci_and_paired_differences_match_a_hand_computation():
-    from fam_hf.study_stats import mean_ci, paired
+    from study.stats import mean_ci, paired
 
     values, reference = {0: 0.70, 1: 0.74, 2: 0.69, 4: 0.80}, {0: 0.72, 1: 0.70, 2: 0.69, 3: 0.5, 4: 0.75}
     diffs = [0.70 - 0.72, 0.74 - 0.70, 0.69 - 0.69, 0.80 - 0.75]  # seeds 0, 1, 2, 4 (seed 3 unpaired)
@@ -370,15 +413,16 @@ def test_bad_study_settings_name_the_fix(tmp_path):
 def test_study_configs_parse_and_label_quick_runs(path):
     module = study_module()
     recipe = module.load_recipe(["--config", str(path)])
+    from kit import load_config, parse_config
+
     from fam_hf import FAMConfig
-    from fam_hf.assets import load_config, parse_config
 
     study, script, args = parse_config(
         [module.StudyArguments, recipe.ScriptArguments, FAMConfig], ["--config", str(path)]
     )
     quick = "quick" in path.stem
     assert study.study_quick == quick and ("quick" in args.output_dir) == quick
-    enough = 3 if study.study_recipe == "finetune_clm" else 5  # issue 13: ≥ 5 seeds for (a), (b); ≥ 3 for (c)
+    enough = 3 if study.study_recipe == "finetune_clm" else 5  # the study's minimum: 5 seeds for (a), (b); 3 for (c)
     assert (len(study.study_seeds) >= enough or quick) and not script.save_model
     assert load_config(path)["fam_lambda"] == 0.0  # set per run by the study
 
@@ -391,11 +435,11 @@ def test_make_targets_parse():
             [make, "-n", "-f", "-", "-f", "mk/study.mk", target], input=stub, cwd=ROOT, capture_output=True, text=True
         )
         assert proc.returncode == 0, proc.stderr
-        assert "recipes/study.py --config" in proc.stdout and config in proc.stdout
+        assert "study/run.py --config" in proc.stdout and config in proc.stdout
 
 
 def summary_of(metric, higher, methods):
-    """A summary.json as fam_hf.study.summarize writes it, with only what the decision table reads."""
+    """A summary.json as study.tables.summarize writes it, with only what the decision table reads."""
     stat = lambda mean, ci=0.01, n=5: {"mean": mean, "ci95": ci, "n": n}  # noqa: E731
     rows = {m: {"value": v, "seeds": [0, 1, 2, 3, 4], "test_metric": stat(t),
                 **({"vs_plain": {**stat(d, c), "in_favour": 4}} if d is not None else {})}
@@ -410,7 +454,7 @@ def summary_of(metric, higher, methods):
 
 
 def test_the_decision_table_reads_each_interval_the_right_way_round():
-    from fam_hf.study import decision_markdown, verdict
+    from study.tables import decision_markdown, verdict
 
     assert verdict({"mean": 0.02, "ci95": 0.01, "n": 5}, True) == "better"
     assert verdict({"mean": 0.02, "ci95": 0.01, "n": 5}, False) == "worse"  # perplexity up
@@ -428,8 +472,9 @@ def test_the_decision_table_reads_each_interval_the_right_way_round():
 
 
 def test_one_command_rebuilds_every_table_of_study_md(study, tmp_path):
-    from fam_hf.assets import load_config
-    from fam_hf.study import REPORT_BEGIN, REPORT_END
+    from kit import load_config
+
+    from study.tables import REPORT_BEGIN, REPORT_END
 
     out, argv, summary, _ = study
     config = load_config(ROOT / "configs" / "study_minilm_rt.yaml")
@@ -448,7 +493,7 @@ def test_one_command_rebuilds_every_table_of_study_md(study, tmp_path):
     document = tmp_path / "STUDY.md"
     document.write_text(f"# Study\n\nreading\n\n{REPORT_BEGIN}\nold tables\n{REPORT_END}\n\nmore reading\n")
     results = (out / "records" / "results.md").read_bytes()
-    report = module_from(ROOT / "recipes" / "study_report.py")
+    report = module_from(ROOT / "study" / "report.py")
     missing = tmp_path / "missing.yaml"
     missing.write_text(yaml.safe_dump({**config, "study_records_dir": str(tmp_path / "none")}, allow_unicode=True))
     report.main([str(path), str(missing), "--document", str(document)])
@@ -474,7 +519,7 @@ def module_from(path: Path):
 
 
 def test_the_committed_tables_are_what_the_committed_records_rebuild(tmp_path, monkeypatch):
-    """Issue 13's acceptance: `make study-tables` on the tracked records rewrites every tracked table byte for byte
+    """Reproducibility: `make study-tables` on the tracked records rewrites every tracked table byte for byte
     (each task's results.md, CSV and JSON, and STUDY.md's decision and measure tables). Records committed without
     their tables, or tables edited by hand, fail here."""
     make = shutil.which("make") or pytest.skip("make not installed")
@@ -493,7 +538,7 @@ def test_the_committed_tables_are_what_the_committed_records_rebuild(tmp_path, m
         shutil.copytree(ROOT / name, tmp_path / name)
     shutil.copy(ROOT / "STUDY.md", tmp_path / "STUDY.md")
     monkeypatch.chdir(tmp_path)  # the configs name their records folders relative to the repository root
-    module_from(ROOT / "recipes" / "study_report.py").main([*configs, "--document", "STUDY.md"])
+    module_from(ROOT / "study" / "report.py").main([*configs, "--document", "STUDY.md"])
     tracked = [p.relative_to(ROOT) for p in (ROOT / "studies").rglob("*") if p.is_file()] + [Path("STUDY.md")]
     changed = [str(p) for p in tracked if (tmp_path / p).read_bytes() != (ROOT / p).read_bytes()]
     assert not changed, f"rebuilt tables differ from the committed ones (run `make study-tables`): {changed}"

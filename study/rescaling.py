@@ -1,5 +1,5 @@
 """The study's reparameterisation control: a function-preserving rescaling of the network, and which flatness
-measures change under it (``recipes/study.py``; the relative-flatness paper's "reparameterization curse").
+measures change under it (``study/run.py``; the relative-flatness paper's "reparameterization curse").
 
 A LayerNorm followed by a linear layer computes ``W (γ ⊙ n(x) + β) + b``; multiplying ``γ`` and ``β`` by ``α`` and
 ``W`` by ``1/α`` leaves every output unchanged (up to rounding), so a measure of generalization should not move. In
@@ -53,7 +53,7 @@ def rescaling_control(
     preserves the function when it is at rounding level); a row is flagged when ``|after/before − 1| > tolerance``.
     ``options`` go to :func:`fam_hf.callback.measure_batches` (estimator, probes, seed …).
     """
-    from .callback import measure_batches
+    from fam_hf.callback import measure_batches
 
     model.eval()
     rows, change = [], 0.0

@@ -1,6 +1,8 @@
 """What a recipe run measures and writes: fixed κ batches, the FAM settings, metrics JSON, a safe output dir.
 
-Shared by ``recipes/finetune_classification.py``, ``recipes/finetune_clm.py`` and ``recipes/study.py``.
+A run starts with :func:`start_run`, measures κ and the loss on fixed batches before and after training
+(:class:`FixedBatchKappa`), and ends with :func:`finish`: ``metrics.json``, ``fam_config.json``, the model and
+the printed summary. ``study/run.py`` trains its baselines with :func:`as_config` and the same measurements.
 """
 
 from __future__ import annotations
@@ -14,8 +16,19 @@ from dataclasses import asdict, fields
 import numpy as np
 import torch
 
-from .config import FAMConfig
-from .layers import resolve_layer
+from fam_hf import FAMConfig
+from fam_hf.model_card import resolved_fam_settings
+
+KAPPA_SPLITS = ("train", "test")  # κ is reported on fixed batches of these splits
+
+
+def start_run(script, args: FAMConfig) -> None:
+    """Refuse a used ``output_dir`` (unless ``script.overwrite_output`` or a resumed run), then seed what is
+    initialised before ``Trainer`` seeds (a new classifier head, LoRA matrices) with ``args.seed``."""
+    from transformers import set_seed
+
+    check_output_dir(args.output_dir, script.overwrite_output or args.resume_from_checkpoint is not None)
+    set_seed(args.seed)
 
 
 def fixed_batches(dataset, collator, args: FAMConfig, count: int) -> list[dict[str, torch.Tensor]]:
@@ -48,7 +61,7 @@ def fixed_batch_measures(model, batches, args: FAMConfig, probes: int) -> dict[s
     κ with the config's layer, estimator and scale (``probes`` probes seeded with ``args.seed``); the loss is
     the model's own mean loss per batch, without dropout. Model mode and the global RNG state are restored afterwards.
     """
-    from .callback import measure_batches  # imports transformers' Trainer machinery: only when measuring
+    from fam_hf.callback import measure_batches  # imports transformers' Trainer machinery: only when measuring
 
     values = measure_batches(
         model,
@@ -63,6 +76,47 @@ def fixed_batch_measures(model, batches, args: FAMConfig, probes: int) -> dict[s
     return {name: float(np.mean(v)) for name, v in values.items()}
 
 
+class FixedBatchKappa:
+    """κ of ``args.fam_layer`` and the model's own loss on fixed train and test batches, at the start and the end.
+
+    The batches are the first ``script.kappa_batches`` of each of :data:`KAPPA_SPLITS`, in order
+    (:func:`fixed_batches`), measured in eval mode (:func:`fixed_batch_measures`, ``script.kappa_probes``
+    probes), so the loss gap on them is test − train without dropout. Whatever trains the run, κ is that of
+    ``args``' layer and estimator.
+    """
+
+    def __init__(self, splits, collator, args: FAMConfig, script) -> None:
+        count = script.kappa_batches
+        self.batches = {split: fixed_batches(splits[split], collator, args, count) for split in KAPPA_SPLITS}
+        self.args, self.probes, self.count = args, script.kappa_probes, count
+        self.measured: dict[str, dict[str, dict[str, float]]] = {}  # when ("start", "end") → split → measure
+
+    def measure(self, when: str, model) -> None:
+        """Measure ``model`` on every split's batches now, as ``when`` (``"start"`` or ``"end"``)."""
+        self.measured[when] = {
+            split: fixed_batch_measures(model, batches, self.args, self.probes)
+            for split, batches in self.batches.items()
+        }
+
+    def metrics(self) -> dict[str, float]:
+        """``kappa_train_start``, ``kappa_train_end``, ``loss_train_start`` … ``loss_test_end`` for ``metrics.json``."""
+        start, end = self.measured["start"], self.measured["end"]
+        return {
+            f"{name}_{split}_{when}": value[split][name]
+            for split in self.batches
+            for name in ("kappa", "loss")
+            for when, value in (("start", start), ("end", end))
+        }
+
+    def summary(self, layer: str) -> str:
+        """The summary's κ line: train and test, start → end."""
+        start, end = self.measured["start"], self.measured["end"]
+        return (
+            f"κ({layer}) on {self.count} fixed batches — train: {start['train']['kappa']:.4g} → "
+            f"{end['train']['kappa']:.4g}; test: {start['test']['kappa']:.4g} → {end['test']['kappa']:.4g}"
+        )
+
+
 def flatness_callback(trainer, batches: dict[str, list], args: FAMConfig, script):
     """A :class:`~fam_hf.FlatnessCallback` on the fixed ``train``/``test`` batches, added to ``trainer``.
 
@@ -71,7 +125,7 @@ def flatness_callback(trainer, batches: dict[str, list], args: FAMConfig, script
     """
     if not script.flatness_measures:
         return None
-    from .callback import FlatnessCallback
+    from fam_hf.callback import FlatnessCallback
 
     callback = FlatnessCallback(
         batches["train"],
@@ -102,24 +156,13 @@ def as_config(args, config_class: type, **extra):
 
 
 def fam_settings(trainer, script, args: FAMConfig | None = None) -> dict:
-    """The FAM fields of the config, what they resolved to, and the recipe's own arguments.
+    """The FAM fields of the config, what they resolved to, and the recipe's own arguments: ``fam_config.json``.
 
     ``args``: the FAM config κ is measured with, used where the trainer is not a ``FAMTrainer`` (the study's SAM
     runs); a ``FAMTrainer`` records its own (the study's FAM-body runs train another layer than κ is measured on).
+    The ``"fam"`` part is :func:`fam_hf.model_card.resolved_fam_settings`, what the model card shows.
     """
-    flatness = getattr(trainer, "flatness", None)
-    args = trainer.args if flatness is not None or args is None else args
-    settings = {key: value for key, value in asdict(args).items() if key.startswith("fam_")}
-    if flatness is not None:
-        settings.update(resolved_layer=flatness.layer.name, resolved_estimator=flatness.estimator)
-        if getattr(trainer, "fam_base_lambda", None) is not None:
-            settings["resolved_lambda"] = trainer.fam_base_lambda  # fam_lambda, or as fam_lambda_relative set it
-        if hasattr(flatness, "description"):  # how κ was computed, where the estimator's name does not say it all
-            settings["resolved_estimator_detail"] = flatness.description
-    else:  # trained without the penalty: κ is only measured, on the same layer
-        settings["resolved_layer"] = resolve_layer(trainer.model, args.fam_layer).name
-    settings["trainer"] = type(trainer).__name__
-    return {"fam": settings, "script": asdict(script)}
+    return {"fam": resolved_fam_settings(trainer, args), "script": asdict(script)}
 
 
 def check_output_dir(output_dir: str, overwrite: bool) -> None:
@@ -151,3 +194,21 @@ def save_run(trainer, script, args: FAMConfig, metrics: dict) -> dict:
         trainer.save_model(args.output_dir)
     return settings
 
+
+def finish(trainer, script, args: FAMConfig, metrics: dict, kappa: FixedBatchKappa, held_out: str,
+           saved: str = "model") -> dict:  # fmt: skip
+    """A run's tail: κ and the loss on the fixed batches and the world size go into ``metrics``, which is saved
+    with the rest (:func:`save_run`); the main process prints ``held_out`` (the recipe's scores), κ at start and
+    end, and where the outputs are. ``saved``: what ``save_model`` wrote beside the tokenizer (model, adapter).
+    Returns ``metrics``."""
+    metrics.update(kappa.metrics())
+    metrics["world_size"] = args.world_size
+    settings = save_run(trainer, script, args, metrics)  # state, metrics, FAM settings, then the model
+    if trainer.is_world_process_zero():
+        files = f"{saved} + tokenizer (from_pretrained), " if script.save_model else ""
+        pushed = f"; pushed to the Hub: {trainer.hub_model_id}" if args.push_to_hub and script.save_model else ""
+        print(
+            f"\n{held_out}\n{kappa.summary(settings['fam']['resolved_layer'])}\n"
+            f"outputs in {os.path.abspath(args.output_dir)}: {files}metrics.json, fam_config.json{pushed}"
+        )
+    return metrics

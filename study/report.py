@@ -1,8 +1,8 @@
 """Every study table from the committed run records: each task's ``results.md`` (and CSV/JSON), then STUDY.md's
 decision table across tasks and its measure table, between the ``<!-- study-tables:begin/end -->`` markers.
 
-    python recipes/study_report.py --document STUDY.md configs/study_minilm_rt.yaml configs/study_minilm_debates.yaml
-    make study-tables                                    # the same, for every task config of issue 13
+    python study/report.py --document STUDY.md configs/study_minilm_rt.yaml configs/study_minilm_debates.yaml
+    make study-tables                                    # the same, for every task config of the study
 
 A config whose records folder has no runs yet is left out (and said so); nothing is trained.
 """
@@ -16,11 +16,15 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import study  # noqa: E402  (recipes/study.py)
+ROOT = Path(__file__).resolve().parents[1]
+for folder in (ROOT / "recipes", ROOT):  # the recipes' kit; the study package (run as `python study/report.py`)
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
 
-from fam_hf.assets import load_config  # noqa: E402
-from fam_hf.study import decision_markdown, splice_report  # noqa: E402
+from kit import load_config  # noqa: E402
+
+from study import run  # noqa: E402
+from study.tables import decision_markdown, splice_report  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict]:
@@ -35,7 +39,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
             print(f"{config}: no run records in {folder} yet; left out")
             continue
         with contextlib.redirect_stdout(io.StringIO()):  # its results.md, printed in full otherwise
-            study.main(["--config", config, "--study_only_aggregate", "true"])
+            run.main(["--config", config, "--study_only_aggregate", "true"])
         summaries[folder.as_posix()] = json.loads((folder / "summary.json").read_text())
         print(f"{config}: {folder}/results.md rebuilt")
     document = Path(cli.document)

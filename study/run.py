@@ -1,12 +1,12 @@
-"""The study (issue 13, STUDY.md): when does FAM improve held-out performance, against what users would do instead?
+"""The study (STUDY.md): when does FAM improve held-out performance, against what users would do instead?
 
-    python recipes/study.py --config configs/study_minilm_rt.yaml                 # task (a): MiniLM, Rotten Tomatoes
-    python recipes/study.py --config configs/study_minilm_quick.yaml              # the smoke version (make study-quick)
-    python recipes/study.py --config configs/study_minilm_rt.yaml --study_only_aggregate true   # tables from records
+    python study/run.py --config configs/study_minilm_rt.yaml                 # task (a): MiniLM, Rotten Tomatoes
+    python study/run.py --config configs/study_minilm_quick.yaml              # the smoke version (make study-quick)
+    python study/run.py --config configs/study_minilm_rt.yaml --study_only_aggregate true   # tables from records
 
-A study config is a recipe config (``study_recipe`` names the recipe: ``finetune_classification`` or
-``finetune_clm``) plus the ``study_*`` keys of :class:`fam_hf.study.StudyArguments`; any key can be overridden on
-the command line. Every run is the recipe's own ``run(script, args)`` — same data, model, schedule and
+A study config is a recipe config (``study_recipe`` names the recipe in ``recipes/``: ``finetune_classification``
+or ``finetune_clm``) plus the ``study_*`` keys of :class:`study.harness.StudyArguments`; any key can be overridden
+on the command line. Every run is the recipe's own ``run(script, args)`` — same data, model, schedule and
 measurements — for one (regime, method, grid value, seed):
 
 * ``plain``: ``FAMTrainer`` with ``fam_lambda=0`` (trains exactly as ``Trainer``; κ only logged);
@@ -38,26 +38,25 @@ import sys
 import time
 from pathlib import Path
 
-from fam_hf import FAMConfig
-from fam_hf.assets import load_config, parse_config
-from fam_hf.distributed import leave_process_group
-from fam_hf.plots import load_log_history
-from fam_hf.runs import as_config
-from fam_hf.study import (
-    RESCALING_NAME,
-    StudyArguments,
-    check_study,
-    chosen_values,
-    grid,
-    methods,
-    regimes,
-    run_name,
-    write_tables,
-)
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = ROOT / "recipes"
+for folder in (RECIPES, ROOT):  # the recipes and their kit; the study package (run as `python study/run.py`)
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
+
+from kit import as_config, load_config, parse_config  # noqa: E402
+
+from fam_hf import FAMConfig  # noqa: E402
+from fam_hf.distributed import leave_process_group  # noqa: E402
+from fam_hf.plots import load_log_history  # noqa: E402
+from study import data  # noqa: E402
+from study.harness import StudyArguments, check_study, chosen_values, grid, methods, regimes, run_name  # noqa: E402
+from study.tables import RESCALING_NAME, write_tables  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
+    data.register()  # the study's own data sets: debates-2016, conventions-2012
     recipe = load_recipe(argv)
     study, script, args = parse_config([StudyArguments, recipe.ScriptArguments, FAMConfig], argv)
     check_study(study)
@@ -111,8 +110,8 @@ def load_recipe(argv: list[str]):
     name = known.study_recipe
     if name is None and known.config is not None:
         name = load_config(known.config).get("study_recipe")
-    path = Path(__file__).resolve().parent / f"{name}.py"
-    if name is None or name == "study" or not path.is_file():
+    path = RECIPES / f"{name}.py"
+    if name is None or not path.is_file():
         choices = sorted(p.stem for p in path.parent.glob("finetune_*.py"))
         raise ValueError(f"study_recipe={name!r} is not a recipe; set it in the config to one of {', '.join(choices)}")
     module_name = f"recipe_{name}"
@@ -144,7 +143,7 @@ def run_study(recipe, study: StudyArguments, script, args, argv: list[str], reco
 
 
 def rescaling_check(study: StudyArguments, script, args, records_dir: Path) -> dict | None:
-    """The rescaling control (``fam_hf.study_rescaling``) on the pretrained model with a fresh head (seed
+    """The rescaling control (``study.rescaling``) on the pretrained model with a fresh head (seed
     ``study_seeds[0]``) and the first ``per_device_eval_batch_size`` training rows of the data set: each of
     ``flatness_measures`` on the rescaled linear layer and on ``fam_layer``. Written once, to
     ``<records_dir>/rescaling.json``; None when the config names no LayerNorm."""
@@ -156,7 +155,7 @@ def rescaling_check(study: StudyArguments, script, args, records_dir: Path) -> d
     from fam_hf.assets import load_model_and_tokenizer
     from fam_hf.data import load_source
     from fam_hf.layers import resolve_layer
-    from fam_hf.study_rescaling import rescaling_control
+    from study.rescaling import rescaling_control
 
     seed = study.study_seeds[0]
     set_seed(seed)

@@ -1,4 +1,4 @@
-"""The study's statistics (``fam_hf.study``, ``recipes/study.py``): t-intervals, paired differences, Kendall τ-b
+"""The study's statistics (``study.tables``, ``study/run.py``): t-intervals, paired differences, Kendall τ-b
 and its bootstrap interval over runs. Plain functions over lists of numbers; deterministic for a given seed."""
 
 from __future__ import annotations
