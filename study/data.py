@@ -7,7 +7,7 @@ from __future__ import annotations
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 
 from fam_hf.assets import package_dir
-from fam_hf.data import register_dataset
+from fam_hf.data import labelled_texts, register_dataset
 
 
 def debates_2016() -> DatasetDict:
@@ -60,15 +60,7 @@ def conventions_2012() -> Dataset:
     frame = speeches.assign(text=speeches["text"].str.split("\n")).explode("text")
     frame = frame.assign(text=frame["text"].str.strip()).drop_duplicates("text")
     frame = frame[frame["text"].str.split().str.len() >= 5]
-    labels = ClassLabel(names=["democrat", "republican"])
-    return Dataset.from_dict(
-        {
-            "text": frame["text"].tolist(),
-            "label": [labels.str2int(p) for p in frame["party"]],
-            "speaker": frame["speaker"].tolist(),
-        },
-        features=Features(text=Value("string"), label=labels, speaker=Value("string")),
-    )
+    return labelled_texts(frame, ["democrat", "republican"], class_column="party", group_column="speaker")
 
 
 ALIASES = {

@@ -22,6 +22,14 @@ from .base import Recording, RelativeFlatness
 MIRRORED_LOSSES = "causal-LM or sequence-classification cross-entropy, MSE, BCE, on unmodified logits"
 
 
+def custom_loss_refusal(estimator: str) -> str:
+    """Why an estimator that mirrors the model's own loss cannot train under a loss the trainer computes."""
+    return (
+        f"fam_estimator='{estimator}' mirrors the model's own loss, but this Trainer computes its loss with "
+        "compute_loss_func or label smoothing; use fam_estimator='probe' (or 'auto')"
+    )
+
+
 class ClosedFormFlatness(RelativeFlatness):
     """Exact κ of the model's output head from its logits, under the model's own cross-entropy, MSE or BCE loss:
     a few extra matrix products, first-order autograd only."""
@@ -32,10 +40,7 @@ class ClosedFormFlatness(RelativeFlatness):
     @classmethod
     def refusal(cls, model: nn.Module, layer: Layer, *, loss: str = "model", **options: Any) -> str | None:
         if loss == "custom":
-            return (
-                "fam_estimator='closed_form' mirrors the model's own loss, but this Trainer computes its loss with "
-                "compute_loss_func or label smoothing; use fam_estimator='probe' (or 'auto')"
-            )
+            return custom_loss_refusal(cls.estimator)
         if not layer.is_output_head:
             why = f"'{layer.name}' is not the model's output head"
         elif head_loss_for(model) is None:

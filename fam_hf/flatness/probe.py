@@ -26,7 +26,7 @@ from ..curvature import (
 from ..head_loss import head_loss_for
 from ..layers import Layer
 from .base import Recording, RelativeFlatness
-from .closed_form import MIRRORED_LOSSES
+from .closed_form import MIRRORED_LOSSES, custom_loss_refusal
 
 
 class ProbeFlatness(RelativeFlatness):
@@ -101,10 +101,7 @@ class GaussNewtonFlatness(ProbeFlatness):
     @classmethod
     def refusal(cls, model: nn.Module, layer: Layer, *, loss: str = "model", **options: Any) -> str | None:
         if loss == "custom":
-            return (
-                "fam_estimator='gauss_newton' mirrors the model's own loss, but this Trainer computes its loss with "
-                "compute_loss_func or label smoothing; use fam_estimator='probe' (or 'auto')"
-            )
+            return custom_loss_refusal(cls.estimator)
         if head_loss_for(model) is None:
             return (
                 f"estimator='gauss_newton' needs the curvature of the loss in the logits, and "

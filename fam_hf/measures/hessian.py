@@ -158,6 +158,7 @@ class SymmetricOperator:
     """
 
     matvecs: int = 0
+    _like: torch.Tensor  # a tensor of the operator's dtype and device
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -165,11 +166,11 @@ class SymmetricOperator:
 
     @property
     def dtype(self) -> torch.dtype:
-        raise NotImplementedError
+        return self._like.dtype
 
     @property
     def device(self) -> torch.device:
-        raise NotImplementedError
+        return self._like.device
 
     def matmat(self, vectors: torch.Tensor) -> torch.Tensor:
         """``A V`` for ``V: (n, k)``; returns ``(n, k)`` in :attr:`dtype`."""
@@ -204,20 +205,12 @@ class DenseOperator(SymmetricOperator):
     def __init__(self, matrix: torch.Tensor) -> None:
         if matrix.dim() != 2 or matrix.shape[0] != matrix.shape[1]:
             raise ValueError(f"a dense operator must be a square matrix; got shape {tuple(matrix.shape)}")
-        self.matrix = matrix
+        self.matrix = self._like = matrix
         self.matvecs = 0
 
     @property
     def shape(self) -> tuple[int, int]:
         return tuple(self.matrix.shape)  # type: ignore[return-value]
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.matrix.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.matrix.device
 
     def matmat(self, vectors: torch.Tensor) -> torch.Tensor:
         self.matvecs += vectors.shape[1]
@@ -266,21 +259,13 @@ class LossHessian(SymmetricOperator):
             grads = torch.autograd.grad(loss, self._zeros, create_graph=True, allow_unused=True)
         self.loss = loss.detach()
         self._grads = [g if g is not None else torch.zeros_like(z) for g, z in zip(grads, self._zeros)]
-        self.gradient = self.subset.flatten(self._grads).detach()
+        self.gradient = self._like = self.subset.flatten(self._grads).detach()
         # Gradients that do not depend on δ (the loss is linear in that tensor) have zero curvature.
         self._curved = [i for i, g in enumerate(self._grads) if g.requires_grad]
 
     @property
     def shape(self) -> tuple[int, int]:
         return (self.dim, self.dim)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.gradient.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.gradient.device
 
     def matvec(self, vector: torch.Tensor) -> torch.Tensor:
         """``H v`` for ``v: (n,)``, one double-backward pass; returns ``(n,)`` in :attr:`dtype`."""
