@@ -71,4 +71,6 @@ def run(out: Path, stage: int) -> None:
 
 if __name__ == "__main__":
     run(Path(sys.argv[1]), int(sys.argv[2]))  # no trainer or engine outlives it
-    assert not leave_process_group()
+    # Not asserted, unlike the DDP workers: whether DeepSpeed's own group registry lets the group go has not been
+    # checked (the test is slow and needs the deepspeed extra); leave_process_group warns if the threads survive.
+    leave_process_group()
