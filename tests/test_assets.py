@@ -126,7 +126,7 @@ def rotten():
     return data.rotten_tomatoes()
 
 
-def test_rotten_tomatoes_matches_the_design_figures(rotten):
+def test_rotten_tomatoes_matches_the_documented_figures(rotten):
     assert len(rotten) == 12_752
     assert np.mean(rotten["label"]) == pytest.approx(0.578, abs=5e-4)
     assert len(set(rotten["movie_name"])) == 507

@@ -29,7 +29,7 @@ def test_famsft_against_sfttrainer_case_is_timed_and_tabled():
     assert "skipped" not in text and "failed" not in text
 
 
-def test_the_smollm2_sft_cases_carry_the_issues_targets():
+def test_the_smollm2_sft_cases_carry_their_targets():
     cases = build_cases(False, "cpu")
     for name in ("smollm2-sft-full", "smollm2-sft-lora"):
         variants = {v.name: v for v in cases[name].variants}
