@@ -577,3 +577,33 @@ def test_gauss_newton_refusals_name_the_fix():
         loss = model(**batch).loss
     with pytest.raises(ValueError, match="needs the model's logits.*result\\(loss, logits=...\\)"):
         recording.result(loss)
+
+
+def test_the_registry_chooses_by_purpose_and_loss_and_each_estimator_class_refuses_what_it_cannot_do():
+    from fam_hf.flatness import (
+        ClosedFormFlatness,
+        GaussNewtonFlatness,
+        HeadInputFlatness,
+        ProbeFlatness,
+        choose,
+    )
+
+    model, body = tiny_gpt2(), "transformer.h.0.mlp.c_fc"
+    assert choose(model, "auto") is ClosedFormFlatness
+    assert choose(model, body) is ProbeFlatness  # measurement: the paper's κ, full Hessian
+    assert choose(model, body, purpose="penalty") is GaussNewtonFlatness  # a penalty needs κ bounded below
+    assert choose(model, body, options={"hessian_grad": "detached"}, purpose="penalty") is ProbeFlatness
+    assert choose(model, "auto", purpose="penalty", loss="custom") is ProbeFlatness
+    assert choose(model, "auto", purpose="penalty", loss="fused") is HeadInputFlatness
+    with pytest.raises(ValueError, match="only the LM head's closed form"):
+        choose(model, body, purpose="penalty", loss="fused")
+    with pytest.raises(ValueError, match="compute_loss_func or label smoothing"):
+        choose(model, "auto", "gauss_newton", purpose="penalty", loss="custom")
+    assert type(RelativeFlatness(model, body, "gauss_newton")) is GaussNewtonFlatness
+    # built directly, a class checks what the registry would have checked
+    with pytest.raises(ValueError, match="is not the model's output head"):
+        ClosedFormFlatness(model, body)
+    with pytest.raises(ValueError, match="ProbeFlatness is the probe estimator, not 'closed_form'"):
+        ProbeFlatness(model, "auto", "closed_form")
+    with pytest.raises(ValueError, match="hessian_grad='detached' is for the probe"):
+        GaussNewtonFlatness(model, body, hessian_grad="detached")

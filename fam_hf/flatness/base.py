@@ -162,8 +162,16 @@ class RelativeFlatness:
             raise ValueError(f"probes={probes} must be at least 1")
         if not 0 < token_fraction <= 1:
             raise ValueError(f"token_fraction={token_fraction} must be in (0, 1]")
+        if estimator not in ("auto", self.estimator):
+            raise ValueError(
+                f"{type(self).__name__} is the {self.estimator} estimator, not {estimator!r}; use "
+                f"RelativeFlatness(model, layer, {estimator!r}), which returns the estimator of that name"
+            )
         self.model = model
         self.layer: Layer = resolve_layer(model, layer)
+        reason = self.refusal(model, self.layer, hessian_grad=hessian_grad, max_exact_entries=max_exact_entries)
+        if reason is not None:  # the registry asked already; an estimator class built directly has not
+            raise ValueError(reason)
         self.probes = probes
         self.hessian_grad = hessian_grad
         self.scale = scale

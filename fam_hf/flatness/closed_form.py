@@ -110,9 +110,6 @@ class HeadInputFlatness(RelativeFlatness):
         **options: Any,
     ) -> None:  # fmt: skip
         super().__init__(model, layer, estimator, **options)
-        reason = self.refusal(model, self.layer)
-        if reason is not None:
-            raise ValueError(reason)
         base = unwrap_model(model)
         self.backbone: nn.Module = base.base_model
         if self.backbone is base:
