@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Literal, get_args
 
+__all__ = ["ESTIMATORS", "HESSIAN_GRADS", "SCALES", "check_choice", "get_args"]
+
 EstimatorName = Literal["auto", "closed_form", "probe", "gauss_newton", "exact"]
 HessianGrad = Literal["full", "detached"]
 Scale = Literal["paper", "reference"]

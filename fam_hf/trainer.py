@@ -147,6 +147,10 @@ class FAMMixin(HubCardMixin):
         """λ from ``fam_lambda``, or as ``fam_lambda_relative`` set it at the first penalised step."""
         return self.fam_penalty.base_lambda
 
+    @fam_base_lambda.setter
+    def fam_base_lambda(self, value: float | None) -> None:
+        self.fam_penalty.base_lambda = value
+
     def fam_lambda_at(self, step: int) -> tuple[float, float] | None:
         """``(λ_t, multiplier)`` at optimizer step ``step``, or None: :meth:`FAMPenalty.at`."""
         return self.fam_penalty.at(step)

@@ -1,6 +1,6 @@
 """Pure tensor mathematics of relative flatness: no transformers, no Trainer.
 
-* :mod:`~fam_hf.curvature.closed_form` — κ of an output head, exactly, from its logits or from its input;
+* :mod:`~fam_hf.curvature.heads` — κ of an output head, exactly, from its logits or from its input;
 * :mod:`~fam_hf.curvature.probes` — Rademacher probes through the loss (Hessian) or the logits (Gauss–Newton),
   and the random draws every estimator and measure shares;
 * :mod:`~fam_hf.curvature.exact` — the full layer Hessian (tests, small layers);
@@ -9,7 +9,8 @@
 The mathematics is in docs/mathematics.md.
 """
 
-from .closed_form import (
+from .exact import kappa_from_hessian, layer_hessian
+from .heads import (
     CHUNK_ELEMENTS,
     LOSS_TYPES,
     closed_form,
@@ -17,7 +18,6 @@ from .closed_form import (
     softmax_curvature,
     weighted_curvature_from_features,
 )
-from .exact import kappa_from_hessian, layer_hessian
 from .kernels import explain_missing_double_backward, second_order_kernels
 from .probes import (
     UnusedPerturbationError,

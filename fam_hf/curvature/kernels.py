@@ -19,7 +19,7 @@ from ..norms import differentiable_layer_norm
 @contextmanager
 def second_order_kernels(differentiable: bool = False) -> Iterator[None]:
     """SDPA's math kernel, and with ``differentiable`` (a penalty's gradient: a third derivative) LayerNorm from
-    primitive ops; autograd's "derivative … not implemented" is re-raised with the fix.
+    primitive ops. The second-order passes themselves also run inside :func:`explain_missing_double_backward`.
 
     Under activation checkpointing the backward pass recomputes the blocks and must run inside it too, or the
     recomputation takes a different kernel than the forward (``FAMTrainer`` runs its whole step inside it).
@@ -28,7 +28,6 @@ def second_order_kernels(differentiable: bool = False) -> Iterator[None]:
         stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
         if differentiable:
             stack.enter_context(differentiable_layer_norm())
-        stack.enter_context(explain_missing_double_backward())
         yield
 
 

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .closed_form import LOSS_TYPES, compute_dtype
+from .heads import LOSS_TYPES, compute_dtype
 
 
 def rademacher(

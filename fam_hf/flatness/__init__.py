@@ -1,8 +1,9 @@
 """Relative flatness κ of one layer of a model, from the model's own forward pass (docs/mathematics.md).
 
 * :class:`RelativeFlatness` — the estimators' common interface; ``RelativeFlatness(model, layer, estimator)``
-  returns the chosen estimator: :class:`ClosedFormFlatness`, :class:`HeadInputFlatness`, :class:`ProbeFlatness`,
-  :class:`GaussNewtonFlatness` or :class:`ExactFlatness`;
+  returns the chosen estimator: :class:`ClosedFormFlatness`, :class:`ProbeFlatness`, :class:`GaussNewtonFlatness`
+  or :class:`ExactFlatness` (:class:`HeadInputFlatness`, for losses that never run the head, is built directly or
+  chosen by a trainer);
 * :func:`~fam_hf.flatness.registry.choose` — which estimator applies, for measurement or for a penalty;
 * :func:`relative_flatness` — the one-call version for measurement.
 """
@@ -15,14 +16,18 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..options import ESTIMATORS, HESSIAN_GRADS, SCALES
 from .base import DEFAULT_MAX_EXACT_ENTRIES, FlatnessResult, LossNorm, Recording, RelativeFlatness, checkpointing
 from .closed_form import ClosedFormFlatness, HeadInputFlatness, lm_head_positions
 from .exact import ExactFlatness
 from .probe import GaussNewtonFlatness, ProbeFlatness
-from .registry import ESTIMATORS, choose, penalty_estimator
+from .registry import REGISTRY, choose, penalty_estimator
 
 __all__ = [
     "ESTIMATORS",
+    "HESSIAN_GRADS",
+    "REGISTRY",
+    "SCALES",
     "ClosedFormFlatness",
     "ExactFlatness",
     "FlatnessResult",

@@ -21,7 +21,7 @@ from torch import nn
 
 from ..curvature import default_generator, second_order_kernels
 from ..layers import Layer, resolve_layer
-from ..options import HESSIAN_GRADS, SCALES, check_choice
+from ..options import ESTIMATORS, HESSIAN_GRADS, SCALES, check_choice
 
 DEFAULT_MAX_EXACT_ENTRIES = 4096  # d·m; the Hessian has (d·m)² entries and costs d·m double-backwards
 
@@ -162,6 +162,7 @@ class RelativeFlatness:
             raise ValueError(f"probes={probes} must be at least 1")
         if not 0 < token_fraction <= 1:
             raise ValueError(f"token_fraction={token_fraction} must be in (0, 1]")
+        check_choice("estimator", estimator, ESTIMATORS)
         if estimator not in ("auto", self.estimator):
             raise ValueError(
                 f"{type(self).__name__} is the {self.estimator} estimator, not {estimator!r}; use "
@@ -287,10 +288,6 @@ class Recording:
         self.with_grad = False  # whether gradients were enabled in the layer's first recorded forward
         self.open = False  # inside the `record` block
         self.fan_in: int | None = None  # m
-
-    @property
-    def num_items_in_batch(self) -> torch.Tensor | int | None:
-        return self.norm.num_items_in_batch
 
     def on_forward(self, features: torch.Tensor, output: Any) -> torch.Tensor | None:
         """Called by the hook for the recorded forward and again for any recomputation of it (activation

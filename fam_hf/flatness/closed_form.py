@@ -119,11 +119,13 @@ class HeadInputFlatness(RelativeFlatness):
     @classmethod
     def refusal(cls, model: nn.Module, layer: Layer, *, loss: str = "fused", **options: Any) -> str | None:
         head_loss = head_loss_for(model)
-        if head_loss is None or not head_loss.shift_labels or not layer.is_output_head:
+        if head_loss is None or not head_loss.shift_labels:
             return (
                 f"the LM-head closed form applies to a causal LM's output head under its plain cross-entropy; "
                 f"{type(unwrap_model(model)).__name__} is not one (or its logits are soft-capped/scaled)"
             )
+        if not layer.is_output_head:
+            return f"the LM-head closed form applies to the output head only; '{layer.name}' is not it"
         return None
 
     @property

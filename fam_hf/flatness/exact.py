@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..curvature import kappa_from_hessian, layer_hessian
+from ..curvature import explain_missing_double_backward, kappa_from_hessian, layer_hessian
 from ..layers import Layer
 from .base import DEFAULT_MAX_EXACT_ENTRIES, Recording, RelativeFlatness
 
@@ -53,7 +53,8 @@ class ExactFlatness(RelativeFlatness):
             if not self.output.requires_grad:
                 raise RuntimeError(self.unused_message())
             full = self.differentiable and self.flatness.hessian_grad == "full"
-            with self.flatness.kernels(self.differentiable):  # checkpointed blocks are recomputed here
+            # checkpointed blocks are recomputed here
+            with self.flatness.kernels(self.differentiable), explain_missing_double_backward():
                 try:
                     hessian = layer_hessian(loss, self.perturbation, create_graph=full)
                 except RuntimeError as error:

@@ -18,6 +18,7 @@ from torch.nn import functional as F
 from ..curvature import (
     UnusedPerturbationError,
     compute_dtype,
+    explain_missing_double_backward,
     gauss_newton_forms,
     logit_tangents,
     probe_quadratic_forms,
@@ -67,7 +68,8 @@ class ProbeFlatness(RelativeFlatness):
         def value(self, loss, logits):
             if loss is None:
                 raise ValueError("the model returned no loss: the batch needs labels")
-            with self.flatness.kernels(self.differentiable):  # checkpointed blocks are recomputed here
+            # checkpointed blocks are recomputed here
+            with self.flatness.kernels(self.differentiable), explain_missing_double_backward():
                 values = self.forms(loss, logits)
             std_error = values.detach().std() / math.sqrt(values.numel()) if values.numel() > 1 else None
             return values.mean(), std_error

@@ -16,20 +16,19 @@ from typing import Any
 from torch import nn
 
 from ..layers import Layer, resolve_layer
-from ..options import ESTIMATORS as NAMES
-from ..options import check_choice
+from ..options import ESTIMATORS, LossKind, Purpose, check_choice, get_args
 from .base import RelativeFlatness
 from .closed_form import ClosedFormFlatness, HeadInputFlatness
 from .exact import ExactFlatness
 from .probe import GaussNewtonFlatness, ProbeFlatness
 
-ESTIMATORS: dict[str, type[RelativeFlatness]] = {
+REGISTRY: dict[str, type[RelativeFlatness]] = {
     "closed_form": ClosedFormFlatness,
     "probe": ProbeFlatness,
     "gauss_newton": GaussNewtonFlatness,
     "exact": ExactFlatness,
 }
-assert ("auto", *ESTIMATORS) == NAMES, "fam_hf.options.EstimatorName lists the estimators of this table"
+assert ("auto", *REGISTRY) == ESTIMATORS, "fam_hf.options.EstimatorName lists the estimators of this table"
 
 # What "auto" tries, in order, for each purpose: the first that applies.
 AUTO = {"measure": ("closed_form", "probe"), "penalty": ("closed_form", "gauss_newton", "probe")}
@@ -58,23 +57,32 @@ def choose(
     Raises:
         ValueError: an unknown name, or the named estimator cannot apply (the message says why and what to use).
     """
-    check_choice("estimator", estimator, NAMES)
+    check_choice("estimator", estimator, ESTIMATORS)
+    check_choice("purpose", purpose, get_args(Purpose))
+    check_choice("loss", loss, get_args(LossKind))
     options = options or {}
     target = layer if isinstance(layer, Layer) else resolve_layer(model, layer)
     if loss == "fused":
-        if estimator not in ("auto", "closed_form") or not target.is_output_head:
+        head = resolve_layer(model, "auto")
+        reason = HeadInputFlatness.refusal(model, head)
+        if reason is not None:
+            raise ValueError(reason)
+        if estimator not in ("auto", "closed_form") or target.name != head.name:
+            spec = layer if isinstance(layer, str) else layer.name
             raise ValueError(
-                f"fam_layer={target.name!r} with fam_estimator={estimator!r}: the loss runs through a fused LM head "
+                f"fam_layer={spec!r} with fam_estimator={estimator!r}: the loss runs through a fused LM head "
                 "(TRL's SFTTrainer), which never calls the head module and has no second derivative, so only the LM "
-                "head's closed form (from the head's input) can train; use fam_layer='auto' with fam_estimator='auto' "
-                "or 'closed_form', or penalise another layer with FAMTrainer and the full logits"
+                f"head's closed form (from the head's input) can train; use fam_layer='auto' (or '{head.name}') with "
+                "fam_estimator='auto' or 'closed_form', or penalise another layer with FAMTrainer and the full logits"
             )
         return HeadInputFlatness
-    if estimator == "auto":
-        for name in AUTO[purpose]:
-            if ESTIMATORS[name].refusal(model, target, loss=loss, **options) is None:
-                return ESTIMATORS[name]
-    chosen = ESTIMATORS["probe" if estimator == "auto" else estimator]
+    if estimator == "auto":  # the last of each AUTO list, the probe, applies to any layer under any loss
+        return next(
+            REGISTRY[name]
+            for name in AUTO[purpose]
+            if REGISTRY[name].refusal(model, target, loss=loss, **options) is None
+        )
+    chosen = REGISTRY[estimator]
     reason = chosen.refusal(model, target, loss=loss, **options)
     if reason is not None:
         raise ValueError(reason)

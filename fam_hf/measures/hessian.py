@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..curvature import second_order_kernels
+from ..curvature import explain_missing_double_backward, second_order_kernels
 from ..layers import Layer, resolve_layer
 
 LossFn = Callable[[nn.Module, Mapping[str, Any]], torch.Tensor]
@@ -254,7 +254,7 @@ class LossHessian(SymmetricOperator):
         self.dim = self.subset.dim
         self.matvecs = 0
         self._zeros = [torch.zeros_like(v, requires_grad=True) for v in self.subset.values]
-        with torch.enable_grad(), second_order_kernels():
+        with torch.enable_grad(), second_order_kernels(), explain_missing_double_backward():
             loss = perturbed_loss(model, batch, self.subset, self._zeros, loss_fn)
             grads = torch.autograd.grad(loss, self._zeros, create_graph=True, allow_unused=True)
         self.loss = loss.detach()
@@ -273,7 +273,7 @@ class LossHessian(SymmetricOperator):
         parts = self.subset.unflatten(vector.to(device=self.device, dtype=self.dtype))
         out = [torch.zeros_like(z) for z in self._zeros]
         if self._curved:
-            with torch.enable_grad(), second_order_kernels():
+            with torch.enable_grad(), second_order_kernels(), explain_missing_double_backward():
                 hv = torch.autograd.grad(
                     [self._grads[i] for i in self._curved],
                     self._zeros,
