@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -33,6 +34,7 @@ def main() -> int:
     if not command:
         parser.error("name the command to repeat after --")
     args.logs.mkdir(parents=True, exist_ok=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `kill` stops the busy loops too (finally below)
 
     spinners = [subprocess.Popen([sys.executable, "-c", SPIN.format(limit=args.limit)]) for _ in range(args.busy)]
     failed = []
