@@ -1,6 +1,6 @@
 """Pushing FAM runs to the Hugging Face Hub through ``huggingface_hub``'s client, with failures that say what to do.
 
-:class:`HubCardMixin` (which ``FAMTrainer``, ``FAMSFTTrainer`` and the recipes' ``--push_to_hub`` go through)
+:class:`HubCardMixin` (which the FAM and SAM trainers and the recipes' ``--push_to_hub`` go through)
 writes fam_hf's model card and turns a failure of ``Trainer``'s own push into :class:`HubPushError`;
 ``fam-hf publish`` pushes a finished run folder with :func:`publish_run`.
 The model card itself is :mod:`fam_hf.model_card`'s. No token ever reaches an error message.
@@ -73,7 +73,8 @@ class HubCardMixin:
     trainer that ran, the FAM settings as they resolved, κ, the metrics) in place of the generic draft;
     ``save_model`` writes it beside the weights; a failed ``push_to_hub`` / ``init_hf_repo`` raises
     :class:`HubPushError` naming the cause and the fix, once the model is saved; an explicit ``hub_token`` is
-    kept out of ``training_args.bin``. :class:`~fam_hf.trainer.FAMMixin` inherits it.
+    kept out of ``training_args.bin``. :class:`~fam_hf.trainer.FAMMixin` and :class:`~fam_hf.sam_trainer.SAMMixin`
+    inherit it (the card follows the method: :func:`~fam_hf.model_card.model_card`).
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:

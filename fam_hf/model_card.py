@@ -27,6 +27,7 @@ from huggingface_hub import ModelCard, ModelCardData
 
 CARD_NAME = "README.md"
 FAM_TAGS = ("fam", "relative-flatness")
+SAM_TAGS = ("sam", "sharpness-aware-minimization")
 LIBRARIES = {
     "fam_hf": "fam_hf",
     "transformers": "Transformers",
@@ -68,6 +69,25 @@ CITATION = """\
   primaryClass  = {cs.LG}
 }"""
 
+SAM_CITATION = """\
+@inproceedings{foret2021sharpnessaware,
+  title     = {Sharpness-aware Minimization for Efficiently Improving Generalization},
+  author    = {Foret, Pierre and Kleiner, Ariel and Mobahi, Hossein and Neyshabur, Behnam},
+  booktitle = {International Conference on Learning Representations},
+  year      = {2021},
+  url       = {https://openreview.net/forum?id=6Tm1mposlrM}
+}
+
+@inproceedings{kwon2021asam,
+  title     = {{ASAM}: Adaptive Sharpness-Aware Minimization for Scale-Invariant Learning of Deep Neural Networks},
+  author    = {Kwon, Jungmin and Kim, Jeongseop and Park, Hyunseo and Choi, In Kwon},
+  booktitle = {Proceedings of the 38th International Conference on Machine Learning},
+  series    = {Proceedings of Machine Learning Research},
+  volume    = {139},
+  pages     = {5905--5914},
+  year      = {2021}
+}"""
+
 _TASKS = (
     ("ForSequenceClassification", "text-classification"),
     ("ForCausalLM", "text-generation"),
@@ -99,6 +119,7 @@ class CardFacts:
 
     model_name: str
     fam: dict[str, Any] = field(default_factory=dict)
+    sam: dict[str, Any] = field(default_factory=dict)  # the sam_* settings and the trainer, when SAM trained
     log_history: list[dict[str, Any]] = field(default_factory=list)
     metrics: dict[str, Any] = field(default_factory=dict)
     hyperparameters: dict[str, Any] = field(default_factory=dict)
@@ -144,6 +165,14 @@ def resolved_fam_settings(trainer, args=None) -> dict[str, Any]:
     return settings
 
 
+def sam_settings(trainer) -> dict[str, Any]:
+    """The ``sam_*`` fields of a SAM trainer's config and the trainer's class name; {} for any other trainer."""
+    if getattr(trainer, "flatness", None) is not None or not hasattr(trainer.args, "sam_rho"):
+        return {}
+    settings = {key: value for key, value in asdict(trainer.args).items() if key.startswith("sam_")}
+    return {**settings, "trainer": type(trainer).__name__}
+
+
 def card_facts(trainer, *, model_name=None, finetuned_from=None, tasks=None, dataset=None, dataset_tags=None,
                tags=None, language=None, license=None, **_ignored) -> CardFacts:  # fmt: skip
     """What ``trainer`` (a ``FAMTrainer``) knows, plus the recipes' ``metrics.json``/``fam_config.json`` in its
@@ -160,9 +189,11 @@ def card_facts(trainer, *, model_name=None, finetuned_from=None, tasks=None, dat
         hyperparameters["mixed_precision_training"] = "bf16"
     base = model.get_base_model() if adapter else model
     dataset_name = dataset if isinstance(dataset, str) else script.get("dataset")
+    sam = sam_settings(trainer)
     return CardFacts(
         model_name=model_name or Path(trainer.args.output_dir).name,
-        fam=resolved_fam_settings(trainer),
+        fam={} if sam else resolved_fam_settings(trainer),
+        sam=sam,
         log_history=list(trainer.state.log_history),
         metrics={**eval_metrics(trainer.state.log_history), **run.get("metrics", {})},
         hyperparameters=hyperparameters,
@@ -251,11 +282,10 @@ def model_card(facts: CardFacts, secrets: tuple[str | None, ...] = ()) -> ModelC
     ``relative-flatness``, ``pipeline_tag``, ``datasets``, and a ``fam`` mapping of the settings and final κ)
     above a body with κ, the FAM settings, the evaluation metrics, hyperparameters, versions and citations.
     ``secrets`` (and the tokens in the environment) are masked wherever they would appear."""
+    if facts.sam:
+        return _sam_card(facts, secrets)
     fam, kappa = facts.fam, kappa_summary(facts.log_history)
-    tags = list(FAM_TAGS) + ["generated_from_trainer"] + facts.tags
-    if facts.adapter:
-        tags += [facts.adapter.lower(), "transformers"]
-        tags += [f"base_model:adapter:{facts.base_model}"] if facts.base_model else []
+    tags = _tags(FAM_TAGS, facts)
     summary = {
         "lambda": fam.get("resolved_lambda", fam.get("fam_lambda")),
         "layer": fam.get("resolved_layer", fam.get("fam_layer")),
@@ -278,6 +308,59 @@ def model_card(facts: CardFacts, secrets: tuple[str | None, ...] = ()) -> ModelC
     return ModelCard(mask_tokens(f"---\n{data.to_yaml()}\n---\n\n{body}", secrets))
 
 
+def _sam_card(facts: CardFacts, secrets: tuple[str | None, ...]) -> ModelCard:
+    """The card of a SAM run: ``sam`` and ``sharpness-aware-minimization`` tags, a ``sam`` mapping (ρ, adaptive,
+    the last logged sharpness), and a body with the sharpness logged during training and the SAM settings."""
+    sam, rows = facts.sam, [h for h in facts.log_history if "sam/sharpness" in h]
+    summary = {"rho": sam.get("sam_rho"), "adaptive": sam.get("sam_adaptive")}
+    if rows:
+        summary.update(sharpness=rows[-1]["sam/sharpness"], sharpness_step=rows[-1].get("step"))
+    data = ModelCardData(
+        library_name="peft" if facts.adapter else "transformers",
+        base_model=facts.base_model,
+        datasets=facts.datasets or None,
+        pipeline_tag=facts.task,
+        language=facts.language,
+        license=facts.license,
+        tags=list(dict.fromkeys(_tags(SAM_TAGS, facts))),
+        sam={key: _plain(value) for key, value in summary.items() if value is not None},
+    )
+    name = "ASAM (adaptive SAM)" if sam.get("sam_adaptive") else "SAM"
+    lines = [
+        f"# {facts.model_name}",
+        "",
+        f"{_what(facts)} with **{name}** (Sharpness-Aware Minimization) through `fam_hf`'s `{sam['trainer']}`: each "
+        f"step descends the gradient taken at `w + ε̂`, the loss's ascent step of radius ρ = {_fmt(sam.get('sam_rho'))} "
+        "from the weights `w`.",
+        "",
+        "## Sharpness",
+        "",
+    ]
+    if rows:
+        logged = [(label, h.get("step"), h["sam/sharpness"], h.get("sam/grad_norm"))
+                  for label, h in (("first logged", rows[0]), ("last logged", rows[-1]))]  # fmt: skip
+        lines += [
+            "`sam/sharpness` (`L(w + ε̂) − L(w)` on each step's batch) and `sam/grad_norm` (the ascent norm) as logged "
+            "during training:",
+            "",
+            *_table(("", "step", "sharpness", "ascent norm"), logged),
+            "",
+        ]
+    else:
+        lines += ["No `sam/sharpness` was logged.", ""]
+    lines += ["## SAM settings", "", *_table(("setting", "value"), sorted(sam.items())), ""]
+    lines += _common_sections(facts, SAM_CITATION)
+    return ModelCard(mask_tokens(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines), secrets))
+
+
+def _tags(method_tags: tuple[str, ...], facts: CardFacts) -> list[str]:
+    tags = list(method_tags) + ["generated_from_trainer"] + facts.tags
+    if facts.adapter:
+        tags += [facts.adapter.lower(), "transformers"]
+        tags += [f"base_model:adapter:{facts.base_model}"] if facts.base_model else []
+    return tags
+
+
 def kappa_summary(log_history: list[dict]) -> dict[str, Any]:
     """First and last logged ``fam/kappa`` (with their steps) and the last ``fam/*`` values; {} if none."""
     rows = [h for h in log_history if "fam/kappa" in h]
@@ -296,19 +379,10 @@ def _body(facts: CardFacts, kappa: dict) -> list[str]:
     fam, metrics = facts.fam, facts.metrics
     layer = fam.get("resolved_layer", fam.get("fam_layer", "?"))
     trainer = fam.get("trainer", "FAMTrainer")  # the class that trained (runs before it was recorded: FAMTrainer)
-    if facts.base_model:
-        alias = f" (the `fam_hf` alias `{facts.base_model_source}`)" if facts.base_model_source in ALIAS_HUB_IDS else ""
-        base = f" [{facts.base_model}](https://huggingface.co/{facts.base_model}){alias}"
-    else:  # a local folder: its name only, no local path in a public card
-        base = f" a local model (`{Path(facts.base_model_source).name}`)" if facts.base_model_source else ""
-    method = {"LORA": "LoRA", "ADALORA": "AdaLoRA"}.get(facts.adapter or "", facts.adapter)
-    what = f"A {method} adapter for{base or ' a model'}" if facts.adapter else f"A fine-tuned version of{base}"
-    what = what if base or facts.adapter else "A model fine-tuned"
-    data = f" on `{_public(facts.dataset_name)}`" if facts.dataset_name else ""
     lines = [
         f"# {facts.model_name}",
         "",
-        f"{what}{data} with **FAM** (Relative Flatness Aware Minimization) through `fam_hf`'s `{trainer}`: the "
+        f"{_what(facts)} with **FAM** (Relative Flatness Aware Minimization) through `fam_hf`'s `{trainer}`: the "
         f"training loss is `L + λ·κ`, where κ is the relative flatness (Petzka et al., NeurIPS 2021) of the layer "
         f"`{layer}`.",
         "",
@@ -357,6 +431,12 @@ def _body(facts: CardFacts, kappa: dict) -> list[str]:
         lines += ["Measured by `FlatnessCallback` on fixed probe batches:", ""]
         lines += [*_table(("measure", "first (step)", "last (step)"), measured), ""]
     lines += ["## FAM settings", "", *_table(("setting", "value"), sorted(fam.items())), ""]
+    return lines + _common_sections(facts, CITATION)
+
+
+def _common_sections(facts: CardFacts, citation: str) -> list[str]:
+    """Evaluation, training procedure, framework versions, usage and citation: the same for every method."""
+    metrics, lines = facts.metrics, []
     shown = {k: v for k, v in sorted(metrics.items()) if _is_metric(k) and not _FIXED_BATCHES.fullmatch(k)}
     shown = {k: v for k, v in shown.items() if not k.startswith("train_")}  # evaluation only
     lines += ["## Evaluation", ""]
@@ -372,8 +452,22 @@ def _body(facts: CardFacts, kappa: dict) -> list[str]:
     if history:
         lines += ["### Training log", "", *_table(("step", "loss", "task loss", "κ", "λ·κ"), history), ""]
     lines += ["### Framework versions", "", *_versions(), "", "## How to use", "", *_usage(facts), ""]
-    lines += ["## Citation", "", "```bibtex", CITATION, "```", ""]
+    lines += ["## Citation", "", "```bibtex", citation, "```", ""]
     return lines
+
+
+def _what(facts: CardFacts) -> str:
+    """The card's opening words: what was fine-tuned from what, on which data."""
+    if facts.base_model:
+        alias = f" (the `fam_hf` alias `{facts.base_model_source}`)" if facts.base_model_source in ALIAS_HUB_IDS else ""
+        base = f" [{facts.base_model}](https://huggingface.co/{facts.base_model}){alias}"
+    else:  # a local folder: its name only, no local path in a public card
+        base = f" a local model (`{Path(facts.base_model_source).name}`)" if facts.base_model_source else ""
+    method = {"LORA": "LoRA", "ADALORA": "AdaLoRA"}.get(facts.adapter or "", facts.adapter)
+    what = f"A {method} adapter for{base or ' a model'}" if facts.adapter else f"A fine-tuned version of{base}"
+    what = what if base or facts.adapter else "A model fine-tuned"
+    data = f" on `{_public(facts.dataset_name)}`" if facts.dataset_name else ""
+    return f"{what}{data}"
 
 
 def _flatness_rows(log_history: list[dict]) -> list[tuple]:

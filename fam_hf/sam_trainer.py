@@ -20,6 +20,7 @@ from torch import nn
 from transformers import Trainer
 from transformers.training_args import OptimizerNames
 
+from .hub import HubCardMixin
 from .measures.sam import ascent_direction, ascent_norm
 from .sam_config import SAMFields
 from .trainer_base import MetricSums, check_args, check_mixin_order, fix_sequence_classifier_loss
@@ -27,7 +28,7 @@ from .trainer_base import MetricSums, check_args, check_mixin_order, fix_sequenc
 logger = logging.getLogger(__name__)
 
 
-class SAMMixin:
+class SAMMixin(HubCardMixin):
     """Sharpness-Aware Minimization (SAM, or adaptive SAM), in front of any :class:`transformers.Trainer` subclass.
 
     ``class MyTrainer(SAMMixin, SomeTrainer)`` with ``args`` a dataclass that mixes in

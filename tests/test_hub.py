@@ -302,3 +302,22 @@ def test_card_masks_tokens_and_leaves_token_settings_out(tmp_path, monkeypatch):
     facts.script = {"hub_token": TOKEN, "note": f"token {TOKEN} and hf_{'x' * 30}"}  # a careless recipe argument
     text = str(model_card(facts))
     assert no_token_in(text) and "hf_xxxx" not in text and "<redacted>" in text
+
+
+def test_sam_trainer_pushes_a_card_with_its_own_settings_and_sharpness(tmp_path, hub):
+    from fam_hf import SAMConfig, SAMTrainer
+
+    args = SAMConfig(output_dir=str(tmp_path / "sam"), max_steps=2, per_device_train_batch_size=8, sam_rho=0.05,
+                     sam_adaptive=True, push_to_hub=True, hub_model_id="tester/sam-tiny", hub_token=TOKEN,
+                     **COMMON)  # fmt: skip
+    trainer = SAMTrainer(model=gpt2(), args=args, train_dataset=lm_data(16))
+    trainer.train()
+    trainer.push_to_hub()
+    card = ModelCard(hub.repos["tester/sam-tiny"].files["README.md"].decode())
+    sharpness = [h["sam/sharpness"] for h in trainer.state.log_history if "sam/sharpness" in h]
+    assert card.data.sam == {"rho": 0.05, "adaptive": True, "sharpness": pytest.approx(sharpness[-1]),
+                             "sharpness_step": 2}  # fmt: skip
+    assert {"sam", "sharpness-aware-minimization"} <= set(card.data.tags) and "relative-flatness" not in card.data.tags
+    assert "with **ASAM (adaptive SAM)** (Sharpness-Aware Minimization) through `fam_hf`'s `SAMTrainer`" in card.text
+    assert "| sam_rho | 0.05 |" in card.text and "fam_lambda" not in card.text and "foret2021" in card.text
+    assert no_token_in(card.content)
