@@ -5,17 +5,19 @@ from __future__ import annotations
 
 from typing import Literal, get_args
 
-__all__ = ["ESTIMATORS", "HESSIAN_GRADS", "SCALES", "check_choice", "get_args"]
+__all__ = ["ESTIMATORS", "FUSED_LOSS_TYPES", "HESSIAN_GRADS", "SCALES", "check_choice", "get_args"]
 
 EstimatorName = Literal["auto", "closed_form", "probe", "gauss_newton", "exact"]
 HessianGrad = Literal["full", "detached"]
 Scale = Literal["paper", "reference"]
 Purpose = Literal["measure", "penalty"]
 LossKind = Literal["model", "custom", "fused"]
+FusedLossType = Literal["nll", "dft"]  # a fused LM head's per-token term, as TRL's SFTConfig.loss_type names it
 
 ESTIMATORS: tuple[str, ...] = get_args(EstimatorName)
 HESSIAN_GRADS: tuple[str, ...] = get_args(HessianGrad)
 SCALES: tuple[str, ...] = get_args(Scale)
+FUSED_LOSS_TYPES: tuple[str, ...] = get_args(FusedLossType)
 
 
 def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:

@@ -2,8 +2,8 @@
 
 A trainer hands it each training micro-batch's loss and κ (already in the loss's normalisation,
 :class:`~fam_hf.flatness.LossNorm`) and, at each log, an accelerator to reduce over processes with. It owns the
-schedule (warm-up, lazy steps), λ's calibration from ``fam_lambda_relative``, the finite mask (a non-finite κ
-drops that micro-batch's penalty, counted without a host synchronisation) and the ``fam/*`` metrics
+schedule (warm-up, lazy steps), λ's calibration from ``fam_lambda_relative``, the finite check (a non-finite κ
+drops that micro-batch's penalty, value and gradient) and the ``fam/*`` metrics
 (docs/mathematics.md#batches).
 """
 
@@ -41,6 +41,7 @@ class FAMPenalty:
         self.steps = 0  # optimizer steps with a penalty since the last log
         self.current_lambda = 0.0
         self.skipped = 0  # penalties dropped because κ was not finite, as of the last log
+        self.micro_batches = 0  # penalised micro-batches in this process since the start
         self._last_step = -1
         self._warned_negative = False  # κ < 0 (an indefinite Hessian) is reported once
 
@@ -69,10 +70,13 @@ class FAMPenalty:
         when ``fam_lambda_relative`` sets λ."""
         lam, multiplier = self.at(step)
         kappa = result.value
-        # A non-finite κ (overflow) drops this micro-batch's penalty, value and gradient, without a host sync:
-        # it is counted on the device and reported at the next log.
+        # A non-finite κ (overflow) drops this micro-batch's penalty, value and gradient, counted on the device and
+        # reported at the next log. Dropping its graph takes a host synchronisation (Trainer's NaN filter already
+        # takes one per micro-batch): masking the value alone would send a zero gradient into a graph whose local
+        # derivatives overflowed too, and 0·inf is NaN in every gradient.
         finite = torch.isfinite(kappa.detach())
-        kappa = torch.where(finite, kappa, torch.zeros_like(kappa))
+        if not finite:
+            kappa = torch.zeros_like(kappa.detach())
         if self.base_lambda is None:  # fam_lambda_relative: λ comes from this micro-batch
             lam *= self.calibrate(loss.detach(), kappa.detach(), accelerator)
         if lam > 0:
@@ -101,6 +105,7 @@ class FAMPenalty:
         if step != self._last_step:
             self.steps += 1
             self._last_step = step
+        self.micro_batches += 1
         self.current_lambda = lam
         # mirror what training_step does to the loss before it is summed into the logged loss
         share = norm.accumulation_share
@@ -148,3 +153,22 @@ class FAMPenalty:
                 steps,
             )
         self.steps = 0
+
+    def finish(self, logs: dict[str, float], accelerator) -> None:
+        """At the end of training (``logs`` holds ``train_runtime``): add ``fam/skipped``, the penalties dropped in
+        the whole run (the last log's count plus any since), and warn when there were any, so that a run shorter
+        than ``logging_steps`` says it too. One collective, which every process reaches (as ``Trainer`` logs)."""
+        pending = self.sums.reduce(accelerator)["skipped"] if self.sums else 0.0
+        self.skipped += int(pending)
+        self.steps = 0
+        logs["fam/skipped"] = self.skipped
+        if self.skipped:
+            logger.warning(
+                "FAM: the penalty on '%s' was dropped on %d of the run's %d penalised micro-batches (counted over "
+                "every process) because κ was not finite (an overflow: half-precision weights or a diverging run); "
+                "those trained on the loss alone. Lower the learning rate or train in bf16/float32 with the weights "
+                "in float32",
+                self.layer,
+                self.skipped,
+                accelerator.reduce(torch.tensor(self.micro_batches, device=accelerator.device), reduction="sum").item(),
+            )

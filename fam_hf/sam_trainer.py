@@ -22,8 +22,8 @@ from transformers.training_args import OptimizerNames
 
 from .hub import HubCardMixin
 from .measures.sam import ascent_direction, ascent_norm
-from .sam_config import SAMFields
-from .trainer_base import MetricSums, check_args, check_mixin_order, fix_sequence_classifier_loss
+from .sam_config import SAMConfig, SAMFields
+from .trainer_base import MetricSums, adopt_args, check_args, check_mixin_order, fix_sequence_classifier_loss
 
 logger = logging.getLogger(__name__)
 
@@ -74,15 +74,17 @@ class SAMMixin(HubCardMixin):
     """
 
     args: SAMFields
-    _sam_config_name = "SAMConfig"  # named in the error when args lack the sam_* fields
+    # What args=None, or a config of a class it extends, becomes; None: args must already carry the sam_* fields.
+    sam_config_class: type | None = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         check_mixin_order(cls, SAMMixin)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        args, kwargs = adopt_args(type(self), self.sam_config_class, (args, kwargs), self.default_output_dir, "sam")
         super().__init__(*args, **kwargs)
-        check_args(self, SAMFields, self._sam_config_name, "sam")
+        check_args(self, SAMFields, self.sam_config_class, "sam")
         self.args.check_sam_fields()  # __post_init__ does it only where SAMFields comes first in the config's bases
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:
             raise ValueError(
@@ -101,6 +103,11 @@ class SAMMixin(HubCardMixin):
         self._sam_skipped = 0
         self._sam_sums = MetricSums(("sharpness", "grad_norm", "steps"))  # since the last log
         logger.info("SAM: ρ=%g, %s", self.args.sam_rho, "adaptive (ASAM)" if self.args.sam_adaptive else "SAM")
+
+    @staticmethod
+    def default_output_dir(model) -> str:
+        """``output_dir`` of the config built when ``args`` is None: ``Trainer``'s."""
+        return "tmp_trainer"
 
     # -- one step ---------------------------------------------------------------------------------------
 
@@ -210,7 +217,10 @@ class SAMMixin(HubCardMixin):
 
 class SAMTrainer(SAMMixin, Trainer):
     """:class:`SAMMixin` on :class:`transformers.Trainer`: takes exactly what ``Trainer`` takes, with ``args`` a
-    :class:`~fam_hf.SAMConfig`. See :class:`SAMMixin` for what it adds."""
+    :class:`~fam_hf.SAMConfig` (``None`` or a ``TrainingArguments`` becomes one, with the ``sam_*`` defaults). See
+    :class:`SAMMixin` for what it adds."""
+
+    sam_config_class = SAMConfig
 
 
 def _compute_dtype(*dtypes: torch.dtype) -> torch.dtype:

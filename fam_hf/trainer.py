@@ -10,11 +10,11 @@ import torch
 from torch import nn
 from transformers import Trainer
 
-from .config import FAMFields
+from .config import FAMConfig, FAMFields
 from .flatness import LossNorm, RelativeFlatness, choose
 from .hub import HubCardMixin
 from .penalty import FAMPenalty
-from .trainer_base import check_args, check_mixin_order, fix_sequence_classifier_loss
+from .trainer_base import adopt_args, check_args, check_mixin_order, fix_sequence_classifier_loss
 
 logger = logging.getLogger(__name__)
 
@@ -50,20 +50,30 @@ class FAMMixin(HubCardMixin):
     """
 
     args: FAMFields
-    _fam_config_name = "FAMConfig"  # named in the error when args lack the fam_* fields
+    # What args=None, or a config of a class it extends, becomes (Trainer and TRL's trainers accept both); None:
+    # args must already carry the fam_* fields.
+    fam_config_class: type | None = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         check_mixin_order(cls, FAMMixin)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        args, kwargs = adopt_args(type(self), self.fam_config_class, (args, kwargs), self.default_output_dir, "fam")
         super().__init__(*args, **kwargs)
-        check_args(self, FAMFields, self._fam_config_name, "fam")
+        check_args(self, FAMFields, self.fam_config_class, "fam")
+        self._fam_setup(self.model)
+
+    def _fam_setup(self, model: nn.Module) -> None:
+        """The estimator and the penalty for ``model`` under ``self.args``: at construction, and again each time
+        ``train()`` builds a new model with ``model_init`` (a hyperparameter search may have set new ``fam_*``)."""
         cfg = self.args
         cfg.check_fam_fields()  # __post_init__ does it only where FAMFields comes first in the config's bases
-        fix_sequence_classifier_loss(self)
+        fix_sequence_classifier_loss(self, model)
+        if getattr(self, "flatness", None) is not None:
+            self.flatness.close()
         seed = cfg.seed if cfg.fam_seed is None else cfg.fam_seed
-        self.flatness: RelativeFlatness = self._fam_flatness(torch.Generator().manual_seed(seed))
+        self.flatness: RelativeFlatness = self._fam_flatness(torch.Generator().manual_seed(seed), model)
         layer = self.flatness.layer
         self.fam_penalty = FAMPenalty(cfg, layer.name, logs_stderr=self.flatness.reports_stderr and cfg.fam_probes > 1)
         if self.fam_penalty.trains and cfg.fam_hessian_grad == "detached" and not layer.weight().requires_grad:
@@ -80,6 +90,7 @@ class FAMMixin(HubCardMixin):
                 "the weights it differentiates through); put FAM on the output head with the closed form (verified "
                 "under ZeRO-2 and ZeRO-3), or train with DDP"
             )
+        self._fam_refuse_liger()
         logger.info(
             "FAM: λ=%s on layer '%s' (%s), estimator %s",
             cfg.fam_lambda if cfg.fam_lambda_relative is None else f"{cfg.fam_lambda_relative:g}·L₀/κ₀",
@@ -88,11 +99,53 @@ class FAMMixin(HubCardMixin):
             self.flatness.description or self.flatness.estimator,
         )
 
+    def call_model_init(self, trial=None) -> nn.Module:
+        model = super().call_model_init(trial)
+        if getattr(self, "fam_penalty", None) is not None:  # train() re-creating the model: FAM follows it
+            self._fam_setup(model)
+        return model
+
+    def _hp_search_setup(self, trial) -> None:
+        # Trainer.train sets a trial's hyperparameters after building its model: FAM follows them (fam_lambda …)
+        super()._hp_search_setup(trial)
+        if trial is not None and self.hp_search_backend is not None:
+            self._fam_setup(self.model)
+
+    @staticmethod
+    def default_output_dir(model) -> str:
+        """``output_dir`` of the config built when ``args`` is None: ``Trainer``'s."""
+        return "tmp_trainer"
+
+    def _fam_refuse_liger(self) -> None:
+        # Trainer applies liger's kernels when train() starts; refused here, before a step is taken.
+        if not self.args.use_liger_kernel:
+            return
+        fused_ce = (self.args.liger_kernel_config or {}).get("fused_linear_cross_entropy", True)  # liger's default
+        if fused_ce and self.fam_loss_kind() != "fused":
+            raise ValueError(
+                "use_liger_kernel=True replaces the model's LM head and loss by liger's fused linear cross-entropy, "
+                f"which never runs '{self.flatness.layer.name}' nor forms the logits, and has no second derivative: "
+                "FAM could not see the loss it penalises. Keep liger's other kernels with "
+                "liger_kernel_config={'fused_linear_cross_entropy': False}, or use fam_hf.trl.FAMSFTTrainer (TRL "
+                "turns that kernel off and FAM takes κ from the head's input)"
+            )
+        if self.flatness.second_order:
+            raise ValueError(
+                f"fam_estimator='{self.flatness.estimator}' differentiates the loss twice through the model, and "
+                "liger's Triton kernels (RMSNorm, RoPE, SwiGLU) have no second derivative; turn use_liger_kernel off, "
+                "or put FAM on the output head with the closed form"
+            )
+
     def fam_loss_kind(self) -> str:
         """What this trainer's training loss is, for the choice of estimator: ``"model"`` (the model's own loss
         through its head), ``"custom"`` (``compute_loss_func`` or label smoothing: only the probe mirrors it) or
         ``"fused"`` (a loss that never runs the head module; TRL's SFTTrainer)."""
         return "custom" if self.compute_loss_func is not None or self.label_smoother is not None else "model"
+
+    def fam_estimator_options(self) -> dict[str, Any]:
+        """Options of the estimator that only this trainer's loss determines (``FAMSFTTrainer``: the fused loss's
+        ``loss_type``); none for the model's own loss."""
+        return {}
 
     def _fam_wants_outputs(self) -> bool:
         # Gauss–Newton differentiates the logits and the closed form checks it saw the loss's logits. Free from
@@ -100,8 +153,9 @@ class FAMMixin(HubCardMixin):
         # them (TRL's) an extra no-grad forward, so asked for there only when the estimator needs them.
         return self.flatness.needs_logits or self.fam_loss_kind() == "model"
 
-    def _fam_flatness(self, generator: torch.Generator) -> RelativeFlatness:
-        """The estimator of κ for this trainer's loss (:func:`fam_hf.flatness.registry.choose`, for a penalty)."""
+    def _fam_flatness(self, generator: torch.Generator, model: nn.Module) -> RelativeFlatness:
+        """The estimator of κ of ``model`` under this trainer's loss (:func:`fam_hf.flatness.registry.choose`, for a
+        penalty)."""
         cfg = self.args
         options = dict(
             probes=cfg.fam_probes,
@@ -109,11 +163,12 @@ class FAMMixin(HubCardMixin):
             scale=cfg.fam_scale,
             generator=generator,
             token_fraction=cfg.fam_token_fraction,
+            **self.fam_estimator_options(),
         )
         estimator = choose(
-            self.model, cfg.fam_layer, cfg.fam_estimator, options, purpose="penalty", loss=self.fam_loss_kind()
+            model, cfg.fam_layer, cfg.fam_estimator, options, purpose="penalty", loss=self.fam_loss_kind()
         )
-        return estimator(self.model, cfg.fam_layer, cfg.fam_estimator, **options)
+        return estimator(model, cfg.fam_layer, cfg.fam_estimator, **options)
 
     def fam_loss_norm(self, num_items_in_batch: torch.Tensor | int | None) -> LossNorm:
         """How ``Trainer`` normalises this micro-batch's loss (its own rules, ``transformers.Trainer.compute_loss``
@@ -208,9 +263,14 @@ class FAMMixin(HubCardMixin):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         # Every rank logs at the same steps, so the mean over processes is safe here (as for `loss`).
         self.fam_penalty.log(logs, self.accelerator)
+        if "train_runtime" in logs:  # Trainer's last log of a train() call
+            self.fam_penalty.finish(logs, self.accelerator)
         super().log(logs, start_time)
 
 
 class FAMTrainer(FAMMixin, Trainer):
     """:class:`FAMMixin` on :class:`transformers.Trainer`: takes exactly what ``Trainer`` takes, with ``args`` a
-    :class:`~fam_hf.FAMConfig`. See :class:`FAMMixin` for what it adds."""
+    :class:`~fam_hf.FAMConfig` (``None`` or a ``TrainingArguments`` becomes one, with the ``fam_*`` defaults). See
+    :class:`FAMMixin` for what it adds."""
+
+    fam_config_class = FAMConfig

@@ -8,7 +8,8 @@ states times ``lm_head.weight``, in chunks, no logits), so ``lm_head``'s forward
 ``FAMSFTTrainer`` therefore takes κ of the LM head from the head's input (:class:`fam_hf.flatness.HeadInputFlatness`:
 the backbone's last hidden state, at the positions the loss counts, assistant-only / completion-only masks,
 packing and padding-free batches included) and never asks TRL for the logits (which would cost an extra
-no-grad full-logits forward per step). The probe and exact estimators need a second derivative through the
+no-grad full-logits forward per step). Under ``loss_type="dft"`` (each token's loss weighed by its own detached
+probability) κ is weighed the same way. The probe and exact estimators need a second derivative through the
 loss, which TRL's fused kernel does not have: they are refused while the loss goes through the fused head.
 With ``compute_loss_func`` or label smoothing, TRL computes the loss from the full logits and FAM behaves as
 in ``FAMTrainer`` (the probe).
@@ -30,6 +31,7 @@ from .trainer import FAMMixin
 
 trl = require("trl", "fam_hf.trl (FAMSFTTrainer, SAMSFTTrainer)")
 SFTConfig, SFTTrainer = trl.SFTConfig, trl.SFTTrainer
+from trl.trainer.utils import get_config_model_id  # noqa: E402
 
 __all__ = ["FAMSFTConfig", "FAMSFTTrainer", "SAMSFTConfig", "SAMSFTTrainer"]
 
@@ -40,24 +42,31 @@ class FAMSFTConfig(FAMFields, SFTConfig):
     the ``fam_*`` fields of :class:`~fam_hf.config.FAMFields`."""
 
 
+def sft_output_dir(model) -> str:
+    """``output_dir`` of the config built when ``args`` is None: ``SFTTrainer``'s (``<model name>-SFT``)."""
+    name = model if isinstance(model, str) else get_config_model_id(model.config)
+    return f"{name.split('/')[-1]}-SFT"
+
+
 class FAMSFTTrainer(FAMMixin, SFTTrainer):
     """``trl.SFTTrainer`` whose training loss is ``L + λ·κ`` (:class:`~fam_hf.trainer.FAMMixin`), with κ of the
     LM head computed from the fused head's input. Takes exactly what ``SFTTrainer`` takes, with ``args`` a
-    :class:`FAMSFTConfig`."""
+    :class:`FAMSFTConfig` (``None``, an ``SFTConfig`` or a ``TrainingArguments`` becomes one, with the ``fam_*``
+    defaults)."""
 
-    _fam_config_name = "FAMSFTConfig"
+    fam_config_class = FAMSFTConfig
+    default_output_dir = staticmethod(sft_output_dir)
     _tag_names = [*SFTTrainer._tag_names, "fam"]
 
     def fam_loss_kind(self) -> str:
         # SFTTrainer.compute_loss: the fused head, unless the loss needs the full logits
         if self.compute_loss_func is not None or (self.label_smoother is not None and self.args.loss_type == "nll"):
             return "custom"
-        if self.args.loss_type != "nll":
-            raise ValueError(
-                f"loss_type={self.args.loss_type!r} weighs each token's loss by its own detached probability, which "
-                "the LM-head closed form does not mirror; use loss_type='nll' with FAMSFTTrainer"
-            )
         return "fused"
+
+    def fam_estimator_options(self) -> dict:
+        # DFT weighs each token's loss by its own detached probability: the head-input closed form weighs it too
+        return {"loss_type": self.args.loss_type} if self.fam_loss_kind() == "fused" else {}
 
 
 @dataclass
@@ -68,9 +77,11 @@ class SAMSFTConfig(SAMFields, SFTConfig):
 
 class SAMSFTTrainer(SAMMixin, SFTTrainer):
     """``trl.SFTTrainer`` stepping with SAM's (or ASAM's) gradient (:class:`~fam_hf.sam_trainer.SAMMixin`).
-    Takes exactly what ``SFTTrainer`` takes, with ``args`` a :class:`SAMSFTConfig`."""
+    Takes exactly what ``SFTTrainer`` takes, with ``args`` a :class:`SAMSFTConfig` (``None``, an ``SFTConfig`` or a
+    ``TrainingArguments`` becomes one, with the ``sam_*`` defaults)."""
 
-    _sam_config_name = "SAMSFTConfig"
+    sam_config_class = SAMSFTConfig
+    default_output_dir = staticmethod(sft_output_dir)
     _tag_names = [*SFTTrainer._tag_names, "sam"]
 
     @contextlib.contextmanager

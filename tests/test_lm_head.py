@@ -160,3 +160,76 @@ def test_head_input_token_fraction_draws_among_the_counted_positions_as_the_logi
     assert ours == draws(RelativeFlatness(model, token_fraction=1 / 16))  # the same 16 per-position values
     nearly = kappa_from_input(model, batch, token_fraction=0.95)  # ⌈0.95 · 16⌉ = 16: every counted position
     torch.testing.assert_close(nearly, torch.tensor(exact, dtype=torch.float64), rtol=RTOL, atol=0)
+
+
+def dft_formula(features, weight, labels):
+    """DFT's per-token curvature: c_t times the token's detached probability of its label."""
+    p = torch.softmax(features @ weight.T, -1)
+    return p.gather(1, labels[:, None]).squeeze(1).detach() * formula(features, weight)
+
+
+def test_dft_weights_each_row_by_its_detached_label_probability_value_and_gradient():
+    g = torch.Generator().manual_seed(4)
+    features = torch.randn(9, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(11, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    rows = torch.rand(9, generator=g, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 11, (9,), generator=g)
+    ours = weighted_curvature_from_features(features, weight, None, rows, chunk_rows=4, label_probability_of=labels)
+    truth = (rows * dft_formula(features, weight, labels)).sum()
+    torch.testing.assert_close(ours, truth, rtol=RTOL, atol=0)
+    for a, t in zip(torch.autograd.grad(2.0 * ours, (features, weight, rows)),
+                    torch.autograd.grad(2.0 * truth, (features, weight, rows))):  # fmt: skip
+        torch.testing.assert_close(a, t, rtol=1e-10, atol=1e-12)
+
+
+def test_head_input_estimator_under_dft_equals_the_brute_force_hessian_of_the_dft_loss():
+    model = tiny_llama()
+    ids = torch.randint(0, model.config.vocab_size, (3, 7), generator=torch.Generator().manual_seed(5))
+    labels = ids.clone()
+    labels[1, :3] = -100
+    batch = {"input_ids": ids, "labels": labels}
+    hidden = model.base_model(ids).last_hidden_state.detach()
+    head = model.get_output_embeddings().weight
+
+    def dft_loss_of(e):  # TRL's loss_type="dft": −sg(p_y)·log p_y, averaged over the counted tokens
+        logits = (hidden @ (head + e).T)[:, :-1].reshape(-1, head.shape[0])
+        targets = labels[:, 1:].reshape(-1)
+        counted = targets != -100
+        log_p = torch.log_softmax(logits[counted], -1).gather(1, targets[counted, None]).squeeze(1)
+        return -(log_p.exp().detach() * log_p).sum() / counted.sum()
+
+    ours = kappa_from_input(model, batch, loss_type="dft")
+    torch.testing.assert_close(ours, kappa_from_loss_fn(dft_loss_of, head.detach()), rtol=RTOL, atol=0)
+    assert ours < kappa_from_input(model, batch)  # each token's curvature weighed by a probability < 1
+    with pytest.raises(ValueError, match="loss_type='mse' is not one of 'nll', 'dft'"):
+        HeadInputFlatness(model, loss_type="mse")
+
+
+@pytest.mark.parametrize("method", ["prompt_tuning", "p_tuning"])
+def test_prompt_learning_aligns_the_labels_with_the_virtual_tokens_prepended_to_the_input(method):
+    import peft
+
+    config = {
+        "prompt_tuning": peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3),
+        "p_tuning": peft.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=3, encoder_hidden_size=8),
+    }[method]
+    model = peft.get_peft_model(tiny_llama(), config).double().eval()
+    ids = torch.randint(0, 40, (2, 6), generator=torch.Generator().manual_seed(6))
+    labels = ids.clone()
+    labels[0, :2] = -100
+    batch = {"input_ids": ids, "labels": labels}
+    # the truth: the loss of the prefixed sequence as PEFT computes it (-100 for the 3 virtual tokens)
+    hidden = model.base_model.model(inputs_embeds=torch.cat(
+        [model.get_prompt(batch_size=2).double(), model.word_embeddings(ids)], 1)).last_hidden_state.detach()  # fmt: skip
+    head = model.get_output_embeddings().weight
+    prefixed = F.pad(labels, (3, 0), value=-100)
+
+    def loss_of(e):
+        logits = hidden @ (head + e).T
+        return F.cross_entropy(logits[:, :-1].reshape(-1, 40), prefixed[:, 1:].reshape(-1))
+
+    truth = kappa_from_loss_fn(loss_of, head.detach())
+    loss = model(**batch).loss  # transformers computes it from float32 logits
+    torch.testing.assert_close(loss, loss_of(torch.zeros_like(head)).float(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(kappa_from_input(model, batch), truth, rtol=RTOL, atol=0)  # FAMSFTTrainer's
+    torch.testing.assert_close(relative_flatness(model, batch).value, truth, rtol=RTOL, atol=0)  # FAMTrainer's

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from models import COMMON, bert, cls_data, console_script, gpt2, lm_data, params
-from transformers import Trainer, TrainingArguments
+from transformers import Seq2SeqTrainingArguments, Trainer, TrainingArguments
 
 from fam_hf import SAMConfig, SAMTrainer, sam_sharpness
 
@@ -258,8 +258,9 @@ def test_config_errors_name_the_fix(tmp_path):
             SAMConfig(output_dir=str(tmp_path), sam_rho=rho)
     with pytest.raises(ValueError, match="sam_eta=-0.01 must be ≥ 0"):
         SAMConfig(output_dir=str(tmp_path), sam_eta=-0.01)
-    with pytest.raises(TypeError, match=r"SAMTrainer needs args=SAMConfig\(...\), got TrainingArguments"):
-        SAMTrainer(model=gpt2(), args=TrainingArguments(output_dir=str(tmp_path), report_to=[]))
+    # a TrainingArguments is adopted (tests/test_drop_in.py); a config SAMConfig does not extend is refused
+    with pytest.raises(TypeError, match=r"SAMTrainer needs args=SAMConfig\(...\), got Seq2SeqTrainingArguments"):
+        SAMTrainer(model=gpt2(), args=Seq2SeqTrainingArguments(output_dir=str(tmp_path), report_to=[]))
     with pytest.raises(ValueError, match="updates the weights inside backward"):
         sam_trainer(gpt2(), lm_data(), tmp_path, optim="lomo")
 

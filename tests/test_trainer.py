@@ -6,6 +6,7 @@ import pytest
 import torch
 from models import COMMON, bert, cls_data, fam_logs, fam_trainer, gpt2, lm_data, params
 from transformers import (
+    Seq2SeqTrainingArguments,
     Trainer,
     TrainingArguments,
 )
@@ -193,8 +194,9 @@ def test_config_errors_name_the_fix(tmp_path):
         FAMConfig(output_dir=str(tmp_path), fam_every_n_steps=0)
     with pytest.raises(ValueError, match=r"fam_token_fraction=1.5 must be in \(0, 1\]"):
         FAMConfig(output_dir=str(tmp_path), fam_token_fraction=1.5)
-    with pytest.raises(TypeError, match=r"FAMTrainer needs args=FAMConfig\(...\), got TrainingArguments"):
-        FAMTrainer(model=gpt2(), args=TrainingArguments(output_dir=str(tmp_path), report_to=[]))
+    # a TrainingArguments is adopted (tests/test_drop_in.py); a config FAMConfig does not extend is refused
+    with pytest.raises(TypeError, match=r"FAMTrainer needs args=FAMConfig\(...\), got Seq2SeqTrainingArguments"):
+        FAMTrainer(model=gpt2(), args=Seq2SeqTrainingArguments(output_dir=str(tmp_path), report_to=[]))
     frozen_head = gpt2()
     frozen_head.lm_head.weight.requires_grad_(False)  # tied: the embeddings too
     with pytest.raises(ValueError, match="frozen: the penalty would train nothing. Use fam_hessian_grad='full'"):

@@ -207,8 +207,9 @@ def test_every_path_that_would_train_nothing_raises(tmp_path):
     for kw in ({"fam_estimator": "probe"}, {"fam_estimator": "exact"}, {"fam_layer": "model.layers.0.mlp.down_proj"}):
         with pytest.raises(ValueError, match="only the LM head's closed form .* can train; use fam_layer='auto'"):
             sft(FAMSFTTrainer, FAMSFTConfig, llama(), tmp_path / "refused", fam_lambda=LAM, **kw)
-    with pytest.raises(TypeError, match=r"FAMSFTTrainer needs args=FAMSFTConfig\(...\), got SFTConfig"):
-        sft(FAMSFTTrainer, SFTConfig, llama(), tmp_path / "args")
+    # a config FAMSFTConfig does not extend (an SFTConfig or a TrainingArguments it adopts: tests/test_drop_in.py)
+    with pytest.raises(TypeError, match=r"FAMSFTTrainer needs args=FAMSFTConfig\(...\), got SAMSFTConfig"):
+        sft(FAMSFTTrainer, SAMSFTConfig, llama(), tmp_path / "args")
     # A probe whose perturbation never reaches the loss (the layer's output is computed, then not used)
     model = llama(dtype=torch.float64).train()
     flat = RelativeFlatness(model, "model.layers.0.mlp.down_proj", "probe")

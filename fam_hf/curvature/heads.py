@@ -185,6 +185,7 @@ def weighted_curvature_from_features(
     chunk_rows: int,
     through_logits: bool = True,
     product_dtype: torch.dtype | None = None,
+    label_probability_of: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``Σ_t a_t c_t`` with ``c_t = Σ_s p_{t,s} ‖w_s‖² − ‖Wᵀ p_t‖²``, ``p_t = softmax(W φ_t + b)``, never keeping
     the logits. κ of the head is this with ``a_t`` the loss's weight of position t times ``‖φ_t‖²``.
@@ -200,9 +201,12 @@ def weighted_curvature_from_features(
         through_logits: False holds ``p`` constant (the ``"detached"`` gradient semantics: the Hessian is
             constant, only the explicit ``W`` factors carry gradient; ``φ`` and ``b`` get none).
         product_dtype: operand dtype of the ``N·d·m`` products (bf16 on a GPU); None: the compute dtype.
+        label_probability_of: labels ``y: (N,)``: weigh each row by its predicted probability of its label too,
+            ``a_t ← a_t · sg(p_{t,y_t})``, held constant (DFT's loss ``−sg(p_y) log p_y`` has Hessian
+            ``sg(p_y) (diag p − p pᵀ)``; docs/mathematics.md#closed-form-for-an-output-head).
 
     Returns:
-        a 0-d tensor in ``compute_dtype(weight.dtype)``, differentiable w.r.t. every tensor argument.
+        a 0-d tensor in ``compute_dtype(weight.dtype)``, differentiable w.r.t. every float tensor argument.
 
     The output is a scalar, so its gradient is known up to one factor while the chunk's softmax is at hand: when
     it will be needed (grad mode on, an input requiring grad), the forward computes it in the same chunk loop
@@ -214,7 +218,7 @@ def weighted_curvature_from_features(
     # under no_grad no graph is built, so the forward must not compute a gradient nobody will read
     eager = torch.is_grad_enabled()
     return _WeightedCurvature.apply(
-        features, weight, bias, row_weights, chunk_rows, through_logits, product_dtype, eager
+        features, weight, bias, row_weights, chunk_rows, through_logits, product_dtype, eager, label_probability_of
     )
 
 
@@ -223,9 +227,10 @@ class _WeightedCurvature(torch.autograd.Function):
     #   G_z[t] = a_t · p_t ⊙ (s_t − p_t·s_t)                  (∂/∂z_t)
     #   ∂/∂φ_t = G_z[t] W,   ∂/∂b = Σ_t G_z[t],   ∂/∂a_t = c_t
     #   ∂/∂W   = G_zᵀ Φ  +  2 diag(Σ_t a_t p_t) W − 2 (a ⊙ P)ᵀ V      (through z, then the explicit factors)
+    # With labels, a_t is multiplied by q_t = p_{t,y_t}, a constant (DFT's detached weight): ∂/∂a_t = q_t c_t.
 
     @staticmethod
-    def forward(ctx, features, weight, bias, row_weights, chunk_rows, through_logits, product_dtype, eager):
+    def forward(ctx, features, weight, bias, row_weights, chunk_rows, through_logits, product_dtype, eager, labels):
         dtype = compute_dtype(weight.dtype)
         need_features, need_weight, need_bias, _ = ctx.needs_input_grad[:4] if eager else (False,) * 4
         need_features, need_bias = need_features and through_logits, need_bias and through_logits
@@ -234,7 +239,8 @@ class _WeightedCurvature(torch.autograd.Function):
         with torch.autocast(features.device.type, enabled=False):
             w = weight.to(dtype)
             row_sq = torch.linalg.vector_norm(w, dim=-1).square()
-            a = row_weights.detach().to(dtype)
+            a = row_weights.detach().to(dtype, copy=labels is not None)
+            label_prob = None if labels is None else features.new_empty(n, dtype=dtype)
             curvature = features.new_empty(n, dtype=dtype)
             grad_features = torch.empty_like(features, dtype=dtype) if need_features else None  # every row set
             grad_weight = torch.zeros_like(w) if need_weight else None
@@ -243,6 +249,9 @@ class _WeightedCurvature(torch.autograd.Function):
             for rows in chunks(n, chunk_rows):
                 phi = features[rows]
                 probs = torch.softmax(_logits(phi, weight, bias, dtype, product_dtype), dim=-1)
+                if labels is not None:
+                    label_prob[rows] = probs.gather(1, labels[rows, None].to(probs.device)).squeeze(1)
+                    a[rows] *= label_prob[rows]
                 v = _mm(probs, w, product_dtype)
                 v_sq = v.pow(2).sum(-1)
                 curvature[rows] = torch.mv(probs, row_sq) - v_sq
@@ -267,7 +276,7 @@ class _WeightedCurvature(torch.autograd.Function):
                 grad_weight.addcmul_(prob_mass[:, None], w, value=2)
             value = (a * curvature).sum()
         ctx.grads = (grad_features, grad_weight, grad_bias)
-        ctx.save_for_backward(curvature)
+        ctx.save_for_backward(curvature if labels is None else curvature * label_prob)  # ∂value/∂row_weights
         ctx.dtypes = (features.dtype, weight.dtype, None if bias is None else bias.dtype, row_weights.dtype)
         return value
 
@@ -284,7 +293,7 @@ class _WeightedCurvature(torch.autograd.Function):
         grads, ctx.grads = ctx.grads, None
         scaled = [None if g is None else g.mul_(grad.to(g.dtype)).to(t) for g, t in zip(grads, ctx.dtypes)]
         grad_rows = curvature.mul(grad).to(ctx.dtypes[3]) if ctx.needs_input_grad[3] else None
-        return (*scaled, grad_rows, None, None, None, None)
+        return (*scaled, grad_rows, None, None, None, None, None)
 
 
 def _logits(phi, weight, bias, dtype, product_dtype) -> torch.Tensor:

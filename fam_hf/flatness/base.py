@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..curvature import default_generator, second_order_kernels
-from ..layers import Layer, resolve_layer
+from ..layers import Layer, resolve_layer, unwrap_model
 from ..options import ESTIMATORS, HESSIAN_GRADS, SCALES, check_choice
 
 DEFAULT_MAX_EXACT_ENTRIES = 4096  # d·m; the Hessian has (d·m)² entries and costs d·m double-backwards
@@ -221,7 +221,8 @@ class RelativeFlatness:
 
         Args:
             batch: the inputs of that forward pass; the closed form reads ``labels`` (and ``input_ids``
-                for decoder classifiers, which pool the last non-padding token).
+                for decoder classifiers, which pool the last non-padding token). Labels the transformers model
+                itself receives replace the batch's (PEFT's prompt learning prepends its virtual tokens' to them).
             num_items_in_batch: the denominator the model's loss uses, when it is given one (short for
                 ``norm=LossNorm(num_items_in_batch)``).
             norm: how the loss is normalised (a trainer's micro-batch); overrides ``num_items_in_batch``.
@@ -239,12 +240,24 @@ class RelativeFlatness:
         self._recording, recording.open = recording, True
         try:
             with ExitStack() as stack:
+                stack.callback(self._watch_labels(recording).remove)
                 if self.second_order:
                     stack.enter_context(torch.enable_grad())
                 stack.enter_context(self.kernels(differentiable))
                 yield recording
         finally:
             recording.open = False
+
+    def _watch_labels(self, recording: Recording) -> torch.utils.hooks.RemovableHandle:
+        """Hook the transformers model's forward so that the labels its own loss sees replace the batch's: PEFT's
+        prompt tuning and p-tuning prepend their virtual tokens to the input and ``-100`` for them to the labels."""
+
+        def take_labels(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+            seen = {key: kwargs[key] for key in ("labels", "shift_labels") if torch.is_tensor(kwargs.get(key))}
+            if recording.open and seen:
+                recording.batch = {**recording.batch, **seen}
+
+        return unwrap_model(self.model).register_forward_pre_hook(take_labels, with_kwargs=True)
 
     def kernels(self, differentiable: bool = False):
         """The context in which the model's kernels have the derivatives this estimator needs

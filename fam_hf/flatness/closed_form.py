@@ -17,6 +17,7 @@ from torch import nn
 from ..curvature import CHUNK_ELEMENTS, closed_form, compute_dtype, sample_positions, weighted_curvature_from_features
 from ..head_loss import IGNORE_INDEX, head_loss_for
 from ..layers import Layer, unwrap_model
+from ..options import FUSED_LOSS_TYPES, check_choice
 from .base import Recording, RelativeFlatness
 
 MIRRORED_LOSSES = "causal-LM or sequence-classification cross-entropy, MSE, BCE, on unmodified logits"
@@ -99,6 +100,9 @@ class HeadInputFlatness(RelativeFlatness):
             cross-entropy head (no soft-capping or logit scaling).
         layer: ``"auto"`` or the head's name; any other layer is refused.
         chunk_elements: logits entries formed at a time (``rows × vocabulary``).
+        loss_type: the fused loss's per-token term, as TRL's ``SFTConfig.loss_type`` names it: ``"nll"``
+            (cross-entropy) or ``"dft"`` (cross-entropy weighed by the token's own detached probability of its
+            label, whose Hessian is that weight times cross-entropy's: κ is weighed the same way).
         The other options are :class:`~fam_hf.RelativeFlatness`'s.
     """
 
@@ -107,9 +111,11 @@ class HeadInputFlatness(RelativeFlatness):
 
     def __init__(
         self, model: nn.Module, layer: str = "auto", estimator: str = "auto", *, chunk_elements: int = CHUNK_ELEMENTS,
-        **options: Any,
+        loss_type: str = "nll", **options: Any,
     ) -> None:  # fmt: skip
         super().__init__(model, layer, estimator, **options)
+        check_choice("loss_type", loss_type, FUSED_LOSS_TYPES)
+        self.loss_type = loss_type
         base = unwrap_model(model)
         self.backbone: nn.Module = base.base_model
         if self.backbone is base:
@@ -130,7 +136,8 @@ class HeadInputFlatness(RelativeFlatness):
 
     @property
     def description(self) -> str:
-        return f"closed form from the input of '{self.layer.name}' (the backbone's last hidden state)"
+        weighed = ", each token weighed by its probability (DFT)" if self.loss_type == "dft" else ""
+        return f"closed form from the input of '{self.layer.name}' (the backbone's last hidden state{weighed})"
 
     @property
     def hooked_module(self) -> nn.Module:
@@ -178,10 +185,10 @@ class HeadInputFlatness(RelativeFlatness):
                 hidden = self.hidden if self.differentiable and fam.hessian_grad == "full" else self.hidden.detach()
                 if not self.differentiable:
                     weight = weight.detach()
-                features, weights = lm_head_positions(hidden, self.batch, self.norm.items(True))
+                features, weights, labels = lm_head_positions(hidden, self.batch, self.norm.items(True))
                 if fam.token_fraction < 1:
                     chosen, weights = sample_positions(weights, fam.token_fraction, fam.generator)
-                    features = features[chosen]
+                    features, labels = features[chosen], labels[chosen]
                 module = fam.layer.module
                 bias = getattr(getattr(module, "base_layer", module), "bias", None)
                 if bias is not None and not self.differentiable:
@@ -196,6 +203,7 @@ class HeadInputFlatness(RelativeFlatness):
                     chunk_rows=max(1, fam.chunk_elements // weight.shape[0]),
                     through_logits=fam.hessian_grad == "full",
                     product_dtype=product_dtype,
+                    label_probability_of=labels if fam.loss_type == "dft" else None,
                 )
             return value * self.norm.scale(True), None
 
@@ -204,8 +212,8 @@ def lm_head_positions(
     hidden: torch.Tensor,
     batch: Mapping[str, Any],
     num_items_in_batch: torch.Tensor | int | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The head inputs at the positions a causal-LM loss counts, with the loss's weight of each.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The head inputs at the positions a causal-LM loss counts, with the loss's weight and the label of each.
 
     Args:
         hidden: the backbone's ``last_hidden_state``, ``(B, T, m)``.
@@ -217,7 +225,7 @@ def lm_head_positions(
 
     Returns:
         ``features: (N, m)`` (only the counted positions; a host synchronisation, as TRL's kernel does on
-        GPUs) and ``weights: (N,)`` with ``Σ_t weights_t ℓ_t`` the loss.
+        GPUs), ``weights: (N,)`` with ``Σ_t weights_t ℓ_t`` the loss, and ``labels: (N,)``.
     """
     labels = batch.get("shift_labels")
     if labels is None:
@@ -238,4 +246,4 @@ def lm_head_positions(
     else:
         denominator = counted.sum().to(dtype).clamp_min(1)
     weights = torch.ones(features.shape[0], device=hidden.device, dtype=dtype) / denominator
-    return features, weights
+    return features, weights, labels.to(hidden.device)[counted]
