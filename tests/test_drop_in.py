@@ -412,3 +412,24 @@ def test_hyperparameter_search_over_fam_lambda_with_optuna(tokenizer, tmp_path):
     best = trainer.hyperparameter_search(hp_space=space, backend="optuna", n_trials=2, direction="minimize")
     assert best.hyperparameters["fam_lambda"] in seen and len(seen) == 2
     assert trainer.fam_penalty.base_lambda == seen[-1]  # the penalty follows the trial's λ
+
+
+def test_a_prompt_tuned_peft_model_given_directly_under_sft_and_trainer(tokenizer, tmp_path):
+    import peft
+
+    def prompt_tuned():
+        return peft.get_peft_model(tiny(tokenizer), peft_config("prompt_tuning"))
+
+    plain = trained(run(SFTTrainer, SFTConfig, tokenizer, model=prompt_tuned(), dataset="conversational",
+                        tmp_path=tmp_path / "plain"))  # fmt: skip
+    on = run(FAMSFTTrainer, FAMSFTConfig, tokenizer, model=prompt_tuned(), dataset="conversational",
+             tmp_path=tmp_path / "on", fam_lambda=0.5)  # fmt: skip
+    assert all(p > 0 and math.isfinite(p) for p in logged(on, "fam/penalty"))
+    assert any(not torch.equal(value, plain[name]) for name, value in trained(on).items())
+    # FAMTrainer: the closed form on the logits, which carry the virtual tokens' positions too
+    common = {k: v for k, v in COMMON.items() if k != "max_length"} | {"per_device_train_batch_size": 1}
+    trainer = FAMTrainer(model=prompt_tuned(), args=FAMConfig(str(tmp_path / "t"), fam_lambda=0.5, **common),
+                         train_dataset=lm_rows(tokenizer))  # fmt: skip
+    trainer.train()
+    assert trainer.flatness.estimator == "closed_form"
+    assert all(p > 0 and math.isfinite(p) for p in logged(trainer, "fam/penalty"))
