@@ -173,6 +173,8 @@ class FAMMixin(HubCardMixin):
         schedule = self.fam_penalty.at(step) if model.training else None
         if schedule is None:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if self.flatness.draws_probes:
+            self._fam_probes_of_step(step)
         batch = {key: inputs.get(key) for key in ("labels", "shift_labels", "input_ids")}  # super() may pop labels
         want_outputs = return_outputs or self._fam_wants_outputs()
         norm = self.fam_loss_norm(num_items_in_batch)
@@ -182,6 +184,15 @@ class FAMMixin(HubCardMixin):
         result = recording.result(loss, logits=outputs.get("logits") if isinstance(outputs, dict) else None)
         loss = self.fam_penalty.add(loss, result, step, norm, self.accelerator)
         return (loss, outputs) if return_outputs else loss
+
+    def _fam_probes_of_step(self, step: int) -> None:
+        # Every micro-batch of an optimizer step draws the step's probes: for fixed probes the estimate is linear in
+        # the loss, so k micro-batches of b then give the estimate of one batch of k·b (as the ranks of DDP do).
+        generator = self.flatness.generator
+        if getattr(self, "_fam_probe_step", None) != step:
+            self._fam_probe_step, self._fam_probe_state = step, generator.get_state()
+        else:
+            generator.set_state(self._fam_probe_state)
 
     # -- checkpoints ------------------------------------------------------------------------------------
 
