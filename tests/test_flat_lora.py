@@ -293,3 +293,19 @@ def test_trl_pair_equals_plain_sft_on_the_perturbed_base(tmp_path, caplog):
 
 def _name(model, parameter):
     return next(n for n, p in model.named_parameters() if p is parameter)
+
+
+def test_activation_checkpointing_recomputes_the_same_noise(tmp_path):
+    """Under non-reentrant activation checkpointing the backward pass reruns each block's forward, hooks included:
+    it must draw the same ε (from the seed), so the step equals the one without checkpointing."""
+    runs = {}
+    for checkpointing in (False, True):
+        model = full_64()
+        trainer = flat_trainer(model, lm_data(16), tmp_path / str(checkpointing), max_steps=2,
+                               per_device_train_batch_size=8, flat_lora_schedule="constant",
+                               gradient_checkpointing=checkpointing,
+                               gradient_checkpointing_kwargs={"use_reentrant": False})  # fmt: skip
+        trainer.train()
+        runs[checkpointing] = params(model)
+    for name, value in runs[True].items():
+        torch.testing.assert_close(value, runs[False][name], rtol=0, atol=1e-10, msg=name)

@@ -340,3 +340,20 @@ def test_a_layer_of_the_set_that_did_not_run_is_named():
         loss = model.head(torch.tanh(model.fc2(torch.randn(3, 8, dtype=torch.float64)))).sum()
     with pytest.raises(RuntimeError, match=r"1 of the 2 layers of the set 'fc1,fc2' did not run.*: fc1;"):
         recording.result(loss)
+
+
+def test_activation_checkpointing_sees_the_same_probes_on_every_layer_of_the_set(tmp_path):
+    """The backward pass's recomputation of checkpointed blocks runs every layer's hook again: each must reuse its
+    R_l and the set's δ, so the step equals the one without checkpointing."""
+    runs = {}
+    for checkpointing in (False, True):
+        model = gpt2()
+        trainer = fam_trainer(model, lm_data(16), tmp_path / str(checkpointing), max_steps=2,
+                              per_device_train_batch_size=8, fam_lambda=0.3, fam_layer="all-linear", fam_probes=2,
+                              gradient_checkpointing=checkpointing,
+                              gradient_checkpointing_kwargs={"use_reentrant": False})  # fmt: skip
+        trainer.train()
+        runs[checkpointing] = (params(model), [h["fam/kappa"] for h in fam_logs(trainer)])
+    assert runs[True][1] == pytest.approx(runs[False][1], rel=1e-6)
+    for name, value in runs[True][0].items():
+        torch.testing.assert_close(value, runs[False][0][name], rtol=0, atol=1e-6, msg=name)
