@@ -25,12 +25,13 @@ class Variant:
     Attributes:
         name: short id (command line, memory worker, table).
         kind: ``"plain"`` (``Trainer``), ``"fam"`` (``FAMTrainer`` with ``fam``), ``"sam"`` (``SAMTrainer``
-            with ``sam``), ``"reference"`` (:class:`~benchmarks.reference_fam.ReferenceFAMTrainer`),
+            with ``sam``), ``"flat_lora"`` (``FlatLoRATrainer`` with ``flat_lora``), ``"reference"`` (:class:`~benchmarks.reference_fam.ReferenceFAMTrainer`),
             ``"sft"`` (TRL's ``SFTTrainer``: the fused LM head, no logits), ``"famsft"``
             (``fam_hf.trl.FAMSFTTrainer`` with ``fam``).
         label: what the table says.
         fam: ``FAMConfig`` fields (``fam_*``).
         sam: ``SAMConfig`` fields (``sam_*``).
+        flat_lora: ``FlatLoRAConfig`` fields (``flat_lora_*``).
         requires: ``FAMConfig`` fields that must exist, else the variant is skipped with a note.
         time_target, memory_target: the targets BENCHMARKS.md judges the variant by, as the largest ratio to the
             plain step.
@@ -42,6 +43,7 @@ class Variant:
     label: str
     fam: dict[str, Any] = field(default_factory=dict)
     sam: dict[str, Any] = field(default_factory=dict)
+    flat_lora: dict[str, Any] = field(default_factory=dict)
     requires: tuple[str, ...] = ()
     time_target: float | None = None
     memory_target: float | None = None
@@ -73,6 +75,13 @@ PLAIN = Variant("plain", "plain", "plain `Trainer` step")
 
 def _sam(label: str = "SAM (ρ = 0.05, two forward/backward passes)") -> Variant:
     return Variant("sam", "sam", label, sam={"sam_rho": 0.05})
+
+
+def _flat_lora(label: str) -> Variant:
+    # σ_t = σ: no training loop runs here, so the cosine schedule (0 at step 0) would time a noiseless step
+    return Variant(
+        "flat-lora", "flat_lora", label, flat_lora={"flat_lora_sigma": 0.05, "flat_lora_schedule": "constant"}
+    )
 
 
 def build_cases(quick: bool, device: str) -> dict[str, Case]:
@@ -127,6 +136,24 @@ def build_cases(quick: bool, device: str) -> dict[str, Case]:
                     "FAM Gauss–Newton on `bert.encoder.layer.5.output.dense`, 1 probe",
                     {**body, "fam_estimator": "gauss_newton", "fam_lambda": 0.1},
                 ),
+                Variant(
+                    "gn-all-dense",
+                    "fam",
+                    "FAM Gauss–Newton over every encoder dense layer (`bert.encoder.*`, 36 layers), 1 probe",
+                    {
+                        "fam_layer": "bert.encoder.*",
+                        "fam_probes": 1,
+                        "fam_estimator": "gauss_newton",
+                        "fam_lambda": 0.1,
+                    },
+                ),
+                Variant(
+                    "probe-all-dense",
+                    "fam",
+                    "FAM probe over every encoder dense layer (36 layers), 1 probe",
+                    {"fam_layer": "bert.encoder.*", "fam_probes": 1, "fam_estimator": "probe", "fam_lambda": 0.003},
+                ),
+                _flat_lora("Flat-LoRA (σ = 0.05) on every trainable linear layer (38: full fine-tune)"),
                 _sam(),
             ],  # fmt: skip
             learning_rate=1e-4,
@@ -224,6 +251,13 @@ def build_cases(quick: bool, device: str) -> dict[str, Case]:
                     {**probe, "fam_hessian_grad": "detached", "fam_every_n_steps": 4},
                     time_target=1.3,
                 ),
+                Variant(
+                    "gn-all-lora",
+                    "fam",
+                    "FAM Gauss–Newton over every LoRA-adapted projection (`all-lora`, 60 layers), 1 probe",
+                    {**probe, "fam_layer": "all-lora", "fam_estimator": "gauss_newton"},
+                ),
+                _flat_lora("Flat-LoRA (σ = 0.05) on the 60 adapted projections (merged W0 + s·BA)"),
                 _sam("SAM (ρ = 0.05) on the LoRA parameters"),
             ],  # fmt: skip
             lora=True,
@@ -482,6 +516,10 @@ def make_trainer(case: Case, variant: Variant, model, output_dir: str, device: s
     elif variant.kind == "sam":
         sam_trainer, sam_config = sam_classes()
         trainer = sam_trainer(model=model, args=sam_config(**common, **variant.sam))
+    elif variant.kind == "flat_lora":
+        from fam_hf import FlatLoRAConfig, FlatLoRATrainer
+
+        trainer = FlatLoRATrainer(model=model, args=FlatLoRAConfig(**common, **variant.flat_lora))
     elif variant.kind == "reference":
         trainer = ReferenceFAMTrainer(model=model, args=TrainingArguments(**common), **variant.fam)
     elif variant.kind in ("sft", "famsft"):

@@ -30,6 +30,8 @@ _IMPORT_STRUCTURE: dict[str, list[str]] = {
     "trainer": ["FAMMixin", "FAMTrainer"],
     "sam_config": ["SAMConfig", "SAMFields"],
     "sam_trainer": ["SAMMixin", "SAMTrainer"],
+    "flat_lora_config": ["FlatLoRAConfig", "FlatLoRAFields"],
+    "flat_lora_trainer": ["FlatLoRAMixin", "FlatLoRATrainer"],
     "callback": ["FlatnessCallback"],
 }
 # The estimators' tensor functions, once exported here; they live in fam_hf.curvature now.
@@ -51,6 +53,10 @@ __all__ = [
     "FAMFields",
     "FAMMixin",
     "FAMTrainer",
+    "FlatLoRAConfig",
+    "FlatLoRAFields",
+    "FlatLoRAMixin",
+    "FlatLoRATrainer",
     "FlatnessCallback",
     "FlatnessResult",
     "HeadLoss",
@@ -92,6 +98,8 @@ if TYPE_CHECKING:
         logit_tangents,
         probe_quadratic_forms,
     )
+    from .flat_lora_config import FlatLoRAConfig, FlatLoRAFields
+    from .flat_lora_trainer import FlatLoRAMixin, FlatLoRATrainer
     from .flatness import FlatnessResult, RelativeFlatness, relative_flatness
     from .head_loss import HeadLoss, head_loss_for
     from .layers import Layer, candidate_layers, output_head_name, resolve_layer

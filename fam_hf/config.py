@@ -45,7 +45,9 @@ class FAMFields:
         default="auto",
         metadata={
             "help": "Layer whose flatness is penalised: 'auto' (the output head: classifier/score/lm_head), or a "
-            "module name or glob matching one linear layer (nn.Linear, GPT-2 Conv1D, PEFT LoRA layer)."
+            "module name of one linear layer (nn.Linear, GPT-2 Conv1D, PEFT LoRA layer); or a set whose κ's are "
+            "summed with one probe: a glob matching several ('*.q_proj'), 'all-lora', 'all-linear' (all but the "
+            "output head), or a comma-separated list of these (docs/mathematics.md#layer-sets)."
         },
     )
     fam_estimator: EstimatorName = field(

@@ -9,7 +9,7 @@ forward, so they are captured with a forward hook on :attr:`Layer.module` (see :
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -241,6 +241,115 @@ def resolve_layer(model: nn.Module, spec: str = "auto") -> Layer:
     layer = Layer(name=name, module=module, kind=layer_type(module).kind, is_output_head=name == head)
     layer.weight()  # fails now, with its reason, where the layer's type is unsupported (e.g. DoRA)
     return layer
+
+
+# Layer-set keywords (PEFT's "all-linear" excludes the output head too)
+SET_KEYWORDS = ("all-lora", "all-linear")
+
+
+@dataclass(frozen=True)
+class LayerSet:
+    """Several resolved layers whose relative flatness is summed: ``κ = Σ_l κ_l`` (docs/mathematics.md#layer-sets).
+
+    Attributes:
+        spec: the spec as written (``"all-lora"``, ``"*.q_proj"``, ``"a,b"``, or a list joined by commas).
+        layers: the layers, in model order, each once.
+    """
+
+    spec: str
+    layers: tuple[Layer, ...]
+    kind = "set"
+    is_output_head = False
+
+    @property
+    def name(self) -> str:
+        """``"<spec> (<n> layers)"``: what logs, messages and model cards call the set."""
+        return f"{self.spec} ({len(self.layers)} layers)"
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(layer.name for layer in self.layers)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+
+def layer_spec_parts(spec: str | Sequence[str]) -> list[str]:
+    """The elements of a layer spec: a list as it is, a string split at commas (YAML and the command line write a
+    set as ``"a,b"``; a module name never holds a comma)."""
+    parts = [spec] if isinstance(spec, str) else list(spec)
+    parts = [piece.strip() for part in parts for piece in str(part).split(",")]
+    if not parts or any(not part for part in parts):
+        raise ValueError(f"layer spec {spec!r} has an empty element; name layers, globs, 'all-lora' or 'all-linear'")
+    return parts
+
+
+def names_several_layers(spec: str | Sequence[str]) -> bool:
+    """Whether ``spec`` is written as a set (a list, a comma, a glob or a set keyword), which may resolve to
+    several layers; a plain module name or ``"auto"`` is one layer."""
+    parts = layer_spec_parts(spec)
+    return len(parts) > 1 or parts[0] in SET_KEYWORDS or any(c in parts[0] for c in "*?[")
+
+
+def resolve_layers(model: nn.Module, spec: str | Sequence[str]) -> list[Layer]:
+    """Resolve a spec that may name several layers to the :class:`Layer` s it names, in model order, each once.
+
+    Args:
+        model: a transformers model, optionally wrapped by PEFT and/or DDP.
+        spec: one element or a list (or a comma-separated string) of: a module name, ``"auto"`` (the output head),
+            a glob (``"*.q_proj"``: every supported module it matches), ``"all-lora"`` (every LoRA-adapted layer)
+            or ``"all-linear"`` (every supported linear layer but the output head, as PEFT's ``"all-linear"``).
+
+    Raises:
+        ValueError: an element that matches no supported layer (listing the candidates), or a layer in the set whose
+            weight cannot be read (naming the layer and why, e.g. DoRA).
+    """
+    base = unwrap_model(model)
+    head = output_head_name(base)
+    candidates = candidate_layers(base)
+    modules = dict(base.named_modules())
+    chosen: set[str] = set()
+    for part in layer_spec_parts(spec):
+        if part == "all-lora":
+            names = [c for c in candidates if layer_type(modules[c]).kind == "lora"]
+            if not names:
+                raise ValueError(
+                    f"fam_layer='all-lora' found no LoRA-adapted linear layer in {type(base).__name__} (wrap the model "
+                    f"with peft.get_peft_model and a LoraConfig first), or name layers: {_listing(candidates)}"
+                )
+        elif part == "all-linear":
+            names = [c for c in candidates if c != head]
+        elif part == "auto" or part.removeprefix("base_model.model.") in candidates:
+            names = [resolve_layer(base, part).name]
+        else:
+            names = [c for c in candidates if fnmatch.fnmatchcase(c, part.removeprefix("base_model.model."))]
+            if not names:
+                resolve_layer(base, part)  # raises, naming the problem and the candidates
+        chosen.update(names)
+    layers = []
+    for name in (c for c in candidates if c in chosen):
+        module = modules[name]
+        layer = Layer(name=name, module=module, kind=layer_type(module).kind, is_output_head=name == head)
+        try:
+            layer.weight()
+        except (TypeError, ValueError) as error:
+            raise ValueError(
+                f"layer '{name}' in the set {spec!r} cannot be estimated: {error}. Leave it out of the set (list the "
+                "layers, or use a narrower glob)"
+            ) from error
+        layers.append(layer)
+    return layers
+
+
+def resolve_spec(model: nn.Module, spec: str | Sequence[str]) -> Layer | LayerSet:
+    """One :class:`Layer` where ``spec`` names one layer (:func:`resolve_layer`; a set spec that resolves to one
+    layer too), else a :class:`LayerSet` (:func:`resolve_layers`)."""
+    if not names_several_layers(spec):
+        return resolve_layer(model, layer_spec_parts(spec)[0])
+    layers = resolve_layers(model, spec)
+    if len(layers) == 1:
+        return layers[0]
+    return LayerSet(spec=",".join(layer_spec_parts(spec)), layers=tuple(layers))
 
 
 def _listing(names: list[str]) -> str:

@@ -158,9 +158,9 @@ def resolved_fam_settings(trainer, args=None) -> dict[str, Any]:
         if flatness.description:  # how κ was computed, where the estimator's name does not say it all
             settings["resolved_estimator_detail"] = flatness.description
     else:  # trained without the penalty: κ is only measured, on the same layer
-        from .layers import resolve_layer
+        from .layers import resolve_spec
 
-        settings["resolved_layer"] = resolve_layer(trainer.model, args.fam_layer).name
+        settings["resolved_layer"] = resolve_spec(trainer.model, args.fam_layer).name
     settings["trainer"] = type(trainer).__name__
     return settings
 

@@ -23,7 +23,14 @@ from transformers.training_args import OptimizerNames
 from .hub import HubCardMixin
 from .measures.sam import ascent_direction, ascent_norm
 from .sam_config import SAMConfig, SAMFields
-from .trainer_base import MetricSums, adopt_args, check_args, check_mixin_order, fix_sequence_classifier_loss
+from .trainer_base import (
+    MetricSums,
+    adopt_args,
+    check_args,
+    check_mixin_order,
+    fix_sequence_classifier_loss,
+    trainer_output_dir,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -104,10 +111,7 @@ class SAMMixin(HubCardMixin):
         self._sam_sums = MetricSums(("sharpness", "grad_norm", "steps"))  # since the last log
         logger.info("SAM: ρ=%g, %s", self.args.sam_rho, "adaptive (ASAM)" if self.args.sam_adaptive else "SAM")
 
-    @staticmethod
-    def default_output_dir(model) -> str:
-        """``output_dir`` of the config built when ``args`` is None: ``Trainer``'s."""
-        return "tmp_trainer"
+    default_output_dir = staticmethod(trainer_output_dir)  # where args=None trains: Trainer's
 
     # -- one step ---------------------------------------------------------------------------------------
 

@@ -14,7 +14,13 @@ from .config import FAMConfig, FAMFields
 from .flatness import LossNorm, RelativeFlatness, choose
 from .hub import HubCardMixin
 from .penalty import FAMPenalty
-from .trainer_base import adopt_args, check_args, check_mixin_order, fix_sequence_classifier_loss
+from .trainer_base import (
+    adopt_args,
+    check_args,
+    check_mixin_order,
+    fix_sequence_classifier_loss,
+    trainer_output_dir,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -111,10 +117,7 @@ class FAMMixin(HubCardMixin):
         if trial is not None and self.hp_search_backend is not None:
             self._fam_setup(self.model)
 
-    @staticmethod
-    def default_output_dir(model) -> str:
-        """``output_dir`` of the config built when ``args`` is None: ``Trainer``'s."""
-        return "tmp_trainer"
+    default_output_dir = staticmethod(trainer_output_dir)  # where args=None trains: Trainer's
 
     def _fam_refuse_liger(self) -> None:
         # Trainer applies liger's kernels when train() starts; refused here, before a step is taken.
@@ -228,6 +231,8 @@ class FAMMixin(HubCardMixin):
         schedule = self.fam_penalty.at(step) if model.training else None
         if schedule is None:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if self.flatness.draws_probes:
+            self._fam_probes_of_step(step)
         batch = {key: inputs.get(key) for key in ("labels", "shift_labels", "input_ids")}  # super() may pop labels
         want_outputs = return_outputs or self._fam_wants_outputs()
         norm = self.fam_loss_norm(num_items_in_batch)
@@ -237,6 +242,15 @@ class FAMMixin(HubCardMixin):
         result = recording.result(loss, logits=outputs.get("logits") if isinstance(outputs, dict) else None)
         loss = self.fam_penalty.add(loss, result, step, norm, self.accelerator)
         return (loss, outputs) if return_outputs else loss
+
+    def _fam_probes_of_step(self, step: int) -> None:
+        # Every micro-batch of an optimizer step draws the step's probes: for fixed probes the estimate is linear in
+        # the loss, so k micro-batches of b then give the estimate of one batch of k·b (as the ranks of DDP do).
+        generator = self.flatness.generator
+        if getattr(self, "_fam_probe_step", None) != step:
+            self._fam_probe_step, self._fam_probe_state = step, generator.get_state()
+        else:
+            generator.set_state(self._fam_probe_state)
 
     # -- checkpoints ------------------------------------------------------------------------------------
 

@@ -82,6 +82,11 @@ def adopt_args(
     return positional, {**kwargs, "args": adopted}
 
 
+def trainer_output_dir(model) -> str:
+    """``output_dir`` of the config built when ``args`` is None: ``Trainer``'s."""
+    return "tmp_trainer"
+
+
 def check_args(trainer: Trainer, fields: type, config_class: type | None, prefix: str) -> None:
     """Raise TypeError unless ``trainer.args`` carries the ``fields`` dataclass (``FAMFields``, ``SAMFields``)."""
     if not isinstance(trainer.args, fields):

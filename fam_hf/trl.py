@@ -1,4 +1,5 @@
-"""FAM and SAM inside TRL's ``SFTTrainer``: ``FAMSFTConfig`` / ``FAMSFTTrainer``, ``SAMSFTConfig`` / ``SAMSFTTrainer``.
+"""FAM, SAM and Flat-LoRA inside TRL's ``SFTTrainer``: ``FAMSFTConfig`` / ``FAMSFTTrainer``, ``SAMSFTConfig`` /
+``SAMSFTTrainer``, ``FlatLoRASFTConfig`` / ``FlatLoRASFTTrainer``.
 
 Needs the ``trl`` extra (``pip install 'fam_hf[trl]'``; tested with trl 1.16): without trl, importing this
 module raises :class:`~fam_hf.extras.MissingExtraError` with that command. ``import fam_hf`` never imports it.
@@ -14,6 +15,9 @@ loss, which TRL's fused kernel does not have: they are refused while the loss go
 With ``compute_loss_func`` or label smoothing, TRL computes the loss from the full logits and FAM behaves as
 in ``FAMTrainer`` (the probe).
 
+``FlatLoRASFTTrainer`` perturbs the adapted layers as :class:`~fam_hf.FlatLoRATrainer` does; TRL's fused LM head
+never runs the head module, so a trainable LM head (full fine-tuning) is left unperturbed there (a warning says so).
+
 ``SAMSFTTrainer``'s second pass (at ``w + ε̂``) runs ``SFTTrainer.compute_loss`` again; TRL's metrics
 (``num_tokens``, ``entropy``, ``mean_token_accuracy``) keep the first pass's values only.
 """
@@ -21,19 +25,32 @@ in ``FAMTrainer`` (the probe).
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass
 
 from .config import FAMFields
 from .extras import require
+from .flat_lora_config import FlatLoRAFields
+from .flat_lora_trainer import FlatLoRAMixin
+from .layers import output_head_name
 from .sam_config import SAMFields
 from .sam_trainer import SAMMixin
 from .trainer import FAMMixin
 
-trl = require("trl", "fam_hf.trl (FAMSFTTrainer, SAMSFTTrainer)")
+trl = require("trl", "fam_hf.trl (FAMSFTTrainer, SAMSFTTrainer, FlatLoRASFTTrainer)")
 SFTConfig, SFTTrainer = trl.SFTConfig, trl.SFTTrainer
 from trl.trainer.utils import get_config_model_id  # noqa: E402
 
-__all__ = ["FAMSFTConfig", "FAMSFTTrainer", "SAMSFTConfig", "SAMSFTTrainer"]
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "FAMSFTConfig",
+    "FAMSFTTrainer",
+    "FlatLoRASFTConfig",
+    "FlatLoRASFTTrainer",
+    "SAMSFTConfig",
+    "SAMSFTTrainer",
+]
 
 
 @dataclass
@@ -95,3 +112,29 @@ class SAMSFTTrainer(SAMMixin, SFTTrainer):
             self._metrics["train"].clear()
             self._metrics["train"].update(metrics)
             self._total_train_tokens = tokens
+
+
+@dataclass
+class FlatLoRASFTConfig(FlatLoRAFields, SFTConfig):
+    """Training arguments for :class:`FlatLoRASFTTrainer`: every ``trl.SFTConfig`` field, with TRL's defaults, plus
+    the ``flat_lora_*`` fields of :class:`~fam_hf.flat_lora_config.FlatLoRAFields`."""
+
+
+class FlatLoRASFTTrainer(FlatLoRAMixin, SFTTrainer):
+    """``trl.SFTTrainer`` training on ``L(W + ε)`` (:class:`~fam_hf.flat_lora_trainer.FlatLoRAMixin`). Takes exactly
+    what ``SFTTrainer`` takes, with ``args`` a :class:`FlatLoRASFTConfig` (``None``, an ``SFTConfig`` or a
+    ``TrainingArguments`` becomes one, with the ``flat_lora_*`` defaults)."""
+
+    flat_lora_config_class = FlatLoRASFTConfig
+    default_output_dir = staticmethod(sft_output_dir)
+    _tag_names = [*SFTTrainer._tag_names, "flat-lora"]
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        head = output_head_name(self.model)
+        if any(layer.name == head for layer in self.flat_lora.layers):
+            logger.warning(
+                "Flat-LoRA: '%s' trains, but SFTTrainer's fused LM head never runs the head module, so its weight is "
+                "not perturbed (the other layers are); freeze it or train with FlatLoRATrainer to perturb it",
+                head,
+            )

@@ -6,13 +6,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 # the methods, in the order they run and are tabled; CHEAP: what a user would turn instead of FAM
-METHODS = ("plain", "weight_decay", "label_smoothing", "sam", "fam", "fam_body")
+METHODS = ("plain", "weight_decay", "label_smoothing", "sam", "fam", "fam_body", "fam_multi", "flat_lora")
 CHEAP = ("plain", "weight_decay", "label_smoothing")
 RESCALING_NAME = "rescaling.json"  # the rescaling control's record, beside runs/
-PARAMETER = {"weight_decay": "wd", "label_smoothing": "ls", "sam": "rho", "fam": "lambda", "fam_body": "lambda"}
+PARAMETER = {"weight_decay": "wd", "label_smoothing": "ls", "sam": "rho", "fam": "lambda", "fam_body": "lambda",
+             "fam_multi": "share", "flat_lora": "sigma"}  # fmt: skip
 LABEL = {"plain": "plain", "weight_decay": "weight decay", "label_smoothing": "label smoothing", "sam": "SAM",
-         "fam": "FAM head", "fam_body": "FAM body"}  # fmt: skip
-SYMBOL = {"weight_decay": "wd", "label_smoothing": "ε", "sam": "ρ", "fam": "λ", "fam_body": "λ"}
+         "fam": "FAM head", "fam_body": "FAM body", "fam_multi": "FAM multi-layer", "flat_lora": "Flat-LoRA"}  # fmt: skip
+SYMBOL = {"weight_decay": "wd", "label_smoothing": "ε", "sam": "ρ", "fam": "λ", "fam_body": "λ", "fam_multi": "share",
+          "flat_lora": "σ"}  # fmt: skip
 # measures compared with the gap: (key in a checkpoint, label); *_train on the fixed train batches
 MEASURES = (
     ("kappa_train", "κ (train batches)"),
@@ -47,6 +49,10 @@ class StudyArguments:
     study_fam_body_lambdas: list[float] = field(default_factory=list, metadata={"help": "fam_body: λ grid for FAM on study_fam_body_layer."})  # fmt: skip
     study_fam_body_layer: str = field(default="", metadata={"help": "fam_body: the body layer penalised (probe estimator)."})  # fmt: skip
     study_fam_body_estimator: str = field(default="auto", metadata={"help": "fam_body: the estimator of κ in training ('auto': FAMTrainer's choice, Gauss–Newton on a body layer under the model's own loss)."})  # fmt: skip
+    study_fam_multi_shares: list[float] = field(default_factory=list, metadata={"help": "fam_multi: grid of the penalty's loss share at the first step (fam_lambda_relative: λ = share · L₀/κ₀), for FAM over study_fam_multi_layer."})  # fmt: skip
+    study_fam_multi_layer: str = field(default="all-lora", metadata={"help": "fam_multi: the set of layers whose κ's are summed (one probe a step): 'all-lora', 'all-linear', a glob such as 'bert.encoder.*', or a comma-separated list."})  # fmt: skip
+    study_fam_multi_estimator: str = field(default="auto", metadata={"help": "fam_multi: the estimator ('auto': Gauss–Newton over the set under the model's own loss)."})  # fmt: skip
+    study_flat_lora_sigmas: list[float] = field(default_factory=list, metadata={"help": "flat_lora: Flat-LoRA's σ grid (cosine schedule; every LoRA-adapted layer, or every trainable linear layer in a full fine-tune)."})  # fmt: skip
     study_train_sizes: list[int] = field(default_factory=list, metadata={"help": "Data-size regimes: training examples per regime (0: all); empty: the config's max_train_samples."})  # fmt: skip
     study_epochs: list[float] = field(default_factory=list, metadata={"help": "Epochs per regime (same length as study_train_sizes): the same schedule for every method of a regime."})  # fmt: skip
     study_records_dir: str = field(default="", metadata={"help": "Where the run records and tables go (a tracked folder, e.g. studies/<task>); empty: output_dir. A run whose record is there is finished."})  # fmt: skip
@@ -72,6 +78,8 @@ def grid(study: StudyArguments, method: str) -> list:
         "sam": study.study_sam_rhos,
         "fam": study.study_fam_lambdas,
         "fam_body": study.study_fam_body_lambdas,
+        "fam_multi": study.study_fam_multi_shares,
+        "flat_lora": study.study_flat_lora_sigmas,
     }[method]
 
 
@@ -94,9 +102,10 @@ def check_study(study: StudyArguments) -> None:
         raise ValueError(
             f"every method gets the same grid budget, but the grids have {sizes} points; give each the same number"
         )
-    for method in ("fam", "fam_body"):
+    for method in ("fam", "fam_body", "fam_multi", "flat_lora"):
         if method in study.study_methods and min(grid(study, method)) <= 0:
-            raise ValueError(f"study grid of {method} {grid(study, method)}: FAM's λ must be > 0 (plain is λ = 0)")
+            what = {"fam_multi": "the loss share", "flat_lora": "σ"}.get(method, "FAM's λ")
+            raise ValueError(f"study grid of {method} {grid(study, method)}: {what} must be > 0 (plain is 0)")
     if "fam_body" in study.study_methods and not study.study_fam_body_layer:
         raise ValueError("fam_body needs study_fam_body_layer (e.g. bert.encoder.layer.5.output.dense)")
     if study.study_train_sizes and len(study.study_epochs) != len(study.study_train_sizes):

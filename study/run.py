@@ -15,7 +15,10 @@ measurements — for one (regime, method, grid value, seed):
   switch its κ to the probe of the smoothed loss; a baseline has no penalty, so plain ``Trainer`` trains it);
 * ``sam``: ``SAMTrainer`` with ``sam_rho`` from the grid (its ``SAMConfig`` carries the same training settings);
 * ``fam``: ``FAMTrainer`` with ``fam_lambda`` from the grid, on the config's ``fam_layer`` (the head);
-* ``fam_body``: ``FAMTrainer`` with ``fam_lambda`` from the grid on ``study_fam_body_layer`` (``study_fam_body_estimator``).
+* ``fam_body``: ``FAMTrainer`` with ``fam_lambda`` from the grid on ``study_fam_body_layer`` (``study_fam_body_estimator``);
+* ``fam_multi``: ``FAMTrainer`` over the set ``study_fam_multi_layer`` (κ summed, one probe a step), λ set at the first
+  step from the loss share in the grid (``fam_lambda_relative``);
+* ``flat_lora``: ``FlatLoRATrainer`` with ``flat_lora_sigma`` from the grid (the cosine schedule).
 
 κ, the fixed-batch losses (gap = test − train) and the FlatnessCallback's measures are always those of the
 config's ``fam_layer``/estimator with the model's own loss, whatever trained the run. Regimes
@@ -228,6 +231,16 @@ def run_arguments(recipe, study, argv, method: str, value, seed: int, folder: Pa
         body = ["--fam_lambda", str(value), "--fam_layer", study.study_fam_body_layer,
                 "--fam_estimator", study.study_fam_body_estimator]  # fmt: skip
         return script, args, FAMTrainer, parse_config(parse, argv + overrides + body)[2]
+    if method == "fam_multi":
+        from fam_hf import FAMTrainer
+
+        multi = ["--fam_lambda_relative", str(value), "--fam_layer", study.study_fam_multi_layer,
+                 "--fam_estimator", study.study_fam_multi_estimator]  # fmt: skip
+        return script, args, FAMTrainer, parse_config(parse, argv + overrides + multi)[2]
+    if method == "flat_lora":
+        from fam_hf import FlatLoRAConfig, FlatLoRATrainer
+
+        return script, args, FlatLoRATrainer, as_config(args, FlatLoRAConfig, flat_lora_sigma=value)
     return script, args, None, None
 
 
@@ -260,8 +273,10 @@ def train_one(recipe, study, argv, records_dir: Path, method: str, value, seed: 
         metrics = recipe.run(script, args, trainer_class=trainer_class, training_args=training_args)
     wall_s = time.time() - started
     history = load_log_history(folder)
-    lam = value if method in ("fam", "fam_body") else 0.0
     first = next((e for e in history if "fam/kappa" in e), None)
+    lam = value if method in ("fam", "fam_body") else 0.0
+    if method == "fam_multi" and first:  # λ was set at the first step from the share
+        lam = first["fam/lambda"]
     record = {
         "task": study.study_name,
         "quick": study.study_quick,
@@ -315,7 +330,8 @@ def shared_settings(script, args) -> dict:
 # As written ('auto' stays 'auto'), so an equivalent explicit setting also stops a resume: the safe side.
 FAM_SETTINGS = ("fam_layer", "fam_estimator", "fam_probes", "fam_hessian_grad", "fam_scale", "fam_every_n_steps",
                 "fam_warmup_steps", "fam_token_fraction", "fam_seed")  # fmt: skip
-METHOD_SETTINGS = {"fam": FAM_SETTINGS, "fam_body": FAM_SETTINGS, "sam": ("sam_adaptive", "sam_eta")}
+METHOD_SETTINGS = {"fam": FAM_SETTINGS, "fam_body": FAM_SETTINGS, "fam_multi": FAM_SETTINGS,
+                   "sam": ("sam_adaptive", "sam_eta"), "flat_lora": ("flat_lora_schedule", "flat_lora_seed")}  # fmt: skip
 
 
 def method_settings(method: str, training_args) -> dict:

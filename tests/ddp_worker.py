@@ -17,6 +17,7 @@ VARIANTS = {
     "probe": dict(fam_layer="transformer.h.0.mlp.c_fc", fam_estimator="probe", fam_probes=2),
     "gauss_newton": dict(fam_layer="transformer.h.0.mlp.c_fc", fam_estimator="gauss_newton", fam_probes=2),
     "relative": dict(fam_lambda_relative=0.05),  # λ from L₀ and κ₀ averaged over the ranks
+    "gauss_newton_set": dict(fam_layer="transformer.h.0.mlp.*", fam_estimator="gauss_newton", fam_probes=2),
 }
 
 

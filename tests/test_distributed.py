@@ -18,7 +18,7 @@ pytestmark = pytest.mark.multiprocess
 def launch(launcher: str, *args: str) -> None:
     """Run a two-process job with ``launcher`` (accelerate or torchrun) and fail with its stderr."""
     executable = console_script(launcher)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent)])}
     proc = subprocess.run([executable, *args], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
 

@@ -542,3 +542,45 @@ def test_the_committed_tables_are_what_the_committed_records_rebuild(tmp_path, m
     tracked = [p.relative_to(ROOT) for p in (ROOT / "studies").rglob("*") if p.is_file()] + [Path("STUDY.md")]
     changed = [str(p) for p in tracked if (tmp_path / p).read_bytes() != (ROOT / p).read_bytes()]
     assert not changed, f"rebuilt tables differ from the committed ones (run `make study-tables`): {changed}"
+
+
+def test_fam_multi_layer_and_flat_lora_run_as_study_methods(tiny_bert, tmp_path):
+    """The two methods of issue 32 through the harness on the tiny BERT: FAM over a set of layers with λ from the
+    loss share, and Flat-LoRA's σ; records and the trainers' own settings (no outcome asserted)."""
+    argv = [
+        "--config", str(ROOT / "configs" / "study_minilm_rt_flatness_sets.yaml"),
+        "--model_name_or_path", tiny_bert,
+        "--dataset", write_reviews(tmp_path / "reviews.csv"),
+        "--group_column", "movie",
+        "--output_dir", str(tmp_path / "outputs"),
+        "--study_records_dir", str(tmp_path / "records"),
+        "--study_methods", "plain", "fam_multi", "flat_lora",
+        "--study_seeds", "0",
+        "--study_train_sizes", "24",
+        "--study_epochs", "1",
+        "--study_fam_multi_shares", "0.01",
+        "--study_flat_lora_sigmas", "0.05",
+        "--study_bootstrap", "20",
+        "--max_eval_samples", "16",
+        "--per_device_train_batch_size", "12",
+        "--per_device_eval_batch_size", "16",
+        "--flatness_measures", "kappa",
+        "--warmup_steps", "0",
+        "--logging_steps", "1",
+        "--use_cpu", "true",
+    ]  # fmt: skip
+    summary = study_module().main(argv)
+    records = {r["method"]: r for r in map(json.loads, (tmp_path / "records" / "runs.jsonl").read_text().splitlines())}
+    assert set(records) == {"plain", "fam_multi", "flat_lora"} == set(summary["regimes"]["n24"]["methods"])
+    folder = tmp_path / "outputs" / "n24"
+    multi = json.loads((folder / records["fam_multi"]["run"] / "fam_config.json").read_text())["fam"]
+    assert multi["resolved_layer"] == "bert.encoder.* (6 layers)" and multi["resolved_estimator"] == "gauss_newton"
+    assert multi["fam_lambda_relative"] == 0.01 and multi["resolved_lambda"] > 0
+    # λ was set so that the penalty is that share of the first micro-batch's loss (logged every step here)
+    assert records["fam_multi"]["lambda_share_start"] == pytest.approx(0.01, rel=1e-4)
+    assert records["fam_multi"]["trained_with"]["fam_layer"] == "bert.encoder.*"
+    flat = json.loads((folder / records["flat_lora"]["run"] / "trainer_state.json").read_text())["log_history"]
+    sigmas = [e["flat_lora/sigma"] for e in flat if "flat_lora/sigma" in e]
+    assert sigmas[0] == 0 and 0 < sigmas[-1] <= 0.05  # the cosine schedule, from 0 toward σ
+    assert records["flat_lora"]["trained_with"] == {"flat_lora_schedule": "cosine", "flat_lora_seed": None}
+    assert records["flat_lora"]["value"] == 0.05 and records["flat_lora"]["lambda_share_start"] is None

@@ -2,7 +2,8 @@
 
 * :class:`RelativeFlatness` — the estimators' common interface; ``RelativeFlatness(model, layer, estimator)``
   returns the chosen estimator: :class:`ClosedFormFlatness`, :class:`ProbeFlatness`, :class:`GaussNewtonFlatness`
-  or :class:`ExactFlatness` (:class:`HeadInputFlatness`, for losses that never run the head, is built directly or
+  or :class:`ExactFlatness`; over a set of layers, :class:`ProbeSetFlatness` or :class:`GaussNewtonSetFlatness`
+  (:class:`HeadInputFlatness`, for losses that never run the head, is built directly or
   chosen by a trainer);
 * :func:`~fam_hf.flatness.registry.choose` — which estimator applies, for measurement or for a penalty;
 * :func:`relative_flatness` — the one-call version for measurement.
@@ -20,6 +21,7 @@ from ..options import ESTIMATORS, HESSIAN_GRADS, SCALES
 from .base import DEFAULT_MAX_EXACT_ENTRIES, FlatnessResult, LossNorm, Recording, RelativeFlatness, checkpointing
 from .closed_form import ClosedFormFlatness, HeadInputFlatness, lm_head_positions
 from .exact import ExactFlatness
+from .layer_set import GaussNewtonSetFlatness, ProbeSetFlatness
 from .probe import GaussNewtonFlatness, ProbeFlatness
 from .registry import REGISTRY, choose, penalty_estimator
 
@@ -32,9 +34,11 @@ __all__ = [
     "ExactFlatness",
     "FlatnessResult",
     "GaussNewtonFlatness",
+    "GaussNewtonSetFlatness",
     "HeadInputFlatness",
     "LossNorm",
     "ProbeFlatness",
+    "ProbeSetFlatness",
     "Recording",
     "RelativeFlatness",
     "choose",

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..curvature import default_generator, second_order_kernels
-from ..layers import Layer, resolve_layer, unwrap_model
+from ..layers import Layer, LayerSet, resolve_spec, unwrap_model
 from ..options import ESTIMATORS, HESSIAN_GRADS, SCALES, check_choice
 
 DEFAULT_MAX_EXACT_ENTRIES = 4096  # d·m; the Hessian has (d·m)² entries and costs d·m double-backwards
@@ -169,7 +169,7 @@ class RelativeFlatness:
                 f"RelativeFlatness(model, layer, {estimator!r}), which returns the estimator of that name"
             )
         self.model = model
-        self.layer: Layer = resolve_layer(model, layer)
+        self.layer: Layer = self.resolve(model, layer)
         reason = self.refusal(model, self.layer, hessian_grad=hessian_grad, max_exact_entries=max_exact_entries)
         if reason is not None:  # the registry asked already; an estimator class built directly has not
             raise ValueError(reason)
@@ -186,6 +186,19 @@ class RelativeFlatness:
             )
         self._handle: torch.utils.hooks.RemovableHandle | None = None
         self._recording: Recording | None = None
+
+    @classmethod
+    def resolve(cls, model: nn.Module, spec: Any) -> Layer:
+        """The one layer ``spec`` names (:func:`~fam_hf.layers.resolve_spec`); a set of several layers is refused
+        here (the set estimators, :mod:`fam_hf.flatness.layer_set`, override this)."""
+        target = resolve_spec(model, spec)
+        if isinstance(target, LayerSet):
+            raise ValueError(
+                f"layer spec {spec!r} names {len(target)} layers ({', '.join(target.names[:4])}, …) and {cls.__name__} "
+                "takes one; RelativeFlatness(model, spec, 'probe' or 'gauss_newton') sums κ over a set with one probe "
+                "(docs/mathematics.md#layer-sets)"
+            )
+        return target
 
     @classmethod
     def refusal(cls, model: nn.Module, layer: Layer, *, loss: str = "model", **options: Any) -> str | None:
@@ -233,8 +246,7 @@ class RelativeFlatness:
             _refuse_reentrant_checkpointing(self.model)
             _refuse_sharded_parameters(self.model)
         if self._handle is None:
-            # prepend: run before hooks that release gathered weights after the forward (DeepSpeed ZeRO-3)
-            self._handle = self.hooked_module.register_forward_hook(self._hook, prepend=True)
+            self._handle = self._attach()
         norm = norm if norm is not None else LossNorm(num_items_in_batch)
         recording = self.Recording(self, batch or {}, norm, differentiable)
         self._recording, recording.open = recording, True
@@ -272,13 +284,21 @@ class RelativeFlatness:
             self._handle.remove()
         self._handle, self._recording = None, None
 
-    def _hook(self, module: nn.Module, inputs: tuple, output: Any) -> torch.Tensor | None:
+    def _attach(self) -> torch.utils.hooks.RemovableHandle:
+        # prepend: run before hooks that release gathered weights after the forward (DeepSpeed ZeRO-3)
+        return self.hooked_module.register_forward_hook(self._hook, prepend=True)
+
+    def _live_recording(self) -> Recording | None:
+        """The recording a forward pass at the hooked module belongs to, or None: outside ``record``, only a
+        backward pass's recomputation (activation checkpointing) of the recorded pass is ours."""
         recording = self._recording
-        if recording is None:
+        if recording is None or (not recording.open and torch._C._current_graph_task_id() == -1):
             return None
-        if not recording.open and torch._C._current_graph_task_id() == -1:
-            return None  # an ordinary forward pass after the recorded one: not ours
-        return recording.on_forward(inputs[0] if inputs else None, output)
+        return recording
+
+    def _hook(self, module: nn.Module, inputs: tuple, output: Any) -> torch.Tensor | None:
+        recording = self._live_recording()
+        return None if recording is None else recording.on_forward(inputs[0] if inputs else None, output)
 
 
 def _measure_arguments(

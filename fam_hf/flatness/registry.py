@@ -15,11 +15,12 @@ from typing import Any
 
 from torch import nn
 
-from ..layers import Layer, resolve_layer
+from ..layers import Layer, LayerSet, resolve_layer, resolve_spec
 from ..options import ESTIMATORS, LossKind, Purpose, check_choice, get_args
 from .base import RelativeFlatness
 from .closed_form import ClosedFormFlatness, HeadInputFlatness
 from .exact import ExactFlatness
+from .layer_set import choose_for_set
 from .probe import GaussNewtonFlatness, ProbeFlatness
 
 REGISTRY: dict[str, type[RelativeFlatness]] = {
@@ -47,7 +48,8 @@ def choose(
 
     Args:
         model: the model (optionally PEFT- or DDP-wrapped).
-        layer: a layer spec (see :func:`fam_hf.resolve_layer`) or a resolved :class:`~fam_hf.Layer`.
+        layer: a layer spec (see :func:`fam_hf.resolve_layer`; a set of layers, :func:`fam_hf.layers.resolve_layers`)
+            or a resolved :class:`~fam_hf.Layer` / :class:`~fam_hf.layers.LayerSet`.
         estimator: ``"auto"`` or an estimator's name.
         options: the estimator's keyword options (``hessian_grad``, ``max_exact_entries`` …), which some
             refusals depend on.
@@ -61,7 +63,9 @@ def choose(
     check_choice("purpose", purpose, get_args(Purpose))
     check_choice("loss", loss, get_args(LossKind))
     options = options or {}
-    target = layer if isinstance(layer, Layer) else resolve_layer(model, layer)
+    target = layer if isinstance(layer, (Layer, LayerSet)) else resolve_spec(model, layer)
+    if isinstance(target, LayerSet):  # several layers: one probe for the sum of their κ
+        return choose_for_set(model, target, estimator, options, purpose=purpose, loss=loss)
     if loss == "fused":
         head = resolve_layer(model, "auto")
         reason = HeadInputFlatness.refusal(model, head)

@@ -1,0 +1,106 @@
+"""``FlatLoRAMixin``: Flat-LoRA's random weight perturbation in front of any ``Trainer`` subclass;
+``FlatLoRATrainer``: ``FlatLoRAMixin`` + ``transformers.Trainer``.
+
+One Flat-LoRA step (Li et al., ICML 2025) on the step's batch:
+
+    ε ~ N(0, σ_t² ‖w_s‖² / m) per entry of every perturbed layer's merged weight;   w ← optimizer step with ∇L(w + ε).
+
+The cost is one plain step plus, per perturbed layer, one product with ``ε`` forward and one backward and two
+draws of ``ε`` (:mod:`fam_hf.perturbation`): no second pass (SAM's), no copy of the weights.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Trainer
+
+from .flat_lora_config import FlatLoRAConfig, FlatLoRAFields
+from .perturbation import PerturbedLayers, cosine_sigma, perturbed_layers
+from .trainer_base import adopt_args, check_args, check_mixin_order, fix_sequence_classifier_loss, trainer_output_dir
+
+logger = logging.getLogger(__name__)
+
+
+class FlatLoRAMixin:
+    """Flat-LoRA (random weight perturbation of the merged weights), in front of any :class:`transformers.Trainer`
+    subclass.
+
+    ``class MyTrainer(FlatLoRAMixin, SomeTrainer)`` with ``args`` a dataclass that mixes in
+    :class:`~fam_hf.flat_lora_config.FlatLoRAFields`. It overrides ``training_step`` (the forward and backward of
+    each micro-batch run with the step's noise) and ``log`` (``flat_lora/sigma``), each calling ``super()``.
+
+    Which layers: every LoRA-adapted layer (the merged ``W0 + s·B·A``) and every other linear layer whose weight
+    trains (full fine-tuning; a head in ``modules_to_save``): :func:`fam_hf.perturbation.perturbed_layers`. The
+    noise of step ``t`` is a function of (``flat_lora_seed`` or ``seed``, ``t``, layer) only, so the micro-batches
+    of a step, the DDP ranks and a resumed run all draw the same; ``k`` micro-batches of ``b`` give the step of one
+    batch of ``k·b``. The weights are never written: after the step they are the unperturbed ones plus the
+    optimizer's update, bit for bit. ``loss`` is logged at ``w + ε`` (the objective trained).
+
+    Sequence classifiers' loss is averaged as in :class:`~fam_hf.FAMTrainer` (``model_accepts_loss_kwargs = False``
+    for them). Not supported: DeepSpeed ZeRO-3 and FSDP (the hook reads the whole merged weight; refused).
+    """
+
+    args: FlatLoRAFields
+    # What args=None, or a config of a class it extends, becomes; None: args must already carry the flat_lora_* fields.
+    flat_lora_config_class: type | None = None
+    default_output_dir = staticmethod(trainer_output_dir)  # where args=None trains: Trainer's
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        check_mixin_order(cls, FlatLoRAMixin)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        args, kwargs = adopt_args(
+            type(self), self.flat_lora_config_class, (args, kwargs), self.default_output_dir, "flat_lora"
+        )
+        super().__init__(*args, **kwargs)
+        check_args(self, FlatLoRAFields, self.flat_lora_config_class, "flat_lora")
+        self.args.check_flat_lora_fields()
+        if self.is_fsdp_enabled or (self.is_deepspeed_enabled and _zero3(self)):
+            raise ValueError(
+                "FlatLoRATrainer reads each perturbed layer's whole merged weight in its forward hook; FSDP and ZeRO-3 "
+                "shard it. Train with DDP (or ZeRO-1/2)"
+            )
+        fix_sequence_classifier_loss(self)
+        self.flat_lora = PerturbedLayers(perturbed_layers(self.model))
+        self._flat_lora_seed = self.args.seed if self.args.flat_lora_seed is None else self.args.flat_lora_seed
+        logger.info(
+            "Flat-LoRA: σ=%g (%s) on %d layers", self.args.flat_lora_sigma, self.args.flat_lora_schedule,
+            len(self.flat_lora.layers),
+        )  # fmt: skip
+
+    def flat_lora_sigma_at(self, step: int) -> float:
+        """``σ_t`` at optimizer step ``step``: the cosine schedule over ``state.max_steps``, or constant."""
+        cfg = self.args
+        if cfg.flat_lora_schedule == "constant":
+            return cfg.flat_lora_sigma
+        return cosine_sigma(cfg.flat_lora_sigma, step, self.state.max_steps)
+
+    def training_step(
+        self, model: nn.Module, inputs: dict[str, torch.Tensor | Any], num_items_in_batch=None
+    ) -> torch.Tensor:
+        step = self.state.global_step
+        with self.flat_lora.active(self._flat_lora_seed, step, self.flat_lora_sigma_at(step)):
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:
+            logs["flat_lora/sigma"] = self.flat_lora.sigma  # σ_t of the last step trained
+        super().log(logs, start_time)
+
+
+class FlatLoRATrainer(FlatLoRAMixin, Trainer):
+    """:class:`FlatLoRAMixin` on :class:`transformers.Trainer`: takes exactly what ``Trainer`` takes, with ``args`` a
+    :class:`~fam_hf.FlatLoRAConfig` (``None`` or a ``TrainingArguments`` becomes one, with the ``flat_lora_*``
+    defaults). See :class:`FlatLoRAMixin` for what it adds."""
+
+    flat_lora_config_class = FlatLoRAConfig
+
+
+def _zero3(trainer: Trainer) -> bool:
+    plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
+    return plugin is not None and plugin.zero_stage == 3
