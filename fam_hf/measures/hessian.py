@@ -21,7 +21,7 @@ What the Hessian is taken with respect to (``wrt``):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,18 +30,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..curvature import explain_missing_double_backward, second_order_kernels
+from ..head_loss import LossFn, model_loss
 from ..layers import Layer, resolve_layer
 
-LossFn = Callable[[nn.Module, Mapping[str, Any]], torch.Tensor]
 Wrt = str | torch.Tensor | Sequence[torch.Tensor] | None
-
-
-def model_loss(model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
-    """The default ``loss_fn``: ``model(**batch).loss`` (a transformers model given its labels)."""
-    loss = model(**batch).loss
-    if loss is None:
-        raise ValueError("the model returned no loss: the batch needs labels (or pass loss_fn=)")
-    return loss
 
 
 @dataclass
@@ -159,6 +151,7 @@ class SymmetricOperator:
 
     matvecs: int = 0
     _like: torch.Tensor  # a tensor of the operator's dtype and device
+    default_block: int = 64  # vectors the estimators multiply at a time, unless told otherwise
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -260,6 +253,8 @@ class LossHessian(SymmetricOperator):
         self.loss = loss.detach()
         self._grads = [g if g is not None else torch.zeros_like(z) for g, z in zip(grads, self._zeros)]
         self.gradient = self._like = self.subset.flatten(self._grads).detach()
+        # the probes held at a time cost no more than the model's gradient
+        self.default_block = max(1, sum(p.numel() for p in model.parameters()) // self.dim)
         # Gradients that do not depend on δ (the loss is linear in that tensor) have zero curvature.
         self._curved = [i for i, g in enumerate(self._grads) if g.requires_grad]
 
