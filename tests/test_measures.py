@@ -16,6 +16,7 @@ from torch.autograd.functional import hessian, jacobian
 from torch.nn import functional as F
 
 from fam_hf import RelativeFlatness
+from fam_hf.curvature import rademacher
 from fam_hf.measures import (
     LossHessian,
     activity_weight_duality,
@@ -30,6 +31,7 @@ from fam_hf.measures import (
     sam_sharpness,
     top_eigenvalues,
 )
+from fam_hf.measures.hessian import DenseOperator
 
 F64 = torch.float64
 
@@ -477,3 +479,52 @@ def test_neuronwise_rescaling_is_seen_by_the_layerwise_measure_but_not_by_relati
     kappa2, _, _, layerwise2 = measures_of(scaled, batch, "fc1")
     torch.testing.assert_close(kappa2, kappa, rtol=1e-6, atol=0)
     assert abs(float(layerwise2 / layerwise) - 1) > 0.1
+
+
+# -- memory that does not grow with the probes ------------------------------------------------------------------------
+
+
+class _Recorder(DenseOperator):
+    """A dense operator that records the widest block of vectors it was given at once."""
+
+    widest = 0
+
+    def matmat(self, vectors):
+        self.widest = max(self.widest, vectors.shape[1])
+        return super().matmat(vectors)
+
+
+@pytest.mark.parametrize("method", ["hutchinson", "hutch++", "exact"])
+def test_trace_is_the_same_for_every_block_and_holds_only_a_block(method):
+    gen = torch.Generator().manual_seed(4)
+    a = torch.randn(30, 30, generator=gen, dtype=F64)
+    a = a + a.T
+    runs = {}
+    for block in (1, 4, 1000):
+        operator = _Recorder(a)
+        runs[block] = estimate_trace(
+            operator, probes=21, method=method, block=block, generator=torch.Generator().manual_seed(2)
+        )
+        assert operator.widest == min(block, 30 if method == "exact" else 21 - 2 * 7 if method == "hutch++" else 21)
+    for block in (1, 4):
+        torch.testing.assert_close(runs[block].value, runs[1000].value, rtol=1e-12, atol=0)
+        if method != "exact":
+            torch.testing.assert_close(runs[block].std_error, runs[1000].std_error, rtol=1e-12, atol=0)
+    if method == "hutchinson":  # each probe vector drawn whole, one after the other
+        v = rademacher(21, 30, generator=torch.Generator().manual_seed(2), dtype=F64).T
+        torch.testing.assert_close(runs[1].value, (v * (a @ v)).sum(0).mean(), rtol=1e-12, atol=0)
+    if method == "exact":
+        torch.testing.assert_close(runs[1].value, torch.trace(a), rtol=1e-12, atol=0)
+
+
+def test_loss_hessian_default_block_keeps_the_probes_within_the_models_gradient():
+    model, batch = tiny_bert(), bert_batch()
+    op = LossHessian(model, batch, "classifier")
+    parameters = sum(p.numel() for p in model.parameters())
+    assert op.default_block == parameters // 36
+    whole = LossHessian(model, batch, None)
+    assert whole.default_block == 1
+    truth = torch.trace(layer_hessian(model, batch, "classifier.weight"))
+    torch.testing.assert_close(hessian_trace(model, batch, method="exact", block=5).value, truth, rtol=1e-10, atol=0)
+    with pytest.raises(ValueError, match="block=0 must be at least 1"):
+        hessian_trace(model, batch, block=0)
