@@ -1,0 +1,95 @@
+"""The Hessian's spectral density by stochastic Lanczos quadrature, against the exact eigenvalues of a small model's
+dense Hessian (brute force, tests/test_measures.py's ``params_hessian``) and against the moments it must reproduce."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_measures import MLP, mlp_batch, mlp_loss, params_hessian
+
+from fam_hf.curvature import rademacher
+from fam_hf.measures import estimate_spectrum, hessian_spectrum
+from fam_hf.measures.hessian import DenseOperator
+from fam_hf.measures.spectrum import lanczos, smoothed_density
+
+F64 = torch.float64
+
+
+def symmetric(n, seed=0):
+    a = torch.randn(n, n, generator=torch.Generator().manual_seed(seed), dtype=F64)
+    return (a + a.T) / 2
+
+
+@pytest.mark.parametrize("reorthogonalize", [True, False])
+def test_lanczos_quadrature_reproduces_the_moments_of_its_start(reorthogonalize):
+    """Gauss quadrature with m nodes is exact for polynomials of degree ≤ 2m − 1: Σ τ θ^p = vᵀ A^p v / vᵀv."""
+    a = symmetric(40)
+    v = rademacher(40, generator=torch.Generator().manual_seed(1), dtype=F64)
+    m = 6
+    nodes, weights = lanczos(DenseOperator(a), v, m, reorthogonalize=reorthogonalize).quadrature()
+    assert nodes.shape == (m,) and abs(float(weights.sum()) - 1) < 1e-12
+    power = v.clone()
+    for p in range(2 * m):
+        torch.testing.assert_close((weights * nodes**p).sum(), (v @ power) / (v @ v), rtol=1e-8, atol=1e-10)
+        power = a @ power
+    nodes, weights = lanczos(DenseOperator(a), v, 40, reorthogonalize=True).quadrature()  # m = n: every eigenvalue
+    torch.testing.assert_close(nodes, torch.linalg.eigvalsh(a), rtol=0, atol=1e-10)
+
+
+def test_slq_density_matches_the_exact_eigenvalue_histogram_of_a_small_model():
+    torch.manual_seed(0)
+    model, batch = MLP().double(), mlp_batch(20)
+    names = [name for name, _ in model.named_parameters()]
+    eigenvalues = torch.linalg.eigvalsh(params_hessian(model, mlp_loss, batch, names))  # n = 119
+    spectrum = hessian_spectrum(model, batch, None, loss_fn=mlp_loss, runs=16, steps=40)
+    assert spectrum.nodes.shape == (16, 40) and spectrum.matvecs == 16 * 40 and spectrum.dim == 119
+    uniform = torch.full((1, 119), 1 / 119, dtype=F64)
+    exact = smoothed_density(eigenvalues[None], uniform, spectrum.grid, spectrum.sigma)
+    step = float(spectrum.grid[1] - spectrum.grid[0])
+    assert abs(float(spectrum.density.sum()) * step - 1) < 1e-3  # a probability density
+    l1 = float((spectrum.density - exact).abs().sum()) * step  # 0.09 here; the largest possible is 2
+    assert l1 < 0.15
+    doubled = smoothed_density(2 * eigenvalues[None], uniform, spectrum.grid, spectrum.sigma)
+    assert float((doubled - exact).abs().sum()) * step > 2 * l1  # the comparison tells spectra apart
+    # the histogram: the mass the quadrature puts below each point against the exact eigenvalues' share
+    points = torch.linspace(float(eigenvalues.min()), float(eigenvalues.max()), 200, dtype=F64)
+    valid = ~torch.isnan(spectrum.nodes)
+    nodes, weights = spectrum.nodes[valid], spectrum.weights[valid] / 16
+    quadrature_cdf = (weights * (nodes[None] <= points[:, None])).sum(1)
+    exact_cdf = (eigenvalues[None] <= points[:, None]).to(F64).mean(1)
+    assert float((quadrature_cdf - exact_cdf).abs().max()) < 0.1  # 0.057 here
+    assert spectrum.nodes[:, -1].max() <= eigenvalues.max() + 1e-8  # Ritz values lie inside the spectrum
+    torch.testing.assert_close(spectrum.nodes[:, -1].max(), eigenvalues.max(), rtol=1e-6, atol=0)
+
+
+def test_spectrum_of_a_layer_is_that_of_its_dense_hessian_and_reproducible():
+    torch.manual_seed(0)
+    model, batch = MLP().double(), mlp_batch(10)
+    from fam_hf.measures import LossHessian
+
+    dense = LossHessian(model, batch, "fc2", loss_fn=mlp_loss).dense()
+    by_model = hessian_spectrum(model, batch, "fc2", loss_fn=mlp_loss, runs=3, steps=12, grid=64)
+    by_matrix = estimate_spectrum(dense, runs=3, steps=12, grid=64)
+    torch.testing.assert_close(by_model.nodes, by_matrix.nodes, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(by_model.density, by_matrix.density, rtol=1e-7, atol=1e-9)
+    assert by_model.as_dict()["dim"] == 40 and len(by_model.as_dict()["nodes"]) == 3
+    with pytest.raises(ValueError, match="runs=0 and steps=3 must both be at least 1"):
+        estimate_spectrum(dense, runs=0, steps=3)
+
+
+def test_fam_hf_plot_overlays_saved_spectra(tmp_path, capsys):
+    from fam_hf.cli import main
+
+    a = symmetric(30, seed=1)
+    paths = [
+        estimate_spectrum(matrix, runs=2, steps=10, grid=128).save(tmp_path / f"{name}.json", name=name)
+        for name, matrix in (("plain", a), ("fam", a / 2))
+    ]
+    out = tmp_path / "plots"
+    assert main(["plot", *map(str, paths), "--out", str(out)]) == 0
+    png = out / "spectrum.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    assert str(png) in capsys.readouterr().out
+    (tmp_path / "run").mkdir()
+    with pytest.raises(SystemExit, match="either runs .* or spectra"):
+        main(["plot", str(paths[0]), str(tmp_path / "run"), "--out", str(out)])
