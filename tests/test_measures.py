@@ -528,3 +528,15 @@ def test_loss_hessian_default_block_keeps_the_probes_within_the_models_gradient(
     torch.testing.assert_close(hessian_trace(model, batch, method="exact", block=5).value, truth, rtol=1e-10, atol=0)
     with pytest.raises(ValueError, match="block=0 must be at least 1"):
         hessian_trace(model, batch, block=0)
+
+
+def test_top_eigenvalues_with_fewer_lanczos_vectors_kept():
+    model, batch = tiny_bert(), bert_batch()
+    truth = torch.linalg.eigvalsh(layer_hessian(model, batch, "classifier.weight")).flip(0)[:2]
+    few = top_eigenvalues(model, batch, k=2, block=5)  # ARPACK keeps 5 vectors of 36, not 20
+    torch.testing.assert_close(few.values, truth, rtol=1e-6, atol=0)
+    assert few.matvecs != top_eigenvalues(model, batch, k=2).matvecs  # ARPACK ran with ncv=5 (9 products, not 21)
+    with pytest.raises(ValueError, match="block=2 must be more than k=2 and at most n=36"):
+        top_eigenvalues(model, batch, k=2, block=2)
+    exact = top_eigenvalues(model, batch, k=2, method="exact", block=7)
+    torch.testing.assert_close(exact.values, truth, rtol=1e-10, atol=0)

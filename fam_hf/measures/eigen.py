@@ -23,6 +23,7 @@ from torch import nn
 
 from ..curvature import default_generator
 from .hessian import LossFn, LossHessian, Operator, Wrt, as_operator
+from .progress import progress
 
 EIGEN_METHODS = ("lanczos", "exact")
 WHICH = ("LA", "LM")
@@ -64,6 +65,8 @@ def estimate_top_eigenpairs(
     tol: float = 1e-6,
     maxiter: int | None = None,
     generator: torch.Generator | None = None,
+    block: int | None = None,
+    disable_tqdm: bool | None = None,
 ) -> HessianEigenpairs:
     """Top ``k`` eigenpairs of a symmetric operator.
 
@@ -79,6 +82,10 @@ def estimate_top_eigenpairs(
         maxiter: ``eigsh``'s restart limit (default ``10 n``).
         generator: RNG for Lanczos' starting vector (drawn on the CPU), so the result is reproducible;
             default seeded with 0.
+        block: the Lanczos vectors ARPACK keeps (``eigsh``'s ``ncv``, more than ``k``): memory ``O(n·block)`` in
+            float64. Default ``min(n, max(2k + 1, 20))``, ARPACK's own; fewer hold less and restart more often
+            (more products for the same ``tol``). The exact method multiplies the basis ``block`` vectors at a time.
+        disable_tqdm: hide the progress bar over the products (shown after 5 s).
 
     Cost: Lanczos: typically a few times ``max(2k + 1, 20)`` matrix-vector products (``matvecs`` says
     how many); exact: ``n`` of them and an ``O(n³)`` eigendecomposition.
@@ -91,17 +98,22 @@ def estimate_top_eigenpairs(
     n, dtype, device = operator.shape[0], operator.dtype, operator.device
     if not 1 <= k <= n:
         raise ValueError(f"k={k} must be between 1 and the number of variables n={n}")
+    if block is not None and method == "lanczos" and k < n and not k < block <= n:
+        raise ValueError(f"block={block} must be more than k={k} and at most n={n} (the Lanczos vectors ARPACK keeps)")
     start = operator.matvecs
     if method == "lanczos" and k < n:
         from scipy.sparse.linalg import eigsh
 
         # Lanczos needs a starting vector; ARPACK's own is drawn from a global RNG, so draw it here instead.
         v0 = torch.randn(n, generator=default_generator(generator), dtype=torch.float64).numpy()
-        values, vectors = eigsh(operator.to_scipy(), k=k, which=which, v0=v0, tol=tol, maxiter=maxiter)
+        with progress(None, f"top {k} eigenvalue{'s' if k > 1 else ''} (Lanczos)", disable_tqdm) as bar:
+            scipy_operator = operator.to_scipy(bar)
+            values, vectors = eigsh(scipy_operator, k=k, which=which, v0=v0, tol=tol, maxiter=maxiter, ncv=block)
         values, vectors = torch.from_numpy(values).to(device, dtype), torch.from_numpy(vectors).to(device, dtype)
     else:
         method = "exact"
-        values, vectors = torch.linalg.eigh(operator.dense())
+        with progress(n, "Hessian (dense)", disable_tqdm) as bar:
+            values, vectors = torch.linalg.eigh(operator.dense(block=block, bar=bar))
     order = torch.argsort(values if which == "LA" else values.abs(), descending=True)[:k]
     return HessianEigenpairs(values[order], vectors[:, order], method, operator.matvecs - start, n)
 
@@ -117,6 +129,8 @@ def top_eigenvalues(
     tol: float = 1e-6,
     loss_fn: LossFn | None = None,
     generator: torch.Generator | None = None,
+    block: int | None = None,
+    disable_tqdm: bool | None = None,
 ) -> HessianEigenpairs:
     """Top ``k`` eigenvalues and eigenvectors of ``∇²L`` on ``batch`` w.r.t. a layer's weight or parameters.
 
@@ -126,7 +140,7 @@ def top_eigenvalues(
         wrt: a layer spec (default ``"auto"``: the output head's ``W: (d, m)``), a parameter, a sequence of
             parameters, or None (every trainable parameter); see :mod:`fam_hf.measures.hessian`.
         k: how many eigenpairs.
-        method, which, tol, generator: see :func:`estimate_top_eigenpairs`.
+        method, which, tol, generator, block, disable_tqdm: see :func:`estimate_top_eigenpairs`.
         loss_fn: ``loss_fn(model, batch) -> loss`` for models that do not compute their own loss.
 
     Returns:
@@ -141,4 +155,6 @@ def top_eigenvalues(
         eig.vectors[:, 0].reshape(model.classifier.weight.shape)  # top direction as a (d, m) matrix
     """
     hessian = LossHessian(model, batch, wrt, loss_fn=loss_fn)
-    return estimate_top_eigenpairs(hessian, k, method=method, which=which, tol=tol, generator=generator)
+    return estimate_top_eigenpairs(
+        hessian, k, method=method, which=which, tol=tol, generator=generator, block=block, disable_tqdm=disable_tqdm
+    )

@@ -176,16 +176,29 @@ class SymmetricOperator:
     def __matmul__(self, other: torch.Tensor) -> torch.Tensor:
         return self.matvec(other) if other.dim() == 1 else self.matmat(other)
 
-    def dense(self) -> torch.Tensor:
-        """The whole ``(n, n)`` matrix, symmetrised."""
-        raise NotImplementedError
+    def dense(self, block: int | None = None, bar: Any = None) -> torch.Tensor:
+        """The whole ``(n, n)`` matrix, symmetrised: the products with the standard basis, ``block`` columns at a
+        time (default :attr:`default_block`), ticking ``bar``."""
+        n, block = self.shape[0], block or self.default_block
+        columns = []
+        for start in range(0, n, block):
+            basis = torch.zeros(n, min(block, n - start), dtype=self.dtype, device=self.device)
+            basis[start + torch.arange(basis.shape[1]), torch.arange(basis.shape[1])] = 1
+            columns.append(self.matmat(basis))
+            if bar is not None:
+                bar.update(basis.shape[1])
+        h = torch.cat(columns, dim=1)
+        return (h + h.T) / 2
 
-    def to_scipy(self):
-        """A ``scipy.sparse.linalg.LinearOperator`` in float64 over NumPy arrays (for ``eigsh`` and friends)."""
+    def to_scipy(self, bar: Any = None):
+        """A ``scipy.sparse.linalg.LinearOperator`` in float64 over NumPy arrays (for ``eigsh`` and friends); each
+        product ticks ``bar``."""
         from scipy.sparse.linalg import LinearOperator
 
         def matvec(x):
             v = torch.from_numpy(x.reshape(-1, 1).copy())
+            if bar is not None:
+                bar.update(1)
             return self.matmat(v.to(self.device, self.dtype)).reshape(-1).to(torch.float64).cpu().numpy()
 
         return LinearOperator(self.shape, matvec=matvec, dtype="float64")
@@ -209,7 +222,7 @@ class DenseOperator(SymmetricOperator):
         self.matvecs += vectors.shape[1]
         return self.matrix @ vectors.to(self.matrix.dtype)
 
-    def dense(self) -> torch.Tensor:
+    def dense(self, block: int | None = None, bar: Any = None) -> torch.Tensor:
         return (self.matrix + self.matrix.T) / 2
 
 
@@ -285,10 +298,6 @@ class LossHessian(SymmetricOperator):
             return vectors.new_zeros(self.dim, 0, dtype=self.dtype)
         return torch.stack([self.matvec(v) for v in vectors.T], dim=1)
 
-    def dense(self) -> torch.Tensor:
-        """The full ``(n, n)`` Hessian, symmetrised: ``n`` double-backward passes. Small subsets only."""
-        h = self.matmat(torch.eye(self.dim, dtype=self.dtype, device=self.device))
-        return (h + h.T) / 2
 
 
 Operator = SymmetricOperator | torch.Tensor

@@ -8,7 +8,7 @@ DELAY_S = 5.0  # a measurement shorter than this never shows a bar
 
 
 @contextmanager
-def progress(total: int, description: str, disable_tqdm: bool | None = None):
+def progress(total: int | None, description: str, disable_tqdm: bool | None = None):
     """A ``tqdm`` bar over ``total`` steps that appears only once the measurement has run for ``DELAY_S`` seconds (so
     the measures on small models stay silent), to stderr, as ``Trainer``'s bars do; ``disable_tqdm=True`` hides it.
     Yields an object with ``update(k)``."""
