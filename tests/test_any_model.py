@@ -15,7 +15,7 @@ from torch.autograd.functional import jacobian
 from torch.nn import functional as F
 
 from fam_hf import HeadLoss, relative_flatness
-from fam_hf.measures import hessian_trace, top_eigenvalues
+from fam_hf.measures import gauss_newton_trace, hessian_trace, top_eigenvalues
 
 F64 = torch.float64
 
@@ -64,9 +64,9 @@ def brute_kappa(model, batch, name):
     return kappa_from_loss_fn(loss_of, weight.detach()).detach()
 
 
-def brute_gauss_newton_kappa(model, batch, name):
-    """κ with the layer Hessian replaced by ``G = Σ_t J_tᵀ ∇²ℓ_t J_t``: ``J`` the Jacobian of the logits w.r.t. the
-    layer's weight, ``∇²ℓ_t = (diag p_t − p_t p_tᵀ)/N`` for the mean cross-entropy."""
+def brute_gauss_newton(model, batch, name):
+    """``G = Σ_t J_tᵀ ∇²ℓ_t J_t`` w.r.t. the layer's weight, ``(d, m, d, m)``: ``J`` the Jacobian of the logits,
+    ``∇²ℓ_t = (diag p_t − p_t p_tᵀ)/N`` for the mean cross-entropy."""
     weight = getattr(model, name).weight.detach()
     d, m = weight.shape
 
@@ -76,8 +76,13 @@ def brute_gauss_newton_kappa(model, batch, name):
     jac = jacobian(logits_of, torch.zeros_like(weight)).reshape(batch["x"].shape[0], -1, d * m)  # (N, C, d·m)
     p = torch.softmax(logits_of(torch.zeros_like(weight)), -1)
     curvature = (torch.diag_embed(p) - p[:, :, None] * p[:, None, :]) / p.shape[0]  # (N, C, C)
-    g = torch.einsum("nci,ncd,ndj->ij", jac, curvature, jac).reshape(d, m, d, m)
-    return ((weight @ weight.T) * torch.einsum("aibi->ab", g)).sum().detach()
+    return torch.einsum("nci,ncd,ndj->ij", jac, curvature, jac).reshape(d, m, d, m).detach()
+
+
+def brute_gauss_newton_kappa(model, batch, name):
+    """κ with the layer Hessian replaced by the Gauss–Newton matrix."""
+    weight, g = getattr(model, name).weight.detach(), brute_gauss_newton(model, batch, name)
+    return ((weight @ weight.T) * torch.einsum("aibi->ab", g)).sum()
 
 
 class _Swapped:
@@ -286,3 +291,41 @@ def test_normalised_kappa_is_invariant_to_rescaling_the_neurons_that_feed_the_la
 
     torch.testing.assert_close(kappa(scaled, True), kappa(model, True), rtol=1e-9, atol=0)
     assert abs(float(kappa(scaled, False) / kappa(model, False)) - 1) > 0.5  # plain κ moves
+
+
+# -- the Gauss–Newton trace -------------------------------------------------------------------------------------------
+
+
+def test_gauss_newton_trace_against_brute_force_and_the_hessian_on_a_head():
+    model, batch = make()
+    dict_model = DictMLP().double().eval()
+    dict_model.load_state_dict(model.state_dict())
+    spec = HeadLoss("cross_entropy", head="fc3", labels="y")
+    truth = torch.einsum("aiai->", brute_gauss_newton(model, batch, "fc2"))
+    exact = gauss_newton_trace(dict_model, batch, "fc2", method="exact", head_loss=spec)
+    assert exact.method == "gauss_newton_exact" and exact.matvecs == 40
+    torch.testing.assert_close(exact.value, truth, rtol=1e-10, atol=0)
+    stochastic = gauss_newton_trace(dict_model, batch, "fc2", probes=400, head_loss=spec, block=7)
+    assert_within_stderr(stochastic, truth)
+    hessian = hessian_trace(dict_model, batch, "fc2", method="exact").value  # tanh: G ≠ H inside the network
+    assert abs(float(hessian / truth) - 1) > 0.01
+    head = gauss_newton_trace(dict_model, batch, "fc3", method="exact", head_loss=spec)  # on the head G = H
+    torch.testing.assert_close(head.value, hessian_trace(dict_model, batch, "fc3", method="exact").value)
+    everything = gauss_newton_trace(dict_model, batch, None, probes=8, head_loss=spec)  # parameters: functional_call
+    assert everything.dim == sum(p.numel() for p in model.parameters()) and everything.value > 0
+    with pytest.raises(ValueError, match="name the output layer and its loss: head_loss=HeadLoss"):
+        gauss_newton_trace(dict_model, batch, "fc2")
+
+
+def test_gauss_newton_trace_of_a_transformers_lm_head_is_its_hessian_trace():
+    from models import tiny_gpt2
+
+    model = tiny_gpt2()
+    ids = torch.randint(0, 24, (3, 6))
+    batch = {"input_ids": ids, "labels": ids.masked_fill(torch.rand(3, 6) < 0.3, -100)}
+    torch.testing.assert_close(
+        gauss_newton_trace(model, batch, "lm_head", method="exact").value,
+        hessian_trace(model, batch, "lm_head", method="exact").value,
+        rtol=1e-6,  # transformers' causal-LM loss casts the logits to float32 (.float()): the Hessian's side is
+        atol=0,  # float32-accurate, the Gauss–Newton side (from the float64 logits) is not
+    )

@@ -540,3 +540,22 @@ def test_top_eigenvalues_with_fewer_lanczos_vectors_kept():
         top_eigenvalues(model, batch, k=2, block=2)
     exact = top_eigenvalues(model, batch, k=2, method="exact", block=7)
     torch.testing.assert_close(exact.values, truth, rtol=1e-10, atol=0)
+
+
+def test_forward_over_reverse_products_equal_double_backward_ones():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)  # fmt: skip
+    llama = LlamaForCausalLM(config).double().eval()
+    ids = torch.randint(0, 64, (2, 8))
+    for model, batch, wrt in [(llama, {"input_ids": ids, "labels": ids}, None), (tiny_gpt2(), gpt2_batch(), "auto")]:
+        reverse = LossHessian(model, batch, wrt)
+        forward = LossHessian(model, batch, wrt, hvp="forward_over_reverse")
+        torch.testing.assert_close(forward.gradient, reverse.gradient, rtol=1e-10, atol=1e-14)
+        v = torch.randn(reverse.dim, dtype=F64)
+        # transformers' causal-LM loss runs in float32 (logits.float()): the two agree to float32's precision
+        torch.testing.assert_close(forward @ v, reverse @ v, rtol=1e-6, atol=1e-7 * float((reverse @ v).abs().max()))
+    with pytest.raises(ValueError, match="hvp='forward' is not one of 'double_backward', 'forward_over_reverse'"):
+        LossHessian(llama, {"input_ids": ids, "labels": ids}, hvp="forward")

@@ -34,6 +34,7 @@ from ..head_loss import LossFn, model_loss
 from ..layers import Layer, resolve_layer
 
 Wrt = str | torch.Tensor | Sequence[torch.Tensor] | None
+HVP_METHODS = ("double_backward", "forward_over_reverse")
 
 
 @dataclass
@@ -240,6 +241,11 @@ class LossHessian(SymmetricOperator):
         wrt: a layer spec (the layer's weight map ``W: (d, m)``), a parameter, a sequence of parameters,
             or None (every trainable parameter). See the module docstring.
         loss_fn: ``loss_fn(model, batch) -> scalar loss``; default ``model(**batch).loss``.
+        hvp: how a product is computed: ``"double_backward"`` (reverse over reverse: the graph of the first
+            backward pass is kept, and each product is one more backward pass through it) or
+            ``"forward_over_reverse"`` (``torch.func.jvp`` of ``torch.func.grad``: each product is one forward and
+            one backward pass carrying a tangent, nothing kept between products: less memory, more time; see
+            docs/measures.md#hessian-vector-products for the measurements on SmolLM2-135M).
 
     Attributes:
         subset: the resolved :class:`Subset`; ``subset.unflatten(v)`` shapes an ``(n,)`` vector like it.
@@ -254,16 +260,32 @@ class LossHessian(SymmetricOperator):
     """
 
     def __init__(
-        self, model: nn.Module, batch: Mapping[str, Any], wrt: Wrt = "auto", *, loss_fn: LossFn | None = None
+        self,
+        model: nn.Module,
+        batch: Mapping[str, Any],
+        wrt: Wrt = "auto",
+        *,
+        loss_fn: LossFn | None = None,
+        hvp: str = "double_backward",
     ) -> None:
+        if hvp not in HVP_METHODS:
+            raise ValueError(f"hvp={hvp!r} is not one of {', '.join(map(repr, HVP_METHODS))}")
         self.subset = resolve_subset(model, wrt)
         self.dim = self.subset.dim
         self.matvecs = 0
+        self.hvp = hvp
+        forward_mode = hvp == "forward_over_reverse"
         self._zeros = [torch.zeros_like(v, requires_grad=True) for v in self.subset.values]
         with torch.enable_grad(), second_order_kernels(), explain_missing_double_backward():
             loss = perturbed_loss(model, batch, self.subset, self._zeros, loss_fn)
-            grads = torch.autograd.grad(loss, self._zeros, create_graph=True, allow_unused=True)
+            grads = torch.autograd.grad(loss, self._zeros, create_graph=not forward_mode, allow_unused=True)
         self.loss = loss.detach()
+        if forward_mode:
+
+            def loss_of(*deltas: torch.Tensor) -> torch.Tensor:
+                return perturbed_loss(model, batch, self.subset, deltas, loss_fn)
+
+            self._gradient_of = torch.func.grad(loss_of, argnums=tuple(range(len(self._zeros))))
         self._grads = [g if g is not None else torch.zeros_like(z) for g, z in zip(grads, self._zeros)]
         self.gradient = self._like = self.subset.flatten(self._grads).detach()
         # the probes held at a time cost no more than the model's gradient
@@ -276,10 +298,16 @@ class LossHessian(SymmetricOperator):
         return (self.dim, self.dim)
 
     def matvec(self, vector: torch.Tensor) -> torch.Tensor:
-        """``H v`` for ``v: (n,)``, one double-backward pass; returns ``(n,)`` in :attr:`dtype`."""
+        """``H v`` for ``v: (n,)``, one double-backward pass (or one forward-over-reverse pass); returns ``(n,)`` in
+        :attr:`dtype`."""
         self.matvecs += 1
         parts = self.subset.unflatten(vector.to(device=self.device, dtype=self.dtype))
         out = [torch.zeros_like(z) for z in self._zeros]
+        if self.hvp == "forward_over_reverse":
+            zeros = tuple(z.detach() for z in self._zeros)
+            with torch.no_grad(), second_order_kernels(), explain_missing_double_backward():
+                _, tangents = torch.func.jvp(self._gradient_of, zeros, tuple(parts))
+            return self.subset.flatten(tangents)
         if self._curved:
             with torch.enable_grad(), second_order_kernels(), explain_missing_double_backward():
                 hv = torch.autograd.grad(
