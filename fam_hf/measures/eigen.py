@@ -25,7 +25,7 @@ from ..curvature import default_generator
 from .hessian import LossFn, LossHessian, Operator, Wrt, as_operator
 from .progress import progress
 
-EIGEN_METHODS = ("lanczos", "exact")
+EIGEN_METHODS = ("lanczos", "streaming", "exact")
 WHICH = ("LA", "LM")
 
 
@@ -38,14 +38,14 @@ class HessianEigenpairs:
             ``values[0]`` is the sharpness ``λ_max``. Units: loss per squared weight unit.
         vectors: ``(n, k)`` orthonormal eigenvectors, column ``j`` for ``values[j]``, in the subset's
             flattening order (``LossHessian.subset.unflatten(vectors[:, j])`` shapes one like the
-            subset: ``[(d, m)]`` for a layer). Each is defined up to sign.
+            subset: ``[(d, m)]`` for a layer). Each is defined up to sign. None for ``"streaming"``.
         method: ``"lanczos"`` or ``"exact"``.
         matvecs: Hessian-vector products spent.
         dim: ``n``.
     """
 
     values: torch.Tensor
-    vectors: torch.Tensor
+    vectors: torch.Tensor | None
     method: str
     matvecs: int
     dim: int
@@ -74,12 +74,15 @@ def estimate_top_eigenpairs(
         operator: a :class:`~fam_hf.measures.LossHessian` or a dense symmetric ``(n, n)`` tensor.
         k: how many.
         method: ``"lanczos"`` (``eigsh`` on matrix-vector products; needs ``k < n``, and falls back to
-            ``"exact"`` otherwise) or ``"exact"`` (the dense matrix from ``n`` products, then ``eigh``).
+            ``"exact"`` otherwise), ``"streaming"`` (Lanczos that keeps no basis: three vectors, ``O(n)`` memory,
+            eigenvalues only, ghosts removed by Cullum–Willoughby's test; for subsets too large for ARPACK's
+            float64 basis) or ``"exact"`` (the dense matrix from ``n`` products, then ``eigh``).
         which: ``"LA"`` largest algebraic (default: sharpness; a Hessian away from a minimum has negative
             eigenvalues too) or ``"LM"`` largest magnitude.
         tol: ``eigsh``'s stopping tolerance, relative: residuals ``‖Hv − λv‖ ≲ tol·|λ|`` (the eigenvalues'
             own error is of order ``‖Hv − λv‖² / gap``, far smaller); 0 means machine precision.
-        maxiter: ``eigsh``'s restart limit (default ``10 n``).
+        maxiter: ``eigsh``'s restart limit (default ``10 n``); for ``"streaming"``, the most Lanczos steps
+            (default 300).
         generator: RNG for Lanczos' starting vector (drawn on the CPU), so the result is reproducible;
             default seeded with 0.
         block: the Lanczos vectors ARPACK keeps (``eigsh``'s ``ncv``, more than ``k``): memory ``O(n·block)`` in
@@ -92,6 +95,10 @@ def estimate_top_eigenpairs(
     """
     if method not in EIGEN_METHODS:
         raise ValueError(f"method={method!r} is not one of {', '.join(map(repr, EIGEN_METHODS))}")
+    if method == "streaming":
+        if which != "LA":
+            raise ValueError("method='streaming' finds the largest algebraic eigenvalues only (which='LA')")
+        return _streaming_top(as_operator(operator), k, tol, maxiter, generator, disable_tqdm)
     if which not in WHICH:
         raise ValueError(f"which={which!r} is not one of {', '.join(map(repr, WHICH))}")
     operator = as_operator(operator)
@@ -116,6 +123,35 @@ def estimate_top_eigenpairs(
             values, vectors = torch.linalg.eigh(operator.dense(block=block, bar=bar))
     order = torch.argsort(values if which == "LA" else values.abs(), descending=True)[:k]
     return HessianEigenpairs(values[order], vectors[:, order], method, operator.matvecs - start, n)
+
+
+def _streaming_top(operator, k: int, tol: float, maxiter: int | None, generator, disable_tqdm) -> HessianEigenpairs:
+    """Top ``k`` eigenvalues by Lanczos without a basis: stop when the top ``k`` good Ritz values moved by less than
+    ``tol`` (relative) over the last 5 steps, or after ``maxiter`` steps."""
+    from .spectrum import good_ritz_values, lanczos
+
+    n = operator.shape[0]
+    if not 1 <= k <= n:
+        raise ValueError(f"k={k} must be between 1 and the number of variables n={n}")
+    steps = min(n, maxiter or 300)
+    history: list[torch.Tensor] = []
+
+    def converged(t) -> bool:
+        good = good_ritz_values(t).flip(0)[:k]
+        history.append(good)
+        if len(history) <= 5 or good.numel() < k or history[-6].numel() < k:
+            return False
+        return bool(((good - history[-6]).abs() <= tol * good.abs().clamp_min(1e-30)).all())
+
+    start = operator.matvecs
+    v0 = torch.randn(n, generator=default_generator(generator), dtype=torch.float64)
+    with progress(steps, f"top {k} eigenvalue{'s' if k > 1 else ''} (streaming Lanczos)", disable_tqdm) as bar:
+        t = lanczos(operator, v0, steps, bar=bar, stop=converged)
+    values = good_ritz_values(t).flip(0)[:k]
+    if values.numel() < k:
+        raise RuntimeError(f"streaming Lanczos found {values.numel()} of the k={k} eigenvalues in {steps} steps; "
+                           "raise maxiter")  # fmt: skip
+    return HessianEigenpairs(values.to(operator.dtype), None, "streaming", operator.matvecs - start, n)
 
 
 def top_eigenvalues(

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,6 +52,7 @@ def lanczos(
     *,
     reorthogonalize: bool = False,
     bar: Any = None,
+    stop: Callable[[Tridiagonal], bool] | None = None,
 ) -> Tridiagonal:
     """``steps`` steps of the symmetric Lanczos recurrence from ``start: (n,)``; returns ``T_m`` (``m ≤ steps``: it
     stops early when the Krylov space is invariant).
@@ -60,7 +61,8 @@ def lanczos(
     values converge, which duplicates converged extreme eigenvalues ("ghosts") but leaves the quadrature's
     moments, and so the density, as they are (Paige 1976; Ghorbani et al. 2019). ``reorthogonalize=True`` keeps
     the whole basis (``n × m``) and orthogonalises each new vector against it twice: exact to rounding, for small ``n``.
-    The scalars are accumulated in float64; the vectors stay in the operator's dtype.
+    The scalars are accumulated in float64; the vectors stay in the operator's dtype. ``stop(T_j)``, when given,
+    is asked after each step whether to stop there.
     """
     n, dtype = operator.shape[0], operator.dtype
     q = start.to(operator.device, dtype)
@@ -84,11 +86,40 @@ def lanczos(
         b = float(torch.linalg.vector_norm(w.double()))
         if step == min(steps, n) - 1 or b <= 1e-10 * max(abs(a), beta_prev, 1e-300):
             break
+        if stop is not None and stop(_tridiagonal(alpha, beta)):
+            break
         beta.append(b)
         previous, q, beta_prev = q, w / b, b
         if basis is not None:
             basis.append(q)
-    return Tridiagonal(torch.tensor(alpha, dtype=torch.float64), torch.tensor(beta, dtype=torch.float64))
+    return _tridiagonal(alpha, beta)
+
+
+def _tridiagonal(alpha: list[float], beta: list[float]) -> Tridiagonal:
+    return Tridiagonal(
+        torch.tensor(alpha, dtype=torch.float64), torch.tensor(beta[: len(alpha) - 1], dtype=torch.float64)
+    )
+
+
+def good_ritz_values(t: Tridiagonal, tol: float = 1e-8) -> torch.Tensor:
+    """The Ritz values of ``T_m`` from Lanczos without reorthogonalisation, ghosts removed (Cullum & Willoughby,
+    *Lanczos Algorithms for Large Symmetric Eigenvalue Computations*, 1985): copies of one converged eigenvalue are
+    kept once, and a simple Ritz value that is also an eigenvalue of ``T̂_m`` (``T_m`` without its first row and
+    column) is spurious. Ascending, float64."""
+    theta = torch.linalg.eigvalsh(t.dense())
+    if theta.numel() < 2:
+        return theta
+    scale = float(theta.abs().max()) or 1.0
+    hat = torch.linalg.eigvalsh(t.dense()[1:, 1:])
+    good, i = [], 0
+    while i < theta.numel():
+        j = i
+        while j + 1 < theta.numel() and theta[j + 1] - theta[i] <= tol * scale:
+            j += 1
+        if j > i or torch.min((hat - theta[i]).abs()) > tol * scale:  # a multiple copy, or simple and not spurious
+            good.append(float(theta[i : j + 1].mean()))
+        i = j + 1
+    return torch.tensor(good, dtype=torch.float64)
 
 
 @dataclass
