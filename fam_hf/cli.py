@@ -133,8 +133,9 @@ def _measure(args: argparse.Namespace) -> int:
     tokenizer = transformers.AutoTokenizer.from_pretrained(args.model)
     batches = _batches(args, model, tokenizer)
     values = measure_batches(
-        model, batches, measures, layer=args.layer, probes=args.probes, trace_probes=args.trace_probes, rho=args.rho
-    )
+        model, batches, measures, layer=args.layer, probes=args.probes, trace_probes=args.trace_probes, rho=args.rho,
+        log=lambda message: print(message, file=sys.stderr, flush=True),
+    )  # fmt: skip
     summary = {}
     print(f"{type(model).__name__} on {sum(len(b['labels']) for b in batches)} examples in {len(batches)} batches")
     print(f"{'measure':<16} {'mean':>12} {'± s.e.':>10}")
