@@ -15,7 +15,8 @@ resident memory (``VmHWM``, reset right before the job's work, after the model a
 * ``hvp-{head,all}[-forward]``: ``LossHessian`` built (one forward and backward pass) and ``--hvps`` products,
   by double backward or (``-forward``) forward-over-reverse; the time per product;
 * ``trace-{head,all}``: Hutchinson ``hessian_trace`` with ``--probes`` probes (memory ``O(n·block)``);
-* ``eig{1,5}-{head,all}``: ``top_eigenvalues`` with ``k`` = 1 or 5 (ARPACK, ``tol=--tol``, ``block=k+2``);
+* ``eig{1,5}-{head,all}``: ``top_eigenvalues`` with ``k`` = 1 or 5, ``tol=--tol``: ARPACK keeping ``k + 2`` vectors
+  on the LM head, the streaming Lanczos (no basis) on all parameters;
 * ``gn-{head,all}``: ``gauss_newton_trace`` with ``--probes`` probes (forward-mode products, no backward).
 
 ``head`` is the LM head's own use of the tied matrix (``W: 49,152 × 576``, n = 28.3M); ``all`` every parameter
@@ -66,6 +67,7 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default: 1)")
     parser.add_argument("--json", help="write the raw results here")
     parser.add_argument("--out", help="write the table into this markdown file (section bench:measures)")
+    parser.add_argument("--render", nargs="+", metavar="JSON", help="only render the table from saved --json files")
     return parser.parse_args(argv)
 
 
@@ -113,8 +115,11 @@ def run_job(job: str, args) -> dict:
                               block=hessian.default_block)  # fmt: skip
             elif job.startswith("eig"):
                 k = int(job[3])
-                eig = estimate_top_eigenpairs(hessian, k, tol=args.tol, block=k + 2, disable_tqdm=True)
-                result.update(values=eig.values.tolist(), matvecs=eig.matvecs)
+                if whole:  # ARPACK's float64 basis of n = 134.5M would not fit: the streaming Lanczos keeps none
+                    eig = estimate_top_eigenpairs(hessian, k, method="streaming", tol=args.tol, disable_tqdm=True)
+                else:
+                    eig = estimate_top_eigenpairs(hessian, k, tol=args.tol, block=k + 2, disable_tqdm=True)
+                result.update(values=eig.values.tolist(), matvecs=eig.matvecs, method=eig.method)
             elif job.startswith("gn"):
                 del hessian  # the Gauss–Newton trace needs no Hessian: forward-mode products of the logits
                 gc.collect()
@@ -190,6 +195,10 @@ def render(results: dict[str, dict], args, info: dict) -> str:
         step_cpu, step_peak = (step["step_cpu"], step["peak"]) if step else (None, None)
         kind, wrt = job.split("-")[0], "LM head" if "-head" in job else "all"
         label = LABELS[kind + ("-forward" if job.endswith("-forward") else "")].format(probes=args.probes)
+        if r.get("method") == "streaming":
+            label += " (streaming Lanczos)"
+        elif kind.startswith("eig"):
+            label += f" (ARPACK, {int(kind[3]) + 2} vectors)"
         per = r.get("per_matvec_cpu")
         value = ""
         if "value" in r:
@@ -207,6 +216,17 @@ def render(results: dict[str, dict], args, info: dict) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.render:
+        results = {}
+        for path in args.render:
+            results.update(json.loads(Path(path).read_text()))
+        order = {job: i for i, job in enumerate(JOBS)}
+        results = dict(sorted(results.items(), key=lambda item: order[item[0]]))
+        text = render(results, args, machine())
+        print(text)
+        if args.out:
+            write_section(Path(args.out), "measures", text)
+        return 0
     jobs = [j.strip() for j in args.jobs.split(",") if j.strip()]
     unknown = set(jobs) - set(JOBS)
     if unknown:
