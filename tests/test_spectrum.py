@@ -122,3 +122,20 @@ def test_streaming_lanczos_finds_the_top_eigenvalues_without_a_basis():
     torch.testing.assert_close(found.values, truth, rtol=1e-6, atol=0)
     with pytest.raises(ValueError, match="largest algebraic eigenvalues only"):
         estimate_top_eigenpairs(a, 2, method="streaming", which="LM")
+
+
+def test_streaming_lanczos_in_float32_merges_the_ghosts_within_its_precision():
+    from fam_hf.measures import estimate_top_eigenpairs
+    from fam_hf.measures.spectrum import good_ritz_values
+
+    gen = torch.Generator().manual_seed(5)
+    basis, _ = torch.linalg.qr(torch.randn(400, 400, generator=gen, dtype=F64))
+    spectrum = torch.cat([torch.tensor([41.0, 40.2, 30.3, 23.2, 14.4], dtype=F64), 3 * torch.randn(395, generator=gen, dtype=F64)])
+    a = (basis @ torch.diag(spectrum) @ basis.T).float()
+    t = lanczos(DenseOperator(a), torch.randn(400, generator=gen), 100)
+    copies = torch.linalg.eigvalsh(t.dense())
+    assert int((copies - 30.3).abs().lt(1e-3).sum()) > 1  # float32: the copies differ by ~1e-6, not 1e-15
+    good = good_ritz_values(t, torch.finfo(torch.float32).eps ** 0.5).flip(0)[:5]
+    torch.testing.assert_close(good, spectrum[:5], rtol=1e-4, atol=0)
+    found = estimate_top_eigenpairs(a, 5, method="streaming", tol=1e-4)
+    torch.testing.assert_close(found.values.double(), spectrum[:5], rtol=1e-3, atol=0)  # float32 arithmetic

@@ -75,8 +75,9 @@ def estimate_top_eigenpairs(
         k: how many.
         method: ``"lanczos"`` (``eigsh`` on matrix-vector products; needs ``k < n``, and falls back to
             ``"exact"`` otherwise), ``"streaming"`` (Lanczos that keeps no basis: three vectors, ``O(n)`` memory,
-            eigenvalues only, ghosts removed by Cullum–Willoughby's test; for subsets too large for ARPACK's
-            float64 basis) or ``"exact"`` (the dense matrix from ``n`` products, then ``eigh``).
+            eigenvalues only, ghosts removed by Cullum–Willoughby's test, stopping on ARPACK's residual criterion;
+            for subsets too large for ARPACK's float64 basis) or ``"exact"`` (the dense matrix from ``n`` products,
+            then ``eigh``).
         which: ``"LA"`` largest algebraic (default: sharpness; a Hessian away from a minimum has negative
             eigenvalues too) or ``"LM"`` largest magnitude.
         tol: ``eigsh``'s stopping tolerance, relative: residuals ``‖Hv − λv‖ ≲ tol·|λ|`` (the eigenvalues'
@@ -126,28 +127,34 @@ def estimate_top_eigenpairs(
 
 
 def _streaming_top(operator, k: int, tol: float, maxiter: int | None, generator, disable_tqdm) -> HessianEigenpairs:
-    """Top ``k`` eigenvalues by Lanczos without a basis: stop when the top ``k`` good Ritz values moved by less than
-    ``tol`` (relative) over the last 5 steps, or after ``maxiter`` steps."""
+    """Top ``k`` eigenvalues by Lanczos without a basis: stop when each of the top ``k`` good Ritz values has a
+    residual ``β_m |y_{m,i}|`` of at most ``tol·|θ_i|`` (ARPACK's criterion), or after ``maxiter`` steps."""
     from .spectrum import good_ritz_values, lanczos
 
     n = operator.shape[0]
     if not 1 <= k <= n:
         raise ValueError(f"k={k} must be between 1 and the number of variables n={n}")
     steps = min(n, maxiter or 300)
-    history: list[torch.Tensor] = []
+    same = torch.finfo(operator.dtype).eps ** 0.5  # Ritz values this close (relative) are copies of one another
 
-    def converged(t) -> bool:
-        good = good_ritz_values(t).flip(0)[:k]
-        history.append(good)
-        if len(history) <= 5 or good.numel() < k or history[-6].numel() < k:
+    def converged(t, beta: float) -> bool:
+        good = good_ritz_values(t, same).flip(0)[:k]
+        if good.numel() < k:
             return False
-        return bool(((good - history[-6]).abs() <= tol * good.abs().clamp_min(1e-30)).all())
+        theta, y = torch.linalg.eigh(t.dense())
+        residual = beta * y[-1].abs()
+        scale = float(theta.abs().max()) or 1.0
+        for value in good:
+            copies = (theta - value).abs() <= same * scale
+            if float(residual[copies].min()) > tol * abs(float(value)):
+                return False
+        return True
 
     start = operator.matvecs
     v0 = torch.randn(n, generator=default_generator(generator), dtype=torch.float64)
     with progress(steps, f"top {k} eigenvalue{'s' if k > 1 else ''} (streaming Lanczos)", disable_tqdm) as bar:
         t = lanczos(operator, v0, steps, bar=bar, stop=converged)
-    values = good_ritz_values(t).flip(0)[:k]
+    values = good_ritz_values(t, same).flip(0)[:k]
     if values.numel() < k:
         raise RuntimeError(f"streaming Lanczos found {values.numel()} of the k={k} eigenvalues in {steps} steps; "
                            "raise maxiter")  # fmt: skip

@@ -52,7 +52,7 @@ def lanczos(
     *,
     reorthogonalize: bool = False,
     bar: Any = None,
-    stop: Callable[[Tridiagonal], bool] | None = None,
+    stop: Callable[[Tridiagonal, float], bool] | None = None,
 ) -> Tridiagonal:
     """``steps`` steps of the symmetric Lanczos recurrence from ``start: (n,)``; returns ``T_m`` (``m ≤ steps``: it
     stops early when the Krylov space is invariant).
@@ -61,8 +61,9 @@ def lanczos(
     values converge, which duplicates converged extreme eigenvalues ("ghosts") but leaves the quadrature's
     moments, and so the density, as they are (Paige 1976; Ghorbani et al. 2019). ``reorthogonalize=True`` keeps
     the whole basis (``n × m``) and orthogonalises each new vector against it twice: exact to rounding, for small ``n``.
-    The scalars are accumulated in float64; the vectors stay in the operator's dtype. ``stop(T_j)``, when given,
-    is asked after each step whether to stop there.
+    The scalars are accumulated in float64; the vectors stay in the operator's dtype. ``stop(T_j, β_j)``, when
+    given, is asked after each step whether to stop there (``β_j``: the norm of the next residual, with which
+    ``β_j |y_{j,i}|`` is the residual ``‖H x_i − θ_i x_i‖`` of Ritz pair ``i``).
     """
     n, dtype = operator.shape[0], operator.dtype
     q = start.to(operator.device, dtype)
@@ -86,7 +87,7 @@ def lanczos(
         b = float(torch.linalg.vector_norm(w.double()))
         if step == min(steps, n) - 1 or b <= 1e-10 * max(abs(a), beta_prev, 1e-300):
             break
-        if stop is not None and stop(_tridiagonal(alpha, beta)):
+        if stop is not None and stop(_tridiagonal(alpha, beta), b):
             break
         beta.append(b)
         previous, q, beta_prev = q, w / b, b
@@ -101,11 +102,12 @@ def _tridiagonal(alpha: list[float], beta: list[float]) -> Tridiagonal:
     )
 
 
-def good_ritz_values(t: Tridiagonal, tol: float = 1e-8) -> torch.Tensor:
+def good_ritz_values(t: Tridiagonal, tol: float = 1.5e-8) -> torch.Tensor:
     """The Ritz values of ``T_m`` from Lanczos without reorthogonalisation, ghosts removed (Cullum & Willoughby,
     *Lanczos Algorithms for Large Symmetric Eigenvalue Computations*, 1985): copies of one converged eigenvalue are
     kept once, and a simple Ritz value that is also an eigenvalue of ``T̂_m`` (``T_m`` without its first row and
-    column) is spurious. Ascending, float64."""
+    column) is spurious. "The same" is within ``tol`` relative to the largest: about the square root of the
+    vectors' machine epsilon (1.5e-8 for float64, 3.5e-4 for float32). Ascending, float64."""
     theta = torch.linalg.eigvalsh(t.dense())
     if theta.numel() < 2:
         return theta
