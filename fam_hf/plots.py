@@ -129,7 +129,7 @@ def plot_spectra(
         out_dir: created if missing.
         names: legend names (default: the files' ``name`` entries, else their stems).
         log_y: logarithmic density axis (default: the spectrum of a network spans many orders of magnitude; the
-            density is floored at 1e-7 of its peak there).
+            density is floored at 1e-14 of its peak there: an outlying eigenvalue weighs about 1/n).
 
     Returns:
         the path written.
@@ -145,7 +145,7 @@ def plot_spectra(
     for spectrum, name, style in zip(spectra, names, _STYLES * len(spectra)):
         density = spectrum["density"]
         if log_y:
-            floor = max(density) * 1e-7
+            floor = max(density) * 1e-14
             density = [max(d, floor) for d in density]
         top = max(max(run) for run in spectrum["nodes"] if run) if spectrum.get("nodes") else None
         label = name if top is None else f"{name} (λ_max ≈ {top:.3g})"

@@ -14,6 +14,7 @@ Hessian-vector products, in float64 at the scipy boundary; or densely (``n`` HVP
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -137,6 +138,8 @@ def _streaming_top(operator, k: int, tol: float, maxiter: int | None, generator,
     steps = min(n, maxiter or 300)
     same = torch.finfo(operator.dtype).eps ** 0.5  # Ritz values this close (relative) are copies of one another
 
+    state = {"converged": False}
+
     def converged(t, beta: float) -> bool:
         good = good_ritz_values(t, same).flip(0)[:k]
         if good.numel() < k:
@@ -148,12 +151,19 @@ def _streaming_top(operator, k: int, tol: float, maxiter: int | None, generator,
             copies = (theta - value).abs() <= same * scale
             if float(residual[copies].min()) > tol * abs(float(value)):
                 return False
+        state["converged"] = True
         return True
 
     start = operator.matvecs
     v0 = torch.randn(n, generator=default_generator(generator), dtype=torch.float64)
     with progress(steps, f"top {k} eigenvalue{'s' if k > 1 else ''} (streaming Lanczos)", disable_tqdm) as bar:
         t = lanczos(operator, v0, steps, bar=bar, stop=converged)
+    if not state["converged"]:
+        warnings.warn(
+            f"the streaming Lanczos stopped after {t.alpha.numel()} steps (maxiter) before the top {k} residuals fell "
+            f"below tol={tol}: the values are Ritz values, lower bounds of the eigenvalues; raise maxiter",
+            stacklevel=3,
+        )
     values = good_ritz_values(t, same).flip(0)[:k]
     if values.numel() < k:
         raise RuntimeError(f"streaming Lanczos found {values.numel()} of the k={k} eigenvalues in {steps} steps; "
