@@ -155,7 +155,7 @@ def _streaming_top(operator, k: int, tol: float, maxiter: int | None, generator,
         return True
 
     start = operator.matvecs
-    v0 = torch.randn(n, generator=default_generator(generator), dtype=torch.float64)
+    v0 = torch.randn(n, generator=default_generator(generator), dtype=torch.float64).to(operator.dtype)
     with progress(steps, f"top {k} eigenvalue{'s' if k > 1 else ''} (streaming Lanczos)", disable_tqdm) as bar:
         t = lanczos(operator, v0, steps, bar=bar, stop=converged)
     if not state["converged"]:

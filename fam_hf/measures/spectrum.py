@@ -67,7 +67,7 @@ def lanczos(
     """
     n, dtype = operator.shape[0], operator.dtype
     q = start.to(operator.device, dtype)
-    q = q / torch.linalg.vector_norm(q)
+    q = q / math.sqrt(_dot64(q, q))
     basis = [q] if reorthogonalize else None
     previous, beta_prev = None, 0.0
     alpha, beta = [], []
@@ -75,7 +75,7 @@ def lanczos(
         w = operator.matvec(q)
         if bar is not None:
             bar.update(1)
-        a = float(torch.dot(q.double(), w.double()))
+        a = _dot64(q, w)
         alpha.append(a)
         w = w - a * q
         if previous is not None:
@@ -84,7 +84,7 @@ def lanczos(
             stacked = torch.stack(basis, dim=1)
             for _ in range(2):  # twice is enough (Kahan–Parlett)
                 w = w - stacked @ (stacked.T @ w)
-        b = float(torch.linalg.vector_norm(w.double()))
+        b = math.sqrt(_dot64(w, w))
         if step == min(steps, n) - 1 or b <= 1e-10 * max(abs(a), beta_prev, 1e-300):
             break
         if stop is not None and stop(_tridiagonal(alpha, beta), b):
@@ -94,6 +94,11 @@ def lanczos(
         if basis is not None:
             basis.append(q)
     return _tridiagonal(alpha, beta)
+
+
+def _dot64(a: torch.Tensor, b: torch.Tensor, chunk: int = 1 << 20) -> float:
+    """``a · b`` accumulated in float64, a chunk at a time (no float64 copy of a 10⁸-long vector)."""
+    return sum(float(torch.dot(x.double(), y.double())) for x, y in zip(a.split(chunk), b.split(chunk)))
 
 
 def _tridiagonal(alpha: list[float], beta: list[float]) -> Tridiagonal:
