@@ -107,12 +107,13 @@ def _tridiagonal(alpha: list[float], beta: list[float]) -> Tridiagonal:
     )
 
 
-def good_ritz_values(t: Tridiagonal, tol: float = 1.5e-8) -> torch.Tensor:
+def good_ritz_values(t: Tridiagonal, tol: float = 1.5e-8, spurious_tol: float = 1e-10) -> torch.Tensor:
     """The Ritz values of ``T_m`` from Lanczos without reorthogonalisation, ghosts removed (Cullum & Willoughby,
     *Lanczos Algorithms for Large Symmetric Eigenvalue Computations*, 1985): copies of one converged eigenvalue are
     kept once, and a simple Ritz value that is also an eigenvalue of ``T̂_m`` (``T_m`` without its first row and
-    column) is spurious. "The same" is within ``tol`` relative to the largest: about the square root of the
-    vectors' machine epsilon (1.5e-8 for float64, 3.5e-4 for float32). Ascending, float64."""
+    column) is spurious. Copies are "the same" within ``tol`` relative to the largest value, about the square root
+    of the vectors' machine epsilon (1.5e-8 for float64, 3.5e-4 for float32: the copies come from the vectors'
+    rounding); the spurious test compares two float64 tridiagonal matrices, within ``spurious_tol``. Ascending."""
     theta = torch.linalg.eigvalsh(t.dense())
     if theta.numel() < 2:
         return theta
@@ -123,7 +124,7 @@ def good_ritz_values(t: Tridiagonal, tol: float = 1.5e-8) -> torch.Tensor:
         j = i
         while j + 1 < theta.numel() and theta[j + 1] - theta[i] <= tol * scale:
             j += 1
-        if j > i or torch.min((hat - theta[i]).abs()) > tol * scale:  # a multiple copy, or simple and not spurious
+        if j > i or torch.min((hat - theta[i]).abs()) > spurious_tol * scale:  # copies, or simple and not spurious
             good.append(float(theta[i : j + 1].mean()))
         i = j + 1
     return torch.tensor(good, dtype=torch.float64)
