@@ -3,7 +3,7 @@ PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 TORCH := torch==2.13.0
 
-.PHONY: install test test-all test-ranks-under-load lint
+.PHONY: install install-oracle test test-all test-ranks-under-load lint
 
 .DEFAULT_GOAL := install
 include mk/recipes.mk mk/bench.mk mk/study.mk mk/packaging.mk
@@ -13,8 +13,16 @@ install:
 	$(PIP) install --quiet $(TORCH)
 	$(PIP) install --quiet -e ".[dev]"
 
-test: install install-assets
+test: install install-assets install-oracle
 	$(PYTHON) -m pytest -q
+
+# The independent oracle of tests/test_oracle_curvlinops.py: curvlinops and what it imports, pinned, with --no-deps,
+# because curvlinops declares backpack-for-pytorch, which pulls torchvision and with it a CUDA build of torch
+# (curvlinops never imports either). Not an extra of pyproject.toml for that reason: an extra would pull them.
+ORACLE := curvlinops-for-pytorch==3.0.1 einops==0.8.2 opt-einsum==3.4.0 einconv==0.1.0 linear-operator==0.6.1 \
+	jaxtyping==0.3.11
+install-oracle: install
+	$(PIP) install --quiet --no-deps $(ORACLE)
 
 # Also the tests marked slow; the DeepSpeed ones need the `deepspeed` extra (its CPU accelerator JIT-builds one
 # op on first use).

@@ -20,6 +20,7 @@ _IMPORT_STRUCTURE: dict[str, list[str]] = {
     "measures": [
         "activity_weight_duality",
         "dual_weight_change",
+        "hessian_spectrum",
         "hessian_trace",
         "jacobian_norm",
         "layerwise_flatness",
@@ -72,6 +73,7 @@ __all__ = [
     "dual_weight_change",
     "gauss_newton_forms",
     "head_loss_for",
+    "hessian_spectrum",
     "hessian_trace",
     "jacobian_norm",
     "kappa_from_hessian",
@@ -106,6 +108,7 @@ if TYPE_CHECKING:
     from .measures import (
         activity_weight_duality,
         dual_weight_change,
+        hessian_spectrum,
         hessian_trace,
         jacobian_norm,
         layerwise_flatness,

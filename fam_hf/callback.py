@@ -23,7 +23,8 @@ measures themselves.)
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -56,8 +57,11 @@ def measure_batches(
     scale: str = "paper",
     rho: float = 0.05,
     seed: int = 0,
+    log: Callable[[str], None] | None = None,
 ) -> dict[str, list[float]]:
     """Each measure (and ``"loss"``, the model's mean loss) on each batch: ``{name: [value per batch]}``.
+
+    ``log`` (e.g. ``print``) is told what is being measured as it starts, with how long the last one took.
 
     The model is run in eval mode and put back in its mode afterwards; batches are moved to its device;
     each measure draws its probes from a generator seeded with ``seed`` and the global torch RNG state is
@@ -87,12 +91,18 @@ def measure_batches(
         model.eval()
         # fork_rng: nothing here should draw from the global RNG, but a run must train identically either way
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            for batch in batches:
+            for index, batch in enumerate(batches):
                 batch = _to_device(batch, device)
                 with torch.no_grad():
                     values["loss"].append(float(model(**batch).loss))
                 for name in measures:
+                    if log is not None:
+                        log(f"batch {index + 1}/{len(batches)}: {name} …")
+                    start = time.perf_counter()
                     values[name].append(float(value(name, batch)))
+                    if log is not None:
+                        log(f"batch {index + 1}/{len(batches)}: {name} = {values[name][-1]:.6g} "
+                            f"({time.perf_counter() - start:.1f} s)")  # fmt: skip
     finally:
         model.train(was_training)
     return values

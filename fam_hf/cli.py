@@ -6,6 +6,8 @@ fam-hf measure --model DIR --data FILE.jsonl|csv [--measures kappa,hessian_trace
     flatness measures of a saved model on a few batches of a small local data file
 fam-hf plot RUN_DIR [RUN_DIR ...] --out DIR
     κ, Hessian trace, top eigenvalue, gap, … against the step, from each run's trainer_state.json
+fam-hf plot SPECTRUM.json [SPECTRUM.json ...] --out DIR
+    Hessian eigenvalue densities (fam_hf.hessian_spectrum(...).save(path)) overlaid in spectrum.png
 fam-hf publish RUN_DIR --repo-id OWNER/NAME [--private] [--token-env VAR] [--revision BRANCH]
     push a finished run (model or adapter, tokenizer, metrics, the FAM model card) to the Hugging Face Hub
 """
@@ -131,8 +133,9 @@ def _measure(args: argparse.Namespace) -> int:
     tokenizer = transformers.AutoTokenizer.from_pretrained(args.model)
     batches = _batches(args, model, tokenizer)
     values = measure_batches(
-        model, batches, measures, layer=args.layer, probes=args.probes, trace_probes=args.trace_probes, rho=args.rho
-    )
+        model, batches, measures, layer=args.layer, probes=args.probes, trace_probes=args.trace_probes, rho=args.rho,
+        log=lambda message: print(message, file=sys.stderr, flush=True),
+    )  # fmt: skip
     summary = {}
     print(f"{type(model).__name__} on {sum(len(b['labels']) for b in batches)} examples in {len(batches)} batches")
     print(f"{'measure':<16} {'mean':>12} {'± s.e.':>10}")
@@ -156,8 +159,17 @@ def _measure(args: argparse.Namespace) -> int:
 
 
 def _plot(args: argparse.Namespace) -> int:
-    from .plots import plot_runs
+    from .plots import is_spectrum_file, plot_runs, plot_spectra
 
+    spectra = [path for path in args.runs if is_spectrum_file(path)]
+    if spectra:
+        if len(spectra) < len(args.runs):
+            raise SystemExit(
+                "fam-hf plot draws either runs (folders with trainer_state.json) or spectra (JSON files written by "
+                "HessianSpectrum.save), not both at once"
+            )
+        print(plot_spectra(spectra, args.out, names=args.names))
+        return 0
     quantities = args.quantities.split(",") if args.quantities else None
     written = plot_runs(args.runs, args.out, names=args.names, quantities=quantities, log_y=args.log_y)
     if not written:
@@ -237,7 +249,12 @@ def main(argv: list[str] | None = None) -> int:
     measure.add_argument("--json", help="also write the results (means, standard errors, per batch) here")
     measure.set_defaults(run=_measure)
     plot = commands.add_parser("plot", help="plot flatness over training from runs' trainer_state.json")
-    plot.add_argument("runs", nargs="+", metavar="RUN_DIR", help="Trainer output folders (or trainer_state.json)")
+    plot.add_argument(
+        "runs",
+        nargs="+",
+        metavar="RUN_DIR",
+        help="Trainer output folders (or trainer_state.json); or spectra saved by HessianSpectrum.save (*.json)",
+    )
     plot.add_argument("--out", required=True, help="folder for the PNGs (created if missing)")
     plot.add_argument("--names", nargs="+", help="legend names for the runs (default: their folder names)")
     plot.add_argument(

@@ -12,13 +12,18 @@ transformers computes the loss inside the model (``transformers.loss.loss_utils`
   ``score`` head at every position and pool the logits of the last non-padding token.
 
 Anything else (masked LM, seq2seq, token classification, soft-capped or rescaled logits, custom losses)
-is not mirrored: use the probe estimator there, which differentiates whatever loss is actually used.
-The weights this yields, per loss: docs/mathematics.md#counted-positions-and-normalisation.
+is not recognised from the model: use the probe estimator there, which differentiates whatever loss is actually
+used, or say what the loss is with a :class:`HeadLoss` of your own (``head_loss=``; any ``nn.Module``, plain
+torch included: which layer's output the loss reads, which batch key holds the targets, and which of the three
+losses it is, averaged as PyTorch's ``reduction="mean"`` averages). The weights this yields, per loss:
+docs/mathematics.md#counted-positions-and-normalisation.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -27,6 +32,7 @@ from transformers.models.auto.modeling_auto import (
     MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
 )
 
+from .curvature.heads import LOSS_TYPES
 from .layers import unwrap_model
 
 _CAUSAL_LMS = frozenset(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
@@ -43,17 +49,36 @@ _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 class HeadLoss:
     """The model's loss as a function of its head's output.
 
+    Read from a transformers model by :func:`head_loss_for`, or stated by the user for any model
+    (``head_loss=HeadLoss("cross_entropy", head="fc3", labels="y")``): the loss is then taken to be
+    ``F.cross_entropy(logits, batch[labels])`` (mean over the targets that are not ``-100``),
+    ``F.mse_loss(logits, batch[labels])`` or ``F.binary_cross_entropy_with_logits(logits, batch[labels])`` (means
+    over every element), with ``logits: (..., d)`` the output of the layer named ``head`` and targets shaped
+    ``(...)`` (cross-entropy) or like the logits.
+
     Attributes:
         loss_type: ``"cross_entropy"``, ``"mse"`` or ``"bce"``.
         shift_labels: causal LM: the logits at position ``t`` are scored against ``labels[t + 1]``.
         honours_num_items: the model divides its summed loss by ``num_items_in_batch`` when given it.
         pad_token_id: for decoder sequence classifiers, which pool the last non-padding position.
+        head: the module name of the output layer whose output the loss reads (a user's spec; None: the
+            model's own output head, or the layer measured).
+        labels: the batch key that holds the targets.
+        pool_last_token: a sequence classifier that scores every position and pools the last non-padding one
+            (transformers' decoder classifiers).
     """
 
     loss_type: str
     shift_labels: bool = False
     honours_num_items: bool = False
     pad_token_id: int | None = None
+    head: str | None = None
+    labels: str = "labels"
+    pool_last_token: bool = False
+
+    def __post_init__(self) -> None:
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"HeadLoss: loss_type={self.loss_type!r} is not one of {', '.join(map(repr, LOSS_TYPES))}")
 
     def positions(
         self,
@@ -79,7 +104,7 @@ class HeadLoss:
         """
         if self.shift_labels:
             labels = nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
-        elif logits.dim() == 3:  # a sequence classifier that scored every position
+        elif self.pool_last_token and logits.dim() == 3:  # a sequence classifier that scored every position
             logits, features = self._pool_last_token(logits, features, input_ids)
         d, dtype = logits.shape[-1], torch.promote_types(logits.dtype, torch.float32)
         logits, features = logits.reshape(-1, d), features.reshape(-1, features.shape[-1])
@@ -137,5 +162,77 @@ def head_loss_for(model: nn.Module, labels: torch.Tensor | None = None) -> HeadL
             "single_label_classification": "cross_entropy",
             "multi_label_classification": "bce",
         }[problem]
-        return HeadLoss(loss_type, pad_token_id=getattr(config, "pad_token_id", None))
+        return HeadLoss(loss_type, pad_token_id=getattr(config, "pad_token_id", None), pool_last_token=True)
     return None
+
+
+def as_head_loss(spec: HeadLoss | str | None) -> HeadLoss | None:
+    """A user's ``head_loss=``: a :class:`HeadLoss`, or the name of its loss type (``"cross_entropy"``, ``"mse"``,
+    ``"bce"``: the layer measured is the output layer and the batch's ``"labels"`` are its targets), or None."""
+    if spec is None or isinstance(spec, HeadLoss):
+        return spec
+    if isinstance(spec, str):
+        return HeadLoss(spec)
+    raise TypeError(
+        f"head_loss={spec!r}: expected a HeadLoss (e.g. HeadLoss('cross_entropy', head='fc3', labels='y')) or one "
+        f"of {', '.join(map(repr, LOSS_TYPES))}"
+    )
+
+
+def head_loss_value(head_loss: HeadLoss, logits: torch.Tensor, labels: torch.Tensor, **positions) -> torch.Tensor:
+    """The loss ``head_loss`` says the model computes, from the head's ``logits`` and the batch's ``labels`` (what the
+    closed form assumes; compared with the loss actually computed, it catches a spec that does not describe it)."""
+    logits, _, weights = head_loss.positions(logits, logits[..., :1], labels, **positions)
+    logits = logits.to(weights.dtype)
+    if head_loss.shift_labels:
+        labels = nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
+    if head_loss.loss_type == "cross_entropy":
+        targets = labels.reshape(-1)
+        per_position = nn.functional.cross_entropy(logits, targets.clamp_min(0), reduction="none")
+    else:
+        targets = labels.reshape(logits.shape).to(logits.dtype)
+        loss = nn.functional.mse_loss if head_loss.loss_type == "mse" else nn.functional.binary_cross_entropy_with_logits
+        per_position = loss(logits, targets, reduction="none").sum(-1)
+    return (weights * per_position).sum()
+
+
+LossFn = Callable[[nn.Module, Mapping[str, Any]], torch.Tensor]
+"""``loss_fn(model, batch) -> scalar loss``: how a model that does not compute its own loss is measured."""
+
+_LOSS_FN_EXAMPLE = "loss_fn=lambda model, batch: F.cross_entropy(model(batch['x']), batch['y'])"
+
+
+def call_model(model: nn.Module, batch: Mapping[str, Any]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``model(**batch)`` read as ``(loss, logits)``: from a transformers ``ModelOutput`` or a plain dict (keys
+    ``"loss"``, ``"logits"``), or a tensor (the logits, no loss). Either may be None."""
+    try:
+        outputs = model(**batch)
+    except TypeError as error:
+        if "unexpected keyword argument" not in str(error) and "missing" not in str(error):
+            raise
+        raise TypeError(
+            f"{type(model).__name__}(**batch) failed ({error}); a model that does not take the batch's keys "
+            f"({', '.join(map(repr, batch))}) as keyword arguments is measured through a loss function: {_LOSS_FN_EXAMPLE}"
+        ) from error
+    if isinstance(outputs, torch.Tensor):
+        return None, outputs
+    if isinstance(outputs, Mapping):
+        return outputs.get("loss"), outputs.get("logits")
+    raise TypeError(
+        f"{type(model).__name__} returned a {type(outputs).__name__}; fam_hf reads a ModelOutput, a dict with "
+        f"'loss' (and 'logits'), or a logits tensor. Pass the loss: {_LOSS_FN_EXAMPLE}"
+    )
+
+
+def model_loss(model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
+    """The default ``loss_fn``: the ``loss`` of ``model(**batch)`` (a transformers model given its labels, or any
+    model returning a dict with ``"loss"``)."""
+    loss, logits = call_model(model, batch)
+    if loss is None:
+        returned = f"a tensor of shape {tuple(logits.shape)}" if logits is not None else "no 'loss'"
+        raise ValueError(
+            f"{type(model).__name__} returned {returned} and no loss: give the batch its labels (a transformers "
+            f"model computes its loss from them), or pass the loss as a function of the model and the batch: "
+            f"{_LOSS_FN_EXAMPLE}"
+        )
+    return loss

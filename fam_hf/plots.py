@@ -102,6 +102,68 @@ def pyplot(feature: str):
     return require("matplotlib.pyplot", feature)
 
 
+def is_spectrum_file(path: str | Path) -> bool:
+    """Whether ``path`` is a spectrum saved by :meth:`fam_hf.measures.HessianSpectrum.save` (a JSON file with a grid
+    and a density)."""
+    path = Path(path)
+    if not (path.is_file() and path.suffix == ".json"):
+        return False
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and "grid" in data and "density" in data
+
+
+def plot_spectra(
+    files: Sequence[str | Path],
+    out_dir: str | Path,
+    *,
+    names: Sequence[str] | None = None,
+    log_y: bool = True,
+) -> Path:
+    """Overlay the Hessian eigenvalue densities saved in ``files`` (one line each) in ``out_dir/spectrum.png``.
+
+    Args:
+        files: JSON files written by :meth:`fam_hf.measures.HessianSpectrum.save`.
+        out_dir: created if missing.
+        names: legend names (default: the files' ``name`` entries, else their stems).
+        log_y: logarithmic density axis (default: the spectrum of a network spans many orders of magnitude; the
+            density is floored at 1e-14 of its peak there: an outlying eigenvalue weighs about 1/n).
+
+    Returns:
+        the path written.
+    """
+    plt = pyplot("fam-hf plot")
+    spectra = [json.loads(Path(f).read_text()) for f in files]
+    names = list(names) if names is not None else [s.get("name") or Path(f).stem for s, f in zip(spectra, files)]
+    if len(names) != len(spectra):
+        raise ValueError(f"{len(names)} names for {len(spectra)} spectra")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for spectrum, name, style in zip(spectra, names, _STYLES * len(spectra)):
+        density = spectrum["density"]
+        if log_y:
+            floor = max(density) * 1e-14
+            density = [max(d, floor) for d in density]
+        top = max(max(run) for run in spectrum["nodes"] if run) if spectrum.get("nodes") else None
+        label = name if top is None else f"{name} (λ_max ≈ {top:.3g})"
+        ax.plot(spectrum["grid"], density, style, label=label)
+    if log_y:
+        ax.set_yscale("log")
+    ax.set_title("Hessian eigenvalue density (stochastic Lanczos quadrature)")
+    ax.set_xlabel("eigenvalue (loss per squared weight unit)")
+    ax.set_ylabel("density")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    path = out / "spectrum.png"
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def plot_runs(
     run_dirs: Sequence[str | Path],
     out_dir: str | Path,

@@ -91,8 +91,10 @@ def test_measure_prints_a_table_and_writes_json(tmp_path, capsys):
     out = tmp_path / "out.json"
     argv = ["measure", "--model", str(tmp_path / "model"), "--data", str(data), "--batch-size", "4"]
     assert main([*argv, "--measures", "kappa,hessian_trace,sam_sharpness", "--json", str(out)]) == 0
-    table = capsys.readouterr().out
+    captured = capsys.readouterr()
+    table = captured.out
     assert "on 6 examples in 2 batches" in table and "kappa" in table and "sam_sharpness" in table
+    assert "batch 2/2: hessian_trace …" in captured.err and "batch 1/2: kappa = " in captured.err  # what it is doing
     report = json.loads(out.read_text())
     assert report["examples"] == 6 and report["batches"] == 2
     assert set(report["measures"]) == {"loss", "kappa", "hessian_trace", "sam_sharpness"}

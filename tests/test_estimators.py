@@ -448,7 +448,8 @@ def test_closed_form_refuses_a_body_layer():
     model = tiny_bert()
     with pytest.raises(ValueError, match="not the model's output head.*estimator='probe'"):
         RelativeFlatness(model, "bert.pooler.dense", "closed_form")
-    assert RelativeFlatness(model, "bert.pooler.dense", "auto").estimator == "probe"
+    assert RelativeFlatness(model, "bert.pooler.dense", "auto").estimator == "exact"  # 144 weights: cheap
+    assert RelativeFlatness(model, "bert.pooler.dense", "auto", max_exact_entries=100).estimator == "probe"
 
 
 def test_bad_options_name_the_choices():
@@ -566,7 +567,7 @@ def test_gauss_newton_on_the_head_is_the_probe_with_the_same_probes():
 
 
 def test_gauss_newton_refusals_name_the_fix():
-    with pytest.raises(ValueError, match="estimator='gauss_newton'.*MLP's loss is not one it mirrors.*'probe'"):
+    with pytest.raises(ValueError, match="estimator='gauss_newton'.*MLP's loss is not one it recognises.*head_loss=.*'probe'"):
         RelativeFlatness(MLP(), "fc2", "gauss_newton")
     with pytest.raises(ValueError, match="hessian_grad='detached' is for the probe.*'full'"):
         RelativeFlatness(tiny_bert(), "bert.pooler.dense", "gauss_newton", hessian_grad="detached")
@@ -582,6 +583,7 @@ def test_gauss_newton_refusals_name_the_fix():
 def test_the_registry_chooses_by_purpose_and_loss_and_each_estimator_class_refuses_what_it_cannot_do():
     from fam_hf.flatness import (
         ClosedFormFlatness,
+        ExactFlatness,
         GaussNewtonFlatness,
         HeadInputFlatness,
         ProbeFlatness,
@@ -590,7 +592,8 @@ def test_the_registry_chooses_by_purpose_and_loss_and_each_estimator_class_refus
 
     model, body = tiny_gpt2(), "transformer.h.0.mlp.c_fc"
     assert choose(model, "auto") is ClosedFormFlatness
-    assert choose(model, body) is ProbeFlatness  # measurement: the paper's κ, full Hessian
+    assert choose(model, body) is ExactFlatness  # measurement: the paper's κ, exactly on a small layer (8×32)
+    assert choose(model, body, options={"max_exact_entries": 100}) is ProbeFlatness  # else by probes
     assert choose(model, body, purpose="penalty") is GaussNewtonFlatness  # a penalty needs κ bounded below
     assert choose(model, body, options={"hessian_grad": "detached"}, purpose="penalty") is ProbeFlatness
     assert choose(model, "auto", purpose="penalty", loss="custom") is ProbeFlatness

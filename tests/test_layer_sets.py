@@ -64,9 +64,9 @@ def test_set_specs_resolve_in_model_order_each_layer_once():
     flatness = RelativeFlatness(model, "*.c_proj")
     assert isinstance(flatness, ProbeSetFlatness) and isinstance(flatness.layer, LayerSet)
     assert flatness.layer.name == "*.c_proj (2 layers)" and flatness.layer.names == (body[1], body[3])
-    # a set spec that resolves to one layer is that layer, with the one-layer estimators
+    # a set spec that resolves to one layer is that layer, with the one-layer estimators (exact: ≤ 1024 weights)
     assert (
-        RelativeFlatness(model, "*.mlp.c_fc").estimator == "probe"
+        RelativeFlatness(model, "*.mlp.c_fc").estimator == "exact"
         and RelativeFlatness(model, ["lm_head"]).layer.name == "lm_head"
     )
     assert RelativeFlatness(model, "*.mlp.c_fc").layer.name == "transformer.h.0.mlp.c_fc"

@@ -16,6 +16,7 @@ from torch.autograd.functional import hessian, jacobian
 from torch.nn import functional as F
 
 from fam_hf import RelativeFlatness
+from fam_hf.curvature import rademacher
 from fam_hf.measures import (
     LossHessian,
     activity_weight_duality,
@@ -30,6 +31,7 @@ from fam_hf.measures import (
     sam_sharpness,
     top_eigenvalues,
 )
+from fam_hf.measures.hessian import DenseOperator
 
 F64 = torch.float64
 
@@ -477,3 +479,83 @@ def test_neuronwise_rescaling_is_seen_by_the_layerwise_measure_but_not_by_relati
     kappa2, _, _, layerwise2 = measures_of(scaled, batch, "fc1")
     torch.testing.assert_close(kappa2, kappa, rtol=1e-6, atol=0)
     assert abs(float(layerwise2 / layerwise) - 1) > 0.1
+
+
+# -- memory that does not grow with the probes ------------------------------------------------------------------------
+
+
+class _Recorder(DenseOperator):
+    """A dense operator that records the widest block of vectors it was given at once."""
+
+    widest = 0
+
+    def matmat(self, vectors):
+        self.widest = max(self.widest, vectors.shape[1])
+        return super().matmat(vectors)
+
+
+@pytest.mark.parametrize("method", ["hutchinson", "hutch++", "exact"])
+def test_trace_is_the_same_for_every_block_and_holds_only_a_block(method):
+    gen = torch.Generator().manual_seed(4)
+    a = torch.randn(30, 30, generator=gen, dtype=F64)
+    a = a + a.T
+    runs = {}
+    for block in (1, 4, 1000):
+        operator = _Recorder(a)
+        runs[block] = estimate_trace(
+            operator, probes=21, method=method, block=block, generator=torch.Generator().manual_seed(2)
+        )
+        assert operator.widest == min(block, 30 if method == "exact" else 21 - 2 * 7 if method == "hutch++" else 21)
+    for block in (1, 4):
+        torch.testing.assert_close(runs[block].value, runs[1000].value, rtol=1e-12, atol=0)
+        if method != "exact":
+            torch.testing.assert_close(runs[block].std_error, runs[1000].std_error, rtol=1e-12, atol=0)
+    if method == "hutchinson":  # each probe vector drawn whole, one after the other
+        v = rademacher(21, 30, generator=torch.Generator().manual_seed(2), dtype=F64).T
+        torch.testing.assert_close(runs[1].value, (v * (a @ v)).sum(0).mean(), rtol=1e-12, atol=0)
+    if method == "exact":
+        torch.testing.assert_close(runs[1].value, torch.trace(a), rtol=1e-12, atol=0)
+
+
+def test_loss_hessian_default_block_keeps_the_probes_within_the_models_gradient():
+    model, batch = tiny_bert(), bert_batch()
+    op = LossHessian(model, batch, "classifier")
+    parameters = sum(p.numel() for p in model.parameters())
+    assert op.default_block == parameters // 36
+    whole = LossHessian(model, batch, None)
+    assert whole.default_block == 1
+    truth = torch.trace(layer_hessian(model, batch, "classifier.weight"))
+    torch.testing.assert_close(hessian_trace(model, batch, method="exact", block=5).value, truth, rtol=1e-10, atol=0)
+    with pytest.raises(ValueError, match="block=0 must be at least 1"):
+        hessian_trace(model, batch, block=0)
+
+
+def test_top_eigenvalues_with_fewer_lanczos_vectors_kept():
+    model, batch = tiny_bert(), bert_batch()
+    truth = torch.linalg.eigvalsh(layer_hessian(model, batch, "classifier.weight")).flip(0)[:2]
+    few = top_eigenvalues(model, batch, k=2, block=5)  # ARPACK keeps 5 vectors of 36, not 20
+    torch.testing.assert_close(few.values, truth, rtol=1e-6, atol=0)
+    assert few.matvecs != top_eigenvalues(model, batch, k=2).matvecs  # ARPACK ran with ncv=5 (9 products, not 21)
+    with pytest.raises(ValueError, match="block=2 must be more than k=2 and at most n=36"):
+        top_eigenvalues(model, batch, k=2, block=2)
+    exact = top_eigenvalues(model, batch, k=2, method="exact", block=7)
+    torch.testing.assert_close(exact.values, truth, rtol=1e-10, atol=0)
+
+
+def test_forward_over_reverse_products_equal_double_backward_ones():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)  # fmt: skip
+    llama = LlamaForCausalLM(config).double().eval()
+    ids = torch.randint(0, 64, (2, 8))
+    for model, batch, wrt in [(llama, {"input_ids": ids, "labels": ids}, None), (tiny_gpt2(), gpt2_batch(), "auto")]:
+        reverse = LossHessian(model, batch, wrt)
+        forward = LossHessian(model, batch, wrt, hvp="forward_over_reverse")
+        torch.testing.assert_close(forward.gradient, reverse.gradient, rtol=1e-10, atol=1e-14)
+        v = torch.randn(reverse.dim, dtype=F64)
+        # transformers' causal-LM loss runs in float32 (logits.float()): the two agree to float32's precision
+        torch.testing.assert_close(forward @ v, reverse @ v, rtol=1e-6, atol=1e-7 * float((reverse @ v).abs().max()))
+    with pytest.raises(ValueError, match="hvp='forward' is not one of 'double_backward', 'forward_over_reverse'"):
+        LossHessian(llama, {"input_ids": ids, "labels": ids}, hvp="forward")

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..head_loss import HeadLoss, LossFn, call_model
 from ..options import ESTIMATORS, HESSIAN_GRADS, SCALES
 from .base import DEFAULT_MAX_EXACT_ENTRIES, FlatnessResult, LossNorm, Recording, RelativeFlatness, checkpointing
 from .closed_form import ClosedFormFlatness, HeadInputFlatness, lm_head_positions
@@ -54,6 +55,9 @@ def relative_flatness(
     layer: str = "auto",
     estimator: str = "auto",
     *,
+    loss_fn: LossFn | None = None,
+    head_loss: HeadLoss | str | None = None,
+    normalize_features: bool = False,
     probes: int = 16,
     hessian_grad: str = "full",
     scale: str = "paper",
@@ -62,17 +66,24 @@ def relative_flatness(
     max_exact_entries: int = DEFAULT_MAX_EXACT_ENTRIES,
     token_fraction: float = 1.0,
 ) -> FlatnessResult:
-    """Relative flatness κ of ``layer`` on ``batch``: one forward pass of ``model(**batch)``.
+    """Relative flatness κ of ``layer`` on ``batch``: one forward pass, ``model(**batch)`` or ``loss_fn(model, batch)``.
 
-    The model is run in whatever mode it is in (call ``model.eval()`` first to measure without dropout).
-    ``batch`` must hold the labels, so the model returns its loss. See :class:`RelativeFlatness` for
-    the options.
+    The model is run in whatever mode it is in (call ``model.eval()`` first to measure without dropout). By default
+    the loss is the ``loss`` the model returns (a transformers model given ``labels``, or a dict with ``"loss"``);
+    a model that returns logits, or takes its inputs positionally, is measured through ``loss_fn``, the same
+    ``loss_fn(model, batch) -> scalar loss`` that :mod:`fam_hf.measures` take. The closed form and Gauss–Newton
+    mirror the loss from the logits: on a transformers model they recognise its own loss; elsewhere (or with a
+    ``loss_fn``) ``head_loss`` says which layer's output the loss reads and which loss it is. See
+    :class:`RelativeFlatness` for the other options; ``estimator="auto"`` logs (at INFO) what it chose.
 
     Example::
 
         result = fam_hf.relative_flatness(model.eval(), batch)          # closed form on the head
         print(result.value, result.estimator, result.layer)
         fam_hf.relative_flatness(model, batch, layer="model.layers.3.mlp.down_proj", probes=32)
+        # a plain torch MLP whose last layer is fc3, trained with mean cross-entropy against batch["y"]
+        loss_fn = lambda model, batch: F.cross_entropy(model(batch["x"]), batch["y"])
+        fam_hf.relative_flatness(mlp, batch, "fc3", loss_fn=loss_fn, head_loss=HeadLoss("cross_entropy", labels="y"))
     """
     flatness = RelativeFlatness(
         model,
@@ -84,6 +95,9 @@ def relative_flatness(
         generator=generator,
         max_exact_entries=max_exact_entries,
         token_fraction=token_fraction,
+        head_loss=head_loss,
+        normalize_features=normalize_features,
+        loss="custom" if loss_fn is not None else "model",
     )
     if differentiable and flatness.second_order and checkpointing(model):
         raise ValueError(
@@ -95,8 +109,8 @@ def relative_flatness(
         with flatness.record(
             batch, num_items_in_batch=batch.get("num_items_in_batch"), differentiable=differentiable
         ) as recording:
-            outputs = model(**batch)
-        result = recording.result(outputs.get("loss"), logits=outputs.get("logits"))
+            loss, logits = call_model(model, batch) if loss_fn is None else (loss_fn(model, batch), None)
+        result = recording.result(loss, logits=logits)
     finally:
         flatness.close()  # a later backward through checkpointed layers needs RelativeFlatness.record directly
     if not differentiable:

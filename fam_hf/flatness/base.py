@@ -20,10 +20,16 @@ import torch
 from torch import nn
 
 from ..curvature import default_generator, second_order_kernels
-from ..layers import Layer, LayerSet, resolve_spec, unwrap_model
-from ..options import ESTIMATORS, HESSIAN_GRADS, SCALES, check_choice
+from ..head_loss import HeadLoss, as_head_loss, head_loss_value
+from ..layers import Layer, LayerSet, resolve_layer, resolve_spec, unwrap_model
+from ..options import ESTIMATORS, HESSIAN_GRADS, SCALES, LossKind, check_choice, get_args
 
 DEFAULT_MAX_EXACT_ENTRIES = 4096  # d·m; the Hessian has (d·m)² entries and costs d·m double-backwards
+AUTO_EXACT_ENTRIES = 1024  # d·m up to which estimator="auto" measures with the exact Hessian rather than probes
+NO_LOSS = (
+    "no loss to differentiate: the model returned none (give the batch its labels), or pass the loss: "
+    "relative_flatness(..., loss_fn=lambda model, batch: F.cross_entropy(model(batch['x']), batch['y']))"
+)
 
 
 @dataclass
@@ -107,6 +113,16 @@ class RelativeFlatness:
         max_exact_entries: largest ``d·m`` the exact estimator accepts.
         token_fraction: closed form only: evaluate κ on ``⌈f·N⌉`` of the ``N`` positions, drawn uniformly
             among those the loss counts and reweighted so the estimate stays unbiased (1: all, exact).
+        head_loss: for a model whose loss fam_hf does not recognise (plain torch, a custom ``loss_fn``): which
+            layer is the output layer and which loss it feeds, a :class:`~fam_hf.HeadLoss` or ``"cross_entropy"``,
+            ``"mse"``, ``"bce"`` (the layer measured is then the output layer, ``batch["labels"]`` its targets). The
+            closed form and Gauss–Newton then apply to it; the loss actually computed is checked against it.
+        normalize_features: κ of the layer with each input feature divided by its standard deviation over the
+            batch's positions (and the weight's column multiplied by it, the layer's output unchanged), as the
+            reference code's neuron-wise measure does: also invariant to rescaling single neurons of the layer
+            that feeds this one (docs/mathematics.md#feature-normalisation). Measurement only.
+        loss: ``"model"`` (the model's own loss) or ``"custom"`` (a loss computed outside the model, which the
+            closed form and Gauss–Newton mirror only when ``head_loss`` says what it is).
 
     Raises:
         ValueError: unknown layer (lists candidates), an estimator that cannot apply to this layer or
@@ -140,7 +156,8 @@ class RelativeFlatness:
         if cls is RelativeFlatness:  # choose the estimator's class (for measurement)
             from .registry import choose
 
-            cls = choose(*_measure_arguments(*args, **kwargs), purpose="measure")
+            arguments, loss = _measure_arguments(*args, **kwargs)
+            cls = choose(*arguments, purpose="measure", loss=loss)
         return super().__new__(cls)
 
     def __init__(
@@ -155,8 +172,12 @@ class RelativeFlatness:
         generator: torch.Generator | None = None,
         max_exact_entries: int = DEFAULT_MAX_EXACT_ENTRIES,
         token_fraction: float = 1.0,
+        head_loss: HeadLoss | str | None = None,
+        normalize_features: bool = False,
+        loss: str = "model",
     ) -> None:
         check_choice("hessian_grad", hessian_grad, HESSIAN_GRADS)
+        check_choice("loss", loss, get_args(LossKind))
         check_choice("scale", scale, SCALES)
         if probes < 1:
             raise ValueError(f"probes={probes} must be at least 1")
@@ -170,9 +191,18 @@ class RelativeFlatness:
             )
         self.model = model
         self.layer: Layer = self.resolve(model, layer)
-        reason = self.refusal(model, self.layer, hessian_grad=hessian_grad, max_exact_entries=max_exact_entries)
+        self.head_loss: HeadLoss | None = as_head_loss(head_loss)
+        reason = self.refusal(
+            model, self.layer, loss=loss, hessian_grad=hessian_grad, max_exact_entries=max_exact_entries,
+            head_loss=self.head_loss,
+        )  # fmt: skip
         if reason is not None:  # the registry asked already; an estimator class built directly has not
             raise ValueError(reason)
+        # the module whose output the user's head_loss reads (the logits): None for a model's own loss
+        self.head: Layer | None = None
+        if self.head_loss is not None:
+            self.head = self.layer if self.head_loss.head is None else resolve_layer(model, self.head_loss.head)
+        self.normalize_features = normalize_features
         self.probes = probes
         self.hessian_grad = hessian_grad
         self.scale = scale
@@ -185,6 +215,7 @@ class RelativeFlatness:
                 f"uses the {self.estimator} estimator; leave token_fraction at 1 (fewer probes make the probe cheaper)"
             )
         self._handle: torch.utils.hooks.RemovableHandle | None = None
+        self._head_handle: torch.utils.hooks.RemovableHandle | None = None
         self._recording: Recording | None = None
 
     @classmethod
@@ -206,7 +237,6 @@ class RelativeFlatness:
         ``"custom"``: a loss the trainer computes from the logits; ``"fused"``: a loss that never runs the head),
         or None when it can. ``options`` are the constructor's keyword arguments."""
         return None
-
 
     @property
     def hooked_module(self) -> nn.Module:
@@ -247,6 +277,8 @@ class RelativeFlatness:
             _refuse_sharded_parameters(self.model)
         if self._handle is None:
             self._handle = self._attach()
+        if self.head is not None and self.head.module is not self.hooked_module and self._head_handle is None:
+            self._head_handle = self.head.module.register_forward_hook(self._head_hook)
         norm = norm if norm is not None else LossNorm(num_items_in_batch)
         recording = self.Recording(self, batch or {}, norm, differentiable)
         self._recording, recording.open = recording, True
@@ -280,9 +312,15 @@ class RelativeFlatness:
 
     def close(self) -> None:
         """Remove the layer hook."""
-        if self._handle is not None:
-            self._handle.remove()
-        self._handle, self._recording = None, None
+        for handle in (self._handle, self._head_handle):
+            if handle is not None:
+                handle.remove()
+        self._handle, self._head_handle, self._recording = None, None, None
+
+    def _head_hook(self, module: nn.Module, inputs: tuple, output: Any) -> None:
+        recording = self._recording
+        if recording is not None and recording.open and recording.head_output is None:
+            recording.head_output = output
 
     def _attach(self) -> torch.utils.hooks.RemovableHandle:
         # prepend: run before hooks that release gathered weights after the forward (DeepSpeed ZeRO-3)
@@ -303,8 +341,9 @@ class RelativeFlatness:
 
 def _measure_arguments(
     model: nn.Module, layer: str = "auto", estimator: str = "auto", **options: Any
-) -> tuple[nn.Module, str, str, dict[str, Any]]:
-    return model, layer, estimator, options
+) -> tuple[tuple[nn.Module, str, str, dict[str, Any]], str]:
+    loss = options.pop("loss", "model")
+    return (model, layer, estimator, options), loss
 
 
 class Recording:
@@ -321,6 +360,8 @@ class Recording:
         self.with_grad = False  # whether gradients were enabled in the layer's first recorded forward
         self.open = False  # inside the `record` block
         self.fan_in: int | None = None  # m
+        self.head_output: torch.Tensor | None = None  # the output of the user's head_loss layer (its logits)
+        self.feature_scale: tuple[torch.Tensor, torch.Tensor] | None = None  # (σ, 1/σ): (m,) each; normalize_features
 
     def on_forward(self, features: torch.Tensor, output: Any) -> torch.Tensor | None:
         """Called by the hook for the recorded forward and again for any recomputation of it (activation
@@ -337,7 +378,12 @@ class Recording:
         if first_call:
             self.fan_in = weight.shape[1]
             self.with_grad = torch.is_grad_enabled()
-        return self.capture(features, output, weight, first_call)
+            if self.flatness.normalize_features:
+                self.feature_scale = feature_scale(features)
+        perturbed = self.capture(features, output, weight, first_call)
+        if first_call and self.flatness.head is not None and self.flatness.head.module is layer.module:
+            self.head_output = perturbed if perturbed is not None else output
+        return perturbed
 
     def capture(
         self, features: torch.Tensor, output: torch.Tensor, weight: torch.Tensor, first_call: bool
@@ -380,6 +426,9 @@ class Recording:
         """
         self.check()
         fam = self.flatness
+        if fam.head_loss is not None:
+            logits = self.head_output
+            self.check_head_loss(loss)
         value, std_error = self.value(loss, logits)
         scale = 1.0 / self.fan_in if fam.scale == "reference" else 1.0
         return FlatnessResult(
@@ -390,12 +439,60 @@ class Recording:
             probes=fam.probes if fam.draws_probes else None,
         )
 
+    def labels(self) -> torch.Tensor:
+        """The targets of the loss the closed form and Gauss–Newton mirror: ``batch[head_loss.labels]``."""
+        fam = self.flatness
+        key = fam.head_loss.labels if fam.head_loss is not None else "labels"
+        labels = self.batch.get(key)
+        if labels is None:
+            raise ValueError(
+                f"the {fam.estimator} estimator mirrors the loss from its targets, but the batch has no {key!r} "
+                f"(its keys: {', '.join(map(repr, self.batch)) or 'none'}); pass the batch to record(batch)"
+                + ("" if fam.head_loss is not None else ", or name the key with head_loss=HeadLoss(..., labels=KEY)")
+            )
+        return labels
+
+    def check_head_loss(self, loss: torch.Tensor | None) -> None:
+        """Raise where the user's ``head_loss`` does not describe the loss the pass computed."""
+        fam = self.flatness
+        if self.head_output is None:
+            raise RuntimeError(
+                f"head_loss names '{fam.head.name}' as the output layer, but it did not run during the forward pass "
+                "inside record(); name the layer whose output the loss reads: head_loss=HeadLoss(..., head=NAME)"
+            )
+        if loss is None or not isinstance(self.head_output, torch.Tensor):
+            return
+        with torch.no_grad():
+            expected = head_loss_value(
+                fam.head_loss, self.head_output.detach(), self.labels(), input_ids=self.batch.get("input_ids")
+            )
+        if not torch.allclose(loss.detach().to(expected.dtype), expected, rtol=1e-4, atol=1e-7):
+            spec = fam.head_loss
+            raise ValueError(
+                f"head_loss says the loss is the mean {spec.loss_type} of the output of '{fam.head.name}' against "
+                f"batch[{spec.labels!r}], which is {float(expected):.6g} here, but the loss computed is "
+                f"{float(loss.detach()):.6g}: the closed form and Gauss–Newton would mirror the wrong loss. Describe the loss "
+                "the model computes (head=, labels=, loss type; a mean, reduction='mean'), or use estimator='probe', "
+                "which differentiates whatever loss is computed"
+            )
+
     def unused_message(self) -> str:
         return (
             f"the loss does not depend on the output of '{self.flatness.layer.name}' as the recorded forward pass "
             "computed it (the perturbation of the probe/exact estimator never reaches the loss), so κ would be 0 and "
             "train nothing; compute the loss from that forward pass (the layer's output must feed it)"
         )
+
+
+def feature_scale(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(σ, 1/σ)``, each ``(m,)``: each feature's standard deviation over every position of ``features: (..., m)``
+    (population, ``ddof = 0``), detached, and its inverse, 0 where ``σ = 0``: a constant feature (a dead ReLU) is
+    dropped from the normalised layer, ``W' = W diag(σ)`` and ``φ' = φ / σ`` both 0 there, as no rescaling of it
+    changes anything the network computes but its bias."""
+    flat = features.detach().reshape(-1, features.shape[-1]).to(torch.promote_types(features.dtype, torch.float32))
+    std = flat.std(dim=0, correction=0)
+    inverse = torch.where(std > 0, 1 / std, torch.zeros_like(std))
+    return std.to(features.dtype), inverse.to(features.dtype)
 
 
 def checkpointing(model: nn.Module) -> list[dict | None]:

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from ..curvature import CHUNK_ELEMENTS, closed_form, compute_dtype, sample_positions, weighted_curvature_from_features
-from ..head_loss import IGNORE_INDEX, head_loss_for
-from ..layers import Layer, unwrap_model
+from ..head_loss import IGNORE_INDEX, HeadLoss, as_head_loss, head_loss_for
+from ..layers import Layer, resolve_layer, unwrap_model
 from ..options import FUSED_LOSS_TYPES, check_choice
 from .base import Recording, RelativeFlatness
 
@@ -24,10 +24,25 @@ MIRRORED_LOSSES = "causal-LM or sequence-classification cross-entropy, MSE, BCE,
 
 
 def custom_loss_refusal(estimator: str) -> str:
-    """Why an estimator that mirrors the model's own loss cannot train under a loss the trainer computes."""
+    """Why an estimator that mirrors the model's own loss cannot apply under a loss computed outside the model."""
     return (
-        f"fam_estimator='{estimator}' mirrors the model's own loss, but this Trainer computes its loss with "
-        "compute_loss_func or label smoothing; use fam_estimator='probe' (or 'auto')"
+        f"estimator='{estimator}' mirrors the model's own loss, but the loss is computed outside the model (a "
+        "Trainer's compute_loss_func or label smoothing, or a measurement's loss_fn=); use estimator='probe' (or "
+        "'auto'), or, to measure, say which layer's output the loss reads and which loss it is: "
+        "head_loss=HeadLoss('cross_entropy', head=NAME, labels=KEY)"
+    )
+
+
+def head_loss_refusal(estimator: str, layer: Layer, head_loss: HeadLoss | str | None, model: nn.Module) -> str | None:
+    """Why ``estimator``, which needs the curvature of the loss in the logits, has no loss to mirror (None: it has
+    one: the user's ``head_loss`` or the model's own)."""
+    if head_loss is not None or head_loss_for(model) is not None:
+        return None
+    return (
+        f"estimator='{estimator}' needs the curvature of the loss in the logits, and {type(model).__name__}'s loss "
+        f"is not one it recognises ({MIRRORED_LOSSES}); name the output layer and its loss, e.g. "
+        f"head_loss=HeadLoss('cross_entropy', head=NAME, labels=KEY) (or head_loss='cross_entropy' when "
+        f"'{layer.name}' is the output layer and batch['labels'] its targets), or use estimator='probe'"
     )
 
 
@@ -40,15 +55,30 @@ class ClosedFormFlatness(RelativeFlatness):
 
     @classmethod
     def refusal(cls, model: nn.Module, layer: Layer, *, loss: str = "model", **options: Any) -> str | None:
+        head_loss = as_head_loss(options.get("head_loss"))
+        if head_loss is not None:
+            if head_loss.head is None or resolve_layer(model, head_loss.head).name == layer.name:
+                return None
+            return (
+                f"estimator='closed_form' cannot apply: '{layer.name}' is not the output layer that head_loss names "
+                f"('{head_loss.head}'); measure that layer, or use estimator='probe' (or 'auto') here"
+            )
         if loss == "custom":
             return custom_loss_refusal(cls.estimator)
         if not layer.is_output_head:
-            why = f"'{layer.name}' is not the model's output head"
+            why = (
+                f"'{layer.name}' is not the model's output head (fam_hf recognises transformers' heads; if it is this "
+                "model's output layer, say so and name its loss: head_loss=HeadLoss('cross_entropy', head="
+                f"'{layer.name}', labels=KEY))"
+            )
         elif head_loss_for(model) is None:
-            why = f"{type(model).__name__}'s loss is not one the closed form mirrors ({MIRRORED_LOSSES})"
+            why = (
+                f"{type(model).__name__}'s loss is not one the closed form recognises ({MIRRORED_LOSSES}); if it is "
+                "one of them, say so: head_loss=HeadLoss('cross_entropy' | 'mse' | 'bce', labels=KEY)"
+            )
         else:
             return None
-        return f"estimator='closed_form' cannot apply: {why}; use estimator='probe' (or 'auto')"
+        return f"estimator='closed_form' cannot apply: {why}; or use estimator='probe' (or 'auto')"
 
     class Recording(Recording):
         def capture(self, features, output, weight, first_call):
@@ -59,10 +89,11 @@ class ClosedFormFlatness(RelativeFlatness):
 
         def _closed_form(self, weight, features, output) -> torch.Tensor:
             fam = self.flatness
-            labels = self.batch.get("labels")
-            if labels is None:
-                raise ValueError("the closed-form estimator needs the batch's labels: record(batch) with 'labels'")
-            head_loss = head_loss_for(fam.model, labels)
+            labels = self.labels()
+            head_loss = fam.head_loss or head_loss_for(fam.model, labels)
+            if self.feature_scale is not None:  # W' = W diag(σ) acting on φ' = φ / σ: the same output
+                sigma, inverse = self.feature_scale
+                features, weight = features * inverse, weight * sigma
             with torch.set_grad_enabled(self.differentiable and torch.is_grad_enabled()):
                 if fam.hessian_grad == "detached" or not self.differentiable:
                     output, features = output.detach(), features.detach()
@@ -116,6 +147,11 @@ class HeadInputFlatness(RelativeFlatness):
         super().__init__(model, layer, estimator, **options)
         check_choice("loss_type", loss_type, FUSED_LOSS_TYPES)
         self.loss_type = loss_type
+        if self.head_loss is not None or self.normalize_features:
+            raise ValueError(
+                "HeadInputFlatness is the LM-head closed form of a causal LM's own loss (TRL's fused head); head_loss= "
+                "and normalize_features= are for measurement: use fam_hf.relative_flatness"
+            )
         base = unwrap_model(model)
         self.backbone: nn.Module = base.base_model
         if self.backbone is base:

@@ -11,7 +11,7 @@ from torch.nn import functional as F
 
 from ..curvature import explain_missing_double_backward, kappa_from_hessian, layer_hessian
 from ..layers import Layer
-from .base import DEFAULT_MAX_EXACT_ENTRIES, Recording, RelativeFlatness
+from .base import DEFAULT_MAX_EXACT_ENTRIES, NO_LOSS, Recording, RelativeFlatness
 
 
 class ExactFlatness(RelativeFlatness):
@@ -49,7 +49,7 @@ class ExactFlatness(RelativeFlatness):
 
         def value(self, loss, logits):
             if loss is None:
-                raise ValueError("the model returned no loss: the batch needs labels")
+                raise ValueError(NO_LOSS)
             if not self.output.requires_grad:
                 raise RuntimeError(self.unused_message())
             full = self.differentiable and self.flatness.hessian_grad == "full"
@@ -61,4 +61,9 @@ class ExactFlatness(RelativeFlatness):
                     if "not have been used in the graph" not in str(error):
                         raise
                     raise RuntimeError(self.unused_message()) from error
-            return kappa_from_hessian(hessian.to(self.weight.dtype), self.weight), None
+            hessian, weight = hessian.to(self.weight.dtype), self.weight
+            if self.feature_scale is not None:  # the Hessian w.r.t. W' = W diag(σ): H / (σ_i σ_j)
+                sigma, inverse = (t.to(weight.dtype) for t in self.feature_scale)
+                hessian = hessian * (inverse[None, :, None, None] * inverse[None, None, None, :])
+                weight = weight * sigma
+            return kappa_from_hessian(hessian, weight), None

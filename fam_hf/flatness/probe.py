@@ -26,8 +26,8 @@ from ..curvature import (
 )
 from ..head_loss import head_loss_for
 from ..layers import Layer
-from .base import Recording, RelativeFlatness
-from .closed_form import MIRRORED_LOSSES, custom_loss_refusal
+from .base import NO_LOSS, Recording, RelativeFlatness
+from .closed_form import custom_loss_refusal, head_loss_refusal
 
 
 class ProbeFlatness(RelativeFlatness):
@@ -55,19 +55,19 @@ class ProbeFlatness(RelativeFlatness):
                 self.delta = torch.zeros(
                     fam.probes, dtype=compute_dtype(weight.dtype), device=weight.device, requires_grad=True
                 )
-            directions = _directions(features, self.probe_matrices, weight)
+            directions = _directions(features, self.probe_matrices, weight, self.feature_scale)
             perturbed = output + sum(d * u for d, u in zip(self.delta.to(output.dtype), directions))
             detached = None
             if fam.hessian_grad == "detached" and self.differentiable:
                 # built on every call: a checkpoint's recomputation must save what its forward saved
-                detached = _directions(features.detach(), self.probe_matrices, weight)
+                detached = _directions(features.detach(), self.probe_matrices, weight, self.feature_scale)
             if first_call:
                 self.directions, self.detached_directions, self.output = directions, detached, perturbed
             return perturbed
 
         def value(self, loss, logits):
             if loss is None:
-                raise ValueError("the model returned no loss: the batch needs labels")
+                raise ValueError(NO_LOSS)
             # checkpointed blocks are recomputed here
             with self.flatness.kernels(self.differentiable), explain_missing_double_backward():
                 values = self.forms(loss, logits)
@@ -102,13 +102,11 @@ class GaussNewtonFlatness(ProbeFlatness):
 
     @classmethod
     def refusal(cls, model: nn.Module, layer: Layer, *, loss: str = "model", **options: Any) -> str | None:
-        if loss == "custom":
+        if loss == "custom" and options.get("head_loss") is None:
             return custom_loss_refusal(cls.estimator)
-        if head_loss_for(model) is None:
-            return (
-                f"estimator='gauss_newton' needs the curvature of the loss in the logits, and "
-                f"{type(model).__name__}'s loss is not one it mirrors ({MIRRORED_LOSSES}); use estimator='probe'"
-            )
+        reason = head_loss_refusal(cls.estimator, layer, options.get("head_loss"), model)
+        if reason is not None:
+            return reason
         if options.get("hessian_grad", "full") == "detached":
             return (
                 "estimator='gauss_newton' differentiates its curvature in full; hessian_grad='detached' is for "
@@ -118,18 +116,18 @@ class GaussNewtonFlatness(ProbeFlatness):
 
     class Recording(ProbeFlatness.Recording):
         def forms(self, loss, logits):
-            labels = self.batch.get("labels")
-            if logits is None or labels is None:
+            labels = self.labels()
+            if logits is None:
                 raise ValueError(
-                    "the Gauss–Newton estimator needs the model's logits and the batch's labels: record(batch) with "
-                    "'labels', and pass the model's logits to result(loss, logits=...)"
+                    "the Gauss–Newton estimator needs the model's logits: pass them to result(loss, logits=...), or "
+                    "name the output layer whose output they are: head_loss=HeadLoss(..., head=NAME)"
                 )
             tangents = logit_tangents(logits, self.delta, create_graph=self.differentiable)
             if tangents is None:
                 if self.differentiable:
                     raise RuntimeError(self.unused_message())
                 return torch.zeros_like(self.delta)
-            head_loss = head_loss_for(self.flatness.model, labels)
+            head_loss = self.flatness.head_loss or head_loss_for(self.flatness.model, labels)
             logits, stacked, weights = head_loss.positions(
                 logits,
                 torch.cat(tangents, dim=-1),  # (..., P·d): selected and pooled with the logits
@@ -142,7 +140,15 @@ class GaussNewtonFlatness(ProbeFlatness):
             return forms * self.norm.scale(self.norm.model_takes_items)  # from the logits: scaled as the loss is
 
 
-def _directions(features: torch.Tensor, probe_matrices: torch.Tensor, weight: torch.Tensor) -> list[torch.Tensor]:
-    """``u_p = W R_p φ`` for every probe, shaped like the layer's output: ``(..., d)``."""
+def _directions(
+    features: torch.Tensor,
+    probe_matrices: torch.Tensor,
+    weight: torch.Tensor,
+    scale: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> list[torch.Tensor]:
+    """``u_p = W R_p φ`` for every probe, shaped like the layer's output: ``(..., d)``. With the features' scale
+    ``(σ, 1/σ)`` (``normalize_features``), ``u_p = W' R_p φ'`` for ``W' = W diag(σ)``, ``φ' = φ / σ``."""
     weight = weight.to(features.dtype)
+    if scale is not None:
+        features, weight = features * scale[1], weight * scale[0]
     return [F.linear(F.linear(features, r.to(features.dtype)), weight) for r in probe_matrices]

@@ -11,17 +11,27 @@ fused LM head: only the closed form from the head's input). Each estimator says 
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from torch import nn
 
 from ..layers import Layer, LayerSet, resolve_layer, resolve_spec
 from ..options import ESTIMATORS, LossKind, Purpose, check_choice, get_args
-from .base import RelativeFlatness
+from .base import AUTO_EXACT_ENTRIES, RelativeFlatness
 from .closed_form import ClosedFormFlatness, HeadInputFlatness
 from .exact import ExactFlatness
 from .layer_set import choose_for_set
 from .probe import GaussNewtonFlatness, ProbeFlatness
+
+logger = logging.getLogger(__name__)
+
+_why_auto = {
+    "closed_form": "the output head under a loss it mirrors: exact, a few matrix products",
+    "exact": f"at most {AUTO_EXACT_ENTRIES} weights: the full layer Hessian, one double backward per weight",
+    "gauss_newton": "a body layer under the model's loss: positive semi-definite curvature",
+    "probe": "Rademacher probes, with a standard error",
+}
 
 REGISTRY: dict[str, type[RelativeFlatness]] = {
     "closed_form": ClosedFormFlatness,
@@ -31,8 +41,9 @@ REGISTRY: dict[str, type[RelativeFlatness]] = {
 }
 assert ("auto", *REGISTRY) == ESTIMATORS, "fam_hf.options.EstimatorName lists the estimators of this table"
 
-# What "auto" tries, in order, for each purpose: the first that applies.
-AUTO = {"measure": ("closed_form", "probe"), "penalty": ("closed_form", "gauss_newton", "probe")}
+# What "auto" tries, in order, for each purpose: the first that applies. To measure, the exact Hessian is tried on
+# layers of at most AUTO_EXACT_ENTRIES weights only (d·m double-backward passes, against the probe's standard error).
+AUTO = {"measure": ("closed_form", "exact", "probe"), "penalty": ("closed_form", "gauss_newton", "probe")}
 
 
 def choose(
@@ -81,11 +92,19 @@ def choose(
             )
         return HeadInputFlatness
     if estimator == "auto":  # the last of each AUTO list, the probe, applies to any layer under any loss
-        return next(
+        cheap = {"max_exact_entries": min(options.get("max_exact_entries", AUTO_EXACT_ENTRIES), AUTO_EXACT_ENTRIES)}
+        chosen = next(
             REGISTRY[name]
             for name in AUTO[purpose]
-            if REGISTRY[name].refusal(model, target, loss=loss, **options) is None
+            if REGISTRY[name].refusal(model, target, loss=loss, **{**options, **(cheap if name == "exact" else {})})
+            is None
         )
+        d, m = target.shape
+        logger.info(
+            "estimator='auto' chose %r for κ of '%s' (%d×%d weights; %s)",
+            chosen.estimator, target.name, d, m, _why_auto[chosen.estimator],
+        )  # fmt: skip
+        return chosen
     chosen = REGISTRY[estimator]
     reason = chosen.refusal(model, target, loss=loss, **options)
     if reason is not None:

@@ -5,6 +5,8 @@ never modifies the model, and returns a small dataclass (value, and standard err
 
 * :func:`hessian_trace` — ``Tr(∇²L)`` w.r.t. a layer's weight or parameters (Hutchinson, Hutch++, exact).
 * :func:`top_eigenvalues` — top-``k`` Hessian eigenpairs by Lanczos; ``λ_max`` is sharpness.
+* :func:`gauss_newton_trace` — ``Tr(G)`` of the Gauss–Newton matrix (PSD; forward-mode products only).
+* :func:`hessian_spectrum` — the Hessian's eigenvalue density by stochastic Lanczos quadrature.
 * :func:`layerwise_flatness` — ``‖W‖²_F·Tr(H_W)`` and ``‖W‖²_F·λ_max(H_W)`` (Petzka et al.'s reference code).
 * :func:`sam_sharpness` — ``L(w + ε̂) − L(w)`` for SAM's / ASAM's one-step ascent (Foret et al.; Kwon et al.).
 * :func:`jacobian_norm` — input–output Jacobian norm w.r.t. input embeddings (MacDonald et al. 2023).
@@ -26,15 +28,18 @@ from .duality import (
     layer_inputs,
 )
 from .eigen import HessianEigenpairs, estimate_top_eigenpairs, top_eigenvalues
+from .gauss_newton import gauss_newton_trace
 from .hessian import LossHessian, Subset, perturbed_loss, resolve_subset
 from .jacobian import JacobianNorm, jacobian_norm
 from .layerwise import LayerwiseFlatness, layerwise_flatness
 from .sam import SAMSharpness, sam_sharpness
+from .spectrum import HessianSpectrum, estimate_spectrum, hessian_spectrum
 from .trace import HessianTrace, estimate_trace, hessian_trace
 
 __all__ = [
     "DualityDecomposition",
     "HessianEigenpairs",
+    "HessianSpectrum",
     "HessianTrace",
     "JacobianNorm",
     "LayerwiseFlatness",
@@ -44,8 +49,11 @@ __all__ = [
     "activity_weight_duality",
     "dual_weight_change",
     "duality_decomposition",
+    "estimate_spectrum",
     "estimate_top_eigenpairs",
     "estimate_trace",
+    "gauss_newton_trace",
+    "hessian_spectrum",
     "hessian_trace",
     "jacobian_norm",
     "layer_inputs",

@@ -14,6 +14,7 @@ Hessian-vector products, in float64 at the scipy boundary; or densely (``n`` HVP
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -23,8 +24,9 @@ from torch import nn
 
 from ..curvature import default_generator
 from .hessian import LossFn, LossHessian, Operator, Wrt, as_operator
+from .progress import progress
 
-EIGEN_METHODS = ("lanczos", "exact")
+EIGEN_METHODS = ("lanczos", "streaming", "exact")
 WHICH = ("LA", "LM")
 
 
@@ -37,14 +39,14 @@ class HessianEigenpairs:
             ``values[0]`` is the sharpness ``λ_max``. Units: loss per squared weight unit.
         vectors: ``(n, k)`` orthonormal eigenvectors, column ``j`` for ``values[j]``, in the subset's
             flattening order (``LossHessian.subset.unflatten(vectors[:, j])`` shapes one like the
-            subset: ``[(d, m)]`` for a layer). Each is defined up to sign.
+            subset: ``[(d, m)]`` for a layer). Each is defined up to sign. None for ``"streaming"``.
         method: ``"lanczos"`` or ``"exact"``.
         matvecs: Hessian-vector products spent.
         dim: ``n``.
     """
 
     values: torch.Tensor
-    vectors: torch.Tensor
+    vectors: torch.Tensor | None
     method: str
     matvecs: int
     dim: int
@@ -64,6 +66,8 @@ def estimate_top_eigenpairs(
     tol: float = 1e-6,
     maxiter: int | None = None,
     generator: torch.Generator | None = None,
+    block: int | None = None,
+    disable_tqdm: bool | None = None,
 ) -> HessianEigenpairs:
     """Top ``k`` eigenpairs of a symmetric operator.
 
@@ -71,39 +75,100 @@ def estimate_top_eigenpairs(
         operator: a :class:`~fam_hf.measures.LossHessian` or a dense symmetric ``(n, n)`` tensor.
         k: how many.
         method: ``"lanczos"`` (``eigsh`` on matrix-vector products; needs ``k < n``, and falls back to
-            ``"exact"`` otherwise) or ``"exact"`` (the dense matrix from ``n`` products, then ``eigh``).
+            ``"exact"`` otherwise), ``"streaming"`` (Lanczos that keeps no basis: three vectors, ``O(n)`` memory,
+            eigenvalues only, ghosts removed by Cullum–Willoughby's test, stopping on ARPACK's residual criterion;
+            for subsets too large for ARPACK's float64 basis) or ``"exact"`` (the dense matrix from ``n`` products,
+            then ``eigh``).
         which: ``"LA"`` largest algebraic (default: sharpness; a Hessian away from a minimum has negative
             eigenvalues too) or ``"LM"`` largest magnitude.
         tol: ``eigsh``'s stopping tolerance, relative: residuals ``‖Hv − λv‖ ≲ tol·|λ|`` (the eigenvalues'
             own error is of order ``‖Hv − λv‖² / gap``, far smaller); 0 means machine precision.
-        maxiter: ``eigsh``'s restart limit (default ``10 n``).
+        maxiter: ``eigsh``'s restart limit (default ``10 n``); for ``"streaming"``, the most Lanczos steps
+            (default 300).
         generator: RNG for Lanczos' starting vector (drawn on the CPU), so the result is reproducible;
             default seeded with 0.
+        block: the Lanczos vectors ARPACK keeps (``eigsh``'s ``ncv``, more than ``k``): memory ``O(n·block)`` in
+            float64. Default ``min(n, max(2k + 1, 20))``, ARPACK's own; fewer hold less and restart more often
+            (more products for the same ``tol``). The exact method multiplies the basis ``block`` vectors at a time.
+        disable_tqdm: hide the progress bar over the products (shown after 5 s).
 
     Cost: Lanczos: typically a few times ``max(2k + 1, 20)`` matrix-vector products (``matvecs`` says
     how many); exact: ``n`` of them and an ``O(n³)`` eigendecomposition.
     """
     if method not in EIGEN_METHODS:
         raise ValueError(f"method={method!r} is not one of {', '.join(map(repr, EIGEN_METHODS))}")
+    if method == "streaming":
+        if which != "LA":
+            raise ValueError("method='streaming' finds the largest algebraic eigenvalues only (which='LA')")
+        return _streaming_top(as_operator(operator), k, tol, maxiter, generator, disable_tqdm)
     if which not in WHICH:
         raise ValueError(f"which={which!r} is not one of {', '.join(map(repr, WHICH))}")
     operator = as_operator(operator)
     n, dtype, device = operator.shape[0], operator.dtype, operator.device
     if not 1 <= k <= n:
         raise ValueError(f"k={k} must be between 1 and the number of variables n={n}")
+    if block is not None and method == "lanczos" and k < n and not k < block <= n:
+        raise ValueError(f"block={block} must be more than k={k} and at most n={n} (the Lanczos vectors ARPACK keeps)")
     start = operator.matvecs
     if method == "lanczos" and k < n:
         from scipy.sparse.linalg import eigsh
 
         # Lanczos needs a starting vector; ARPACK's own is drawn from a global RNG, so draw it here instead.
         v0 = torch.randn(n, generator=default_generator(generator), dtype=torch.float64).numpy()
-        values, vectors = eigsh(operator.to_scipy(), k=k, which=which, v0=v0, tol=tol, maxiter=maxiter)
+        with progress(None, f"top {k} eigenvalue{'s' if k > 1 else ''} (Lanczos)", disable_tqdm) as bar:
+            scipy_operator = operator.to_scipy(bar)
+            values, vectors = eigsh(scipy_operator, k=k, which=which, v0=v0, tol=tol, maxiter=maxiter, ncv=block)
         values, vectors = torch.from_numpy(values).to(device, dtype), torch.from_numpy(vectors).to(device, dtype)
     else:
         method = "exact"
-        values, vectors = torch.linalg.eigh(operator.dense())
+        with progress(n, "Hessian (dense)", disable_tqdm) as bar:
+            values, vectors = torch.linalg.eigh(operator.dense(block=block, bar=bar))
     order = torch.argsort(values if which == "LA" else values.abs(), descending=True)[:k]
     return HessianEigenpairs(values[order], vectors[:, order], method, operator.matvecs - start, n)
+
+
+def _streaming_top(operator, k: int, tol: float, maxiter: int | None, generator, disable_tqdm) -> HessianEigenpairs:
+    """Top ``k`` eigenvalues by Lanczos without a basis: stop when each of the top ``k`` good Ritz values has a
+    residual ``β_m |y_{m,i}|`` of at most ``tol·|θ_i|`` (ARPACK's criterion), or after ``maxiter`` steps."""
+    from .spectrum import good_ritz_values, lanczos
+
+    n = operator.shape[0]
+    if not 1 <= k <= n:
+        raise ValueError(f"k={k} must be between 1 and the number of variables n={n}")
+    steps = min(n, maxiter or 300)
+    same = torch.finfo(operator.dtype).eps ** 0.5  # Ritz values this close (relative) are copies of one another
+
+    state = {"converged": False}
+
+    def converged(t, beta: float) -> bool:
+        good = good_ritz_values(t, same).flip(0)[:k]
+        if good.numel() < k:
+            return False
+        theta, y = torch.linalg.eigh(t.dense())
+        residual = beta * y[-1].abs()
+        scale = float(theta.abs().max()) or 1.0
+        for value in good:
+            copies = (theta - value).abs() <= same * scale
+            if float(residual[copies].min()) > tol * abs(float(value)):
+                return False
+        state["converged"] = True
+        return True
+
+    start = operator.matvecs
+    v0 = torch.randn(n, generator=default_generator(generator), dtype=torch.float64).to(operator.dtype)
+    with progress(steps, f"top {k} eigenvalue{'s' if k > 1 else ''} (streaming Lanczos)", disable_tqdm) as bar:
+        t = lanczos(operator, v0, steps, bar=bar, stop=converged)
+    if not state["converged"]:
+        warnings.warn(
+            f"the streaming Lanczos stopped after {t.alpha.numel()} steps (maxiter) before the top {k} residuals fell "
+            f"below tol={tol}: the values are Ritz values, lower bounds of the eigenvalues; raise maxiter",
+            stacklevel=3,
+        )
+    values = good_ritz_values(t, same).flip(0)[:k]
+    if values.numel() < k:
+        raise RuntimeError(f"streaming Lanczos found {values.numel()} of the k={k} eigenvalues in {steps} steps; "
+                           "raise maxiter")  # fmt: skip
+    return HessianEigenpairs(values.to(operator.dtype), None, "streaming", operator.matvecs - start, n)
 
 
 def top_eigenvalues(
@@ -117,6 +182,8 @@ def top_eigenvalues(
     tol: float = 1e-6,
     loss_fn: LossFn | None = None,
     generator: torch.Generator | None = None,
+    block: int | None = None,
+    disable_tqdm: bool | None = None,
 ) -> HessianEigenpairs:
     """Top ``k`` eigenvalues and eigenvectors of ``∇²L`` on ``batch`` w.r.t. a layer's weight or parameters.
 
@@ -126,7 +193,7 @@ def top_eigenvalues(
         wrt: a layer spec (default ``"auto"``: the output head's ``W: (d, m)``), a parameter, a sequence of
             parameters, or None (every trainable parameter); see :mod:`fam_hf.measures.hessian`.
         k: how many eigenpairs.
-        method, which, tol, generator: see :func:`estimate_top_eigenpairs`.
+        method, which, tol, generator, block, disable_tqdm: see :func:`estimate_top_eigenpairs`.
         loss_fn: ``loss_fn(model, batch) -> loss`` for models that do not compute their own loss.
 
     Returns:
@@ -141,4 +208,6 @@ def top_eigenvalues(
         eig.vectors[:, 0].reshape(model.classifier.weight.shape)  # top direction as a (d, m) matrix
     """
     hessian = LossHessian(model, batch, wrt, loss_fn=loss_fn)
-    return estimate_top_eigenpairs(hessian, k, method=method, which=which, tol=tol, generator=generator)
+    return estimate_top_eigenpairs(
+        hessian, k, method=method, which=which, tol=tol, generator=generator, block=block, disable_tqdm=disable_tqdm
+    )

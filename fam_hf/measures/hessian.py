@@ -21,7 +21,7 @@ What the Hessian is taken with respect to (``wrt``):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,18 +30,11 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..curvature import explain_missing_double_backward, second_order_kernels
+from ..head_loss import LossFn, model_loss
 from ..layers import Layer, resolve_layer
 
-LossFn = Callable[[nn.Module, Mapping[str, Any]], torch.Tensor]
 Wrt = str | torch.Tensor | Sequence[torch.Tensor] | None
-
-
-def model_loss(model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
-    """The default ``loss_fn``: ``model(**batch).loss`` (a transformers model given its labels)."""
-    loss = model(**batch).loss
-    if loss is None:
-        raise ValueError("the model returned no loss: the batch needs labels (or pass loss_fn=)")
-    return loss
+HVP_METHODS = ("double_backward", "forward_over_reverse")
 
 
 @dataclass
@@ -159,6 +152,7 @@ class SymmetricOperator:
 
     matvecs: int = 0
     _like: torch.Tensor  # a tensor of the operator's dtype and device
+    default_block: int = 64  # vectors the estimators multiply at a time, unless told otherwise
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -183,16 +177,29 @@ class SymmetricOperator:
     def __matmul__(self, other: torch.Tensor) -> torch.Tensor:
         return self.matvec(other) if other.dim() == 1 else self.matmat(other)
 
-    def dense(self) -> torch.Tensor:
-        """The whole ``(n, n)`` matrix, symmetrised."""
-        raise NotImplementedError
+    def dense(self, block: int | None = None, bar: Any = None) -> torch.Tensor:
+        """The whole ``(n, n)`` matrix, symmetrised: the products with the standard basis, ``block`` columns at a
+        time (default :attr:`default_block`), ticking ``bar``."""
+        n, block = self.shape[0], block or self.default_block
+        columns = []
+        for start in range(0, n, block):
+            basis = torch.zeros(n, min(block, n - start), dtype=self.dtype, device=self.device)
+            basis[start + torch.arange(basis.shape[1]), torch.arange(basis.shape[1])] = 1
+            columns.append(self.matmat(basis))
+            if bar is not None:
+                bar.update(basis.shape[1])
+        h = torch.cat(columns, dim=1)
+        return (h + h.T) / 2
 
-    def to_scipy(self):
-        """A ``scipy.sparse.linalg.LinearOperator`` in float64 over NumPy arrays (for ``eigsh`` and friends)."""
+    def to_scipy(self, bar: Any = None):
+        """A ``scipy.sparse.linalg.LinearOperator`` in float64 over NumPy arrays (for ``eigsh`` and friends); each
+        product ticks ``bar``."""
         from scipy.sparse.linalg import LinearOperator
 
         def matvec(x):
             v = torch.from_numpy(x.reshape(-1, 1).copy())
+            if bar is not None:
+                bar.update(1)
             return self.matmat(v.to(self.device, self.dtype)).reshape(-1).to(torch.float64).cpu().numpy()
 
         return LinearOperator(self.shape, matvec=matvec, dtype="float64")
@@ -216,7 +223,7 @@ class DenseOperator(SymmetricOperator):
         self.matvecs += vectors.shape[1]
         return self.matrix @ vectors.to(self.matrix.dtype)
 
-    def dense(self) -> torch.Tensor:
+    def dense(self, block: int | None = None, bar: Any = None) -> torch.Tensor:
         return (self.matrix + self.matrix.T) / 2
 
 
@@ -234,6 +241,11 @@ class LossHessian(SymmetricOperator):
         wrt: a layer spec (the layer's weight map ``W: (d, m)``), a parameter, a sequence of parameters,
             or None (every trainable parameter). See the module docstring.
         loss_fn: ``loss_fn(model, batch) -> scalar loss``; default ``model(**batch).loss``.
+        hvp: how a product is computed: ``"double_backward"`` (reverse over reverse: the graph of the first
+            backward pass is kept, and each product is one more backward pass through it) or
+            ``"forward_over_reverse"`` (``torch.func.jvp`` of ``torch.func.grad``: each product is one forward and
+            one backward pass carrying a tangent, nothing kept between products: less memory, more time; see
+            docs/measures.md#hessian-vector-products for the measurements on SmolLM2-135M).
 
     Attributes:
         subset: the resolved :class:`Subset`; ``subset.unflatten(v)`` shapes an ``(n,)`` vector like it.
@@ -248,18 +260,36 @@ class LossHessian(SymmetricOperator):
     """
 
     def __init__(
-        self, model: nn.Module, batch: Mapping[str, Any], wrt: Wrt = "auto", *, loss_fn: LossFn | None = None
+        self,
+        model: nn.Module,
+        batch: Mapping[str, Any],
+        wrt: Wrt = "auto",
+        *,
+        loss_fn: LossFn | None = None,
+        hvp: str = "double_backward",
     ) -> None:
+        if hvp not in HVP_METHODS:
+            raise ValueError(f"hvp={hvp!r} is not one of {', '.join(map(repr, HVP_METHODS))}")
         self.subset = resolve_subset(model, wrt)
         self.dim = self.subset.dim
         self.matvecs = 0
+        self.hvp = hvp
+        forward_mode = hvp == "forward_over_reverse"
         self._zeros = [torch.zeros_like(v, requires_grad=True) for v in self.subset.values]
         with torch.enable_grad(), second_order_kernels(), explain_missing_double_backward():
             loss = perturbed_loss(model, batch, self.subset, self._zeros, loss_fn)
-            grads = torch.autograd.grad(loss, self._zeros, create_graph=True, allow_unused=True)
+            grads = torch.autograd.grad(loss, self._zeros, create_graph=not forward_mode, allow_unused=True)
         self.loss = loss.detach()
+        if forward_mode:
+
+            def loss_of(*deltas: torch.Tensor) -> torch.Tensor:
+                return perturbed_loss(model, batch, self.subset, deltas, loss_fn)
+
+            self._gradient_of = torch.func.grad(loss_of, argnums=tuple(range(len(self._zeros))))
         self._grads = [g if g is not None else torch.zeros_like(z) for g, z in zip(grads, self._zeros)]
         self.gradient = self._like = self.subset.flatten(self._grads).detach()
+        # the probes held at a time cost no more than the model's gradient
+        self.default_block = max(1, sum(p.numel() for p in model.parameters()) // self.dim)
         # Gradients that do not depend on δ (the loss is linear in that tensor) have zero curvature.
         self._curved = [i for i, g in enumerate(self._grads) if g.requires_grad]
 
@@ -268,10 +298,16 @@ class LossHessian(SymmetricOperator):
         return (self.dim, self.dim)
 
     def matvec(self, vector: torch.Tensor) -> torch.Tensor:
-        """``H v`` for ``v: (n,)``, one double-backward pass; returns ``(n,)`` in :attr:`dtype`."""
+        """``H v`` for ``v: (n,)``, one double-backward pass (or one forward-over-reverse pass); returns ``(n,)`` in
+        :attr:`dtype`."""
         self.matvecs += 1
         parts = self.subset.unflatten(vector.to(device=self.device, dtype=self.dtype))
         out = [torch.zeros_like(z) for z in self._zeros]
+        if self.hvp == "forward_over_reverse":
+            zeros = tuple(z.detach() for z in self._zeros)
+            with torch.no_grad(), second_order_kernels(), explain_missing_double_backward():
+                _, tangents = torch.func.jvp(self._gradient_of, zeros, tuple(parts))
+            return self.subset.flatten(tangents)
         if self._curved:
             with torch.enable_grad(), second_order_kernels(), explain_missing_double_backward():
                 hv = torch.autograd.grad(
@@ -290,10 +326,6 @@ class LossHessian(SymmetricOperator):
             return vectors.new_zeros(self.dim, 0, dtype=self.dtype)
         return torch.stack([self.matvec(v) for v in vectors.T], dim=1)
 
-    def dense(self) -> torch.Tensor:
-        """The full ``(n, n)`` Hessian, symmetrised: ``n`` double-backward passes. Small subsets only."""
-        h = self.matmat(torch.eye(self.dim, dtype=self.dtype, device=self.device))
-        return (h + h.T) / 2
 
 
 Operator = SymmetricOperator | torch.Tensor

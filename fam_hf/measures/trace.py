@@ -8,6 +8,11 @@
   ``(I − QQᵀ) H (I − QQᵀ)``. Exact once the sketch spans the space (budget ≥ ``3n``).
 * exact: ``Σ_i e_iᵀ H e_i`` over the standard basis, ``n`` HVPs.
 
+Memory: the probes are drawn and multiplied ``block`` at a time, so Hutchinson and the exact trace hold
+``O(n·block)`` whatever the number of probes (Hutch++ holds its sketch ``Q: (n, probes/3)`` as well, by
+construction). Each probe vector is drawn whole, one after the other, from the generator, so the result is the
+same, draw for draw, for every ``block``.
+
 Units: loss units per squared parameter unit. Not invariant to reparameterization: scaling a ReLU
 layer's input by ``α`` (and the previous layer by ``α``, this one by ``1/α``) multiplies its trace by
 ``α²`` while the network's function is unchanged — compare :func:`fam_hf.relative_flatness`.
@@ -24,7 +29,8 @@ import torch
 from torch import nn
 
 from ..curvature import default_generator, rademacher
-from .hessian import LossFn, LossHessian, Operator, Wrt, as_operator
+from .hessian import LossFn, LossHessian, Operator, SymmetricOperator, Wrt, as_operator
+from .progress import progress
 
 TRACE_METHODS = ("hutchinson", "hutch++", "exact")
 
@@ -58,6 +64,8 @@ def estimate_trace(
     probes: int = 64,
     method: str = "hutchinson",
     generator: torch.Generator | None = None,
+    block: int | None = None,
+    disable_tqdm: bool | None = None,
 ) -> HessianTrace:
     """Trace of a symmetric operator from matrix-vector products.
 
@@ -67,6 +75,11 @@ def estimate_trace(
             vectors, as many for ``QᵀHQ`` and the rest for the residual). Ignored by ``"exact"``.
         method: ``"hutchinson"``, ``"hutch++"`` or ``"exact"`` (``n`` products, the standard basis).
         generator: RNG for the probe vectors (drawn on the CPU); default seeded with 0.
+        block: probe vectors drawn and multiplied at a time (memory ``O(n·block)``); default
+            ``operator.default_block``: for a :class:`~fam_hf.measures.LossHessian`, as many as fit in the size of
+            the model's gradient (``⌊parameters / n⌋``, at least 1). The result does not depend on it.
+        disable_tqdm: hide the progress bar over the products (None: shown when there are many of them and
+            each is slow; see :func:`fam_hf.measures.progress.progress`).
 
     Cost: ``probes`` matrix-vector products (``n`` for ``"exact"``), plus a QR of ``(n, probes/3)``.
     """
@@ -75,24 +88,63 @@ def estimate_trace(
     operator = as_operator(operator)
     matmat, n, dtype, device = operator.matmat, operator.shape[0], operator.dtype, operator.device
     generator = default_generator(generator)
+    block = _block(operator, block)
     if method == "exact":
-        basis = torch.eye(n, dtype=dtype, device=device)
-        return HessianTrace(torch.diagonal(matmat(basis)).sum(), None, method, n, n)
+        total = torch.zeros((), dtype=dtype, device=device)
+        with progress(n, "Hessian trace (exact)", disable_tqdm) as bar:
+            for start in range(0, n, block):
+                columns = torch.arange(min(block, n - start), device=device)
+                basis = torch.zeros(n, columns.numel(), dtype=dtype, device=device)
+                basis[start + columns, columns] = 1  # e_start, e_start+1, …
+                total += (basis * matmat(basis)).sum()
+                bar.update(basis.shape[1])
+        return HessianTrace(total, None, method, n, n)
     if probes < (3 if method == "hutch++" else 1):
         raise ValueError(f"probes={probes} is too few for method={method!r} (at least 1; 3 for Hutch++)")
-    if method == "hutchinson":
-        v = rademacher(n, probes, generator=generator, dtype=dtype, device=device)
-        values = (v * matmat(v)).sum(0)
-        return HessianTrace(values.mean(), _std_error(values), method, probes, n)
-    sketch = probes // 3
-    residual = probes - 2 * sketch
-    s = rademacher(n, sketch, generator=generator, dtype=dtype, device=device)
-    q, _ = torch.linalg.qr(matmat(s))  # (n, min(n, sketch)): an orthonormal basis of the sketched range
-    top = (q * matmat(q)).sum()  # Tr(Qᵀ H Q)
-    g = rademacher(n, residual, generator=generator, dtype=dtype, device=device)
-    g = g - q @ (q.T @ g)  # (I − QQᵀ) g
-    values = (g * matmat(g)).sum(0)
-    return HessianTrace(top + values.mean(), _std_error(values), method, 2 * sketch + residual, n)
+    with progress(probes, f"Hessian trace ({method})", disable_tqdm) as bar:
+        if method == "hutchinson":
+            values = _quadratic_forms(operator, probes, block, generator, bar)
+            return HessianTrace(values.mean(), _std_error(values), method, probes, n)
+        sketch = probes // 3
+        residual = probes - 2 * sketch
+        hs = torch.cat([matmat(s) for s in _probe_blocks(n, sketch, block, generator, dtype, device, bar)], dim=1)
+        q, _ = torch.linalg.qr(hs)  # (n, min(n, sketch)): an orthonormal basis of the sketched range
+        del hs
+        top = torch.zeros((), dtype=dtype, device=device)
+        for start in range(0, q.shape[1], block):
+            columns = q[:, start : start + block]
+            top += (columns * matmat(columns)).sum()  # Tr(Qᵀ H Q), a block of columns at a time
+            bar.update(columns.shape[1])
+        values = _quadratic_forms(operator, residual, block, generator, bar, project=q)
+        return HessianTrace(top + values.mean(), _std_error(values), method, 2 * sketch + residual, n)
+
+
+def _block(operator: SymmetricOperator, block: int | None) -> int:
+    block = operator.default_block if block is None else block
+    if block < 1:
+        raise ValueError(f"block={block} must be at least 1 (the probe vectors multiplied at a time)")
+    return block
+
+
+def _probe_blocks(n, count, block, generator, dtype, device, bar=None):
+    """``count`` Rademacher vectors of length ``n`` as ``(n, b)`` blocks of at most ``block`` columns; each vector is
+    drawn whole, in order, so the draws do not depend on ``block``."""
+    for start in range(0, count, block):
+        columns = min(block, count - start)
+        yield rademacher(columns, n, generator=generator, dtype=dtype, device=device).T
+        if bar is not None:
+            bar.update(columns)
+
+
+def _quadratic_forms(operator, count, block, generator, bar, project=None) -> torch.Tensor:
+    """``vᵀ A v`` for ``count`` Rademacher vectors (projected by ``I − QQᵀ`` when ``project`` is ``Q``): ``(count,)``."""
+    n, dtype, device = operator.shape[0], operator.dtype, operator.device
+    values = []
+    for v in _probe_blocks(n, count, block, generator, dtype, device, bar):
+        if project is not None:
+            v = v - project @ (project.T @ v)
+        values.append((v * operator.matmat(v)).sum(0))
+    return torch.cat(values)
 
 
 def _std_error(values: torch.Tensor) -> torch.Tensor | None:
@@ -110,6 +162,8 @@ def hessian_trace(
     method: str = "hutchinson",
     loss_fn: LossFn | None = None,
     generator: torch.Generator | None = None,
+    block: int | None = None,
+    disable_tqdm: bool | None = None,
 ) -> HessianTrace:
     """``Tr(∇²L)`` of the loss on ``batch`` w.r.t. a layer's weight (default: the output head) or parameters.
 
@@ -122,6 +176,9 @@ def hessian_trace(
         method: ``"hutchinson"`` (default), ``"hutch++"`` or ``"exact"``.
         loss_fn: ``loss_fn(model, batch) -> loss`` for models that do not compute their own loss.
         generator: RNG for the probes; default seeded with 0.
+        block: probes multiplied at a time (memory ``O(n·block)``; default: as many as fit in the size of the
+            model's gradient); the result does not depend on it.
+        disable_tqdm: hide the progress bar (shown by default for a measurement of more than a few seconds).
 
     Returns:
         :class:`HessianTrace` (units: loss per squared weight unit).
@@ -131,4 +188,6 @@ def hessian_trace(
     counted tokens for transformers' losses).
     """
     hessian = LossHessian(model, batch, wrt, loss_fn=loss_fn)
-    return estimate_trace(hessian, probes=probes, method=method, generator=generator)
+    return estimate_trace(
+        hessian, probes=probes, method=method, generator=generator, block=block, disable_tqdm=disable_tqdm
+    )
