@@ -22,6 +22,8 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 
+import torch
+
 from .config import FAMFields
 from .extras import require
 from .sam_config import SAMFields
@@ -58,6 +60,39 @@ class FAMSFTTrainer(FAMMixin, SFTTrainer):
                 "the LM-head closed form does not mirror; use loss_type='nll' with FAMSFTTrainer"
             )
         return "fused"
+
+    _fam_fused_mirrors = SFTTrainer
+
+    def _fam_fused_applies(self, inputs):
+        # SFTTrainer's own fused path only: not MoE auxiliary losses, not DeepSpeed sequence parallelism
+        parallelism = getattr(self.accelerator, "parallelism_config", None)
+        parallel = parallelism is not None and parallelism.sp_backend == "deepspeed" and parallelism.sp_enabled
+        return super()._fam_fused_applies(inputs) and not self.aux_loss_enabled and not parallel
+
+    def _fam_fused_loss(self, recording, lam, kappa_grad, inputs, norm):
+        # SFTTrainer.compute_loss on its fused head (trl 1.16), with the loss, entropy and token accuracy from the
+        # kernel's pass: the summed per-token loss over num_items_in_batch (else the counted tokens, at least 1),
+        # times the world size under token averaging
+        head = recording.fused(lam, kappa_grad=kappa_grad, dft=self.args.loss_type == "dft", metrics=True)
+        scale = norm.scale(True)
+        loss = head.loss if scale == 1 else head.loss * scale
+        gather = self.accelerator.gather_for_metrics
+        num_valid = gather(torch.as_tensor(head.entropy.shape[0], device=head.loss.device)).sum()
+        entropy_sum = gather(head.entropy.sum()).sum()
+        num_correct = gather(head.is_top1.sum()).sum()
+        metrics = self._metrics["train"]
+        metrics["entropy"].append((entropy_sum / num_valid).item() if num_valid > 0 else 0.0)
+        metrics["mean_token_accuracy"].append((num_correct / num_valid).item() if num_valid > 0 else 0.0)
+        if "attention_mask" in inputs:
+            tokens = gather(inputs["attention_mask"].sum()).sum().item()
+        elif "position_ids" in inputs:
+            local = torch.tensor(inputs["position_ids"].size(1), device=inputs["position_ids"].device)
+            tokens = gather(local).sum().item()
+        else:
+            raise ValueError("Expected 'attention_mask' or 'position_ids' in inputs.")
+        self._total_train_tokens += tokens // self._tp_size
+        metrics["num_tokens"] = [self._total_train_tokens]
+        return loss
 
 
 @dataclass

@@ -144,3 +144,19 @@ def test_shapes_that_do_not_line_up_are_errors_naming_them():
         fused_head_loss(features, weight, None, labels[:-1], u, u, chunk_rows=4)
     with pytest.raises(ValueError, match="first K rows"):
         fused_head_loss(features, weight, None, labels, u, torch.ones(N + 1, dtype=torch.float64), chunk_rows=4)
+
+
+@pytest.mark.parametrize("kappa_grad", [False, True])
+def test_a_kappa_that_overflows_leaves_the_loss_with_its_own_finite_gradient(kappa_grad):
+    features, weight, b, labels, u = (t.float() if t.is_floating_point() else t for t in problem(9, bias=True))
+    weight = (weight * 1e-25).requires_grad_()  # finite logits and loss, ‖φ‖² = inf in float32
+    features = (features * 1e20).requires_grad_()
+    out = fused_head_loss(features, weight, b, labels, u, u, lam=1.0, kappa_grad=kappa_grad, chunk_rows=4)
+    assert not torch.isfinite(out.kappa) and torch.isfinite(out.loss)
+    assert not out.kappa.requires_grad
+    mine = torch.autograd.grad(out.loss, [features, weight])
+    plain = fused_head_loss(features, weight, b, labels, u, u, chunk_rows=4)
+    want = torch.autograd.grad(plain.loss, [features, weight])
+    for a, t in zip(mine, want, strict=True):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, t, rtol=0, atol=0)

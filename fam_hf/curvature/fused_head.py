@@ -123,77 +123,17 @@ class _FusedHeadLoss(torch.autograd.Function):
         ctx, features, weight, bias, labels, loss_weights, kappa_weights,
         lam, kappa_grad, through_logits, dft, metrics, chunk_rows, product_dtype, eager,
     ):  # fmt: skip
-        dtype = compute_dtype(weight.dtype)
         need = ctx.needs_input_grad[:3] if eager else (False,) * 3
-        need_phi, need_w, need_b = need[0], need[1], need[2] and bias is not None
+        need = (need[0], need[1], need[2] and bias is not None)
         kappa_grad = kappa_grad and any(need)
-        # which gradients each part contributes to
-        kphi, kb = need_phi and through_logits, need_b and through_logits
-        n, k_rows = features.shape[0], kappa_weights.shape[0]
-        with torch.autocast(features.device.type, enabled=False):
-            w = weight.to(dtype)
-            row_sq = torch.linalg.vector_norm(w, dim=-1).square()
-            u = loss_weights.detach().to(dtype)
-            kw = kappa_weights.detach().to(dtype)
-            loss = w.new_zeros(())
-            kappa = w.new_zeros(())
-            entropy = features.new_empty(n, dtype=dtype) if metrics else features.new_empty(0, dtype=dtype)
-            top1 = features.new_empty(n, dtype=torch.bool) if metrics else features.new_empty(0, dtype=torch.bool)
-            grads = _Grads(features, w, need_phi, need_w, need_b)  # of L + λκ
-            kgrads = _Grads(features, w, kphi, need_w, kb, every_row=False) if kappa_grad else None  # of κ alone
-            for rows in chunks(n, chunk_rows):
-                phi = features[rows].to(dtype)
-                y = labels[rows]
-                pick = torch.arange(y.shape[0], device=y.device)
-                logp = _logits(phi, weight, bias, dtype, product_dtype)
-                logp -= torch.logsumexp(logp, dim=-1, keepdim=True)  # log P, in place of Z
-                if metrics:
-                    top1[rows] = logp.argmax(-1) == y
-                nll = -logp[pick, y]
-                probs = logp.exp()
-                if metrics:
-                    entropy[rows] = -(probs.unsqueeze(1) @ logp.unsqueeze(2)).reshape(-1)
-                del logp
-                omega = torch.exp(-nll) if dft else None
-                uw = u[rows] if omega is None else u[rows] * omega
-                loss += uw @ nll
-                # κ on the rows of this chunk that are among the first K
-                nk = max(0, min(rows.stop, k_rows) - rows.start)
-                krows = slice(rows.start, rows.start + nk)
-                grad_z = None
-                if any(need):
-                    grad_z = probs * uw[:, None]  # G_loss; P stays for κ
-                    grad_z[pick, y] -= uw
-                if nk:
-                    pk, phik = probs[:nk], phi[:nk]
-                    ak = kw[krows] if omega is None else kw[krows] * omega[:nk]
-                    a = ak * phik.pow(2).sum(-1)
-                    v = _mm(pk, w, product_dtype)
-                    v_sq = v.pow(2).sum(-1)
-                    c = torch.mv(pk, row_sq) - v_sq
-                    kappa += a @ c
-                if nk and any(need) and (lam != 0 or kgrads is not None):
-                    weighted = pk * a[:, None]  # a ⊙ P
-                    g_kappa = None
-                    if through_logits and (kphi or kb or need_w):
-                        s = _mm(v, w.T, product_dtype).mul_(-2).add_(row_sq)
-                        s.sub_((c - v_sq)[:, None])
-                        g_kappa = s.mul_(weighted)  # G_κ
-                    if kgrads is not None:
-                        if g_kappa is not None:
-                            kgrads.through_z(g_kappa, phik, krows, product_dtype)
-                        kgrads.explicit(weighted, v, ak * c, phik, krows, 1.0, through_logits, product_dtype)
-                    if g_kappa is not None and lam != 0:
-                        grad_z[:nk].add_(g_kappa, alpha=lam)
-                    del g_kappa
-                if grad_z is not None:
-                    grads.through_z(grad_z, phi, rows, product_dtype)
-                    if nk and lam != 0:
-                        grads.explicit(weighted, v, ak * c, phik, krows, lam, through_logits, product_dtype)
-                del probs, grad_z
-            grads.finish(w)
-            if kgrads is not None:
-                kgrads.finish(w)
+        args = (features, weight, bias, labels, loss_weights, kappa_weights)
+        opts = dict(through_logits=through_logits, dft=dft, metrics=metrics, chunk_rows=chunk_rows,
+                    product_dtype=product_dtype, need=need)  # fmt: skip
+        loss, kappa, entropy, top1, grads, kgrads = _pass(*args, lam, kappa_grad, **opts)
+        if (lam != 0 or kappa_grad) and not torch.isfinite(kappa):
+            # κ overflowed, and so did G_κ (inside G): again with the loss's own gradient only, κ without one (its
+            # value is dropped by FAMPenalty); one host synchronisation per pass, as counting the labels costs already
+            loss, kappa, entropy, top1, grads, kgrads = _pass(*args, 0.0, False, **opts)
         ctx.grads = grads
         ctx.kgrads = kgrads
         ctx.dtypes = (features.dtype, weight.dtype, None if bias is None else bias.dtype)
@@ -218,6 +158,81 @@ class _FusedHeadLoss(torch.autograd.Function):
                     out[i] = extra if out[i] is None else out[i].add_(extra)
         out = [None if g is None else g.to(t) for g, t in zip(out, ctx.dtypes)]
         return (*out, *(None,) * 11)
+
+
+def _pass(features, weight, bias, labels, loss_weights, kappa_weights, lam, kappa_grad, *, through_logits, dft, metrics,
+          chunk_rows, product_dtype, need):  # fmt: skip
+    """One pass over the row chunks: ``(loss, κ, entropy, top-1, gradients of L + λκ, gradients of κ or None)``."""
+    dtype = compute_dtype(weight.dtype)
+    need_phi, need_w, need_b = need
+    # which gradients each part contributes to
+    kphi, kb = need_phi and through_logits, need_b and through_logits
+    n, k_rows = features.shape[0], kappa_weights.shape[0]
+    with torch.autocast(features.device.type, enabled=False):
+        w = weight.to(dtype)
+        row_sq = torch.linalg.vector_norm(w, dim=-1).square()
+        u = loss_weights.detach().to(dtype)
+        kw = kappa_weights.detach().to(dtype)
+        loss = w.new_zeros(())
+        kappa = w.new_zeros(())
+        entropy = features.new_empty(n, dtype=dtype) if metrics else features.new_empty(0, dtype=dtype)
+        top1 = features.new_empty(n, dtype=torch.bool) if metrics else features.new_empty(0, dtype=torch.bool)
+        grads = _Grads(features, w, need_phi, need_w, need_b)  # of L + λκ
+        kgrads = _Grads(features, w, kphi, need_w, kb, every_row=False) if kappa_grad else None  # of κ alone
+        for rows in chunks(n, chunk_rows):
+            phi = features[rows].to(dtype)
+            y = labels[rows]
+            pick = torch.arange(y.shape[0], device=y.device)
+            logp = _logits(phi, weight, bias, dtype, product_dtype)
+            logp -= torch.logsumexp(logp, dim=-1, keepdim=True)  # log P, in place of Z
+            if metrics:
+                top1[rows] = logp.argmax(-1) == y
+            nll = -logp[pick, y]
+            probs = logp.exp()
+            if metrics:
+                entropy[rows] = -(probs.unsqueeze(1) @ logp.unsqueeze(2)).reshape(-1)
+            del logp
+            omega = torch.exp(-nll) if dft else None
+            uw = u[rows] if omega is None else u[rows] * omega
+            loss += uw @ nll
+            # κ on the rows of this chunk that are among the first K
+            nk = max(0, min(rows.stop, k_rows) - rows.start)
+            krows = slice(rows.start, rows.start + nk)
+            grad_z = None
+            if any(need):
+                grad_z = probs * uw[:, None]  # G_loss; P stays for κ
+                grad_z[pick, y] -= uw
+            if nk:
+                pk, phik = probs[:nk], phi[:nk]
+                ak = kw[krows] if omega is None else kw[krows] * omega[:nk]
+                a = ak * phik.pow(2).sum(-1)
+                v = _mm(pk, w, product_dtype)
+                v_sq = v.pow(2).sum(-1)
+                c = torch.mv(pk, row_sq) - v_sq
+                kappa += a @ c
+            if nk and any(need) and (lam != 0 or kgrads is not None):
+                weighted = pk * a[:, None]  # a ⊙ P
+                g_kappa = None
+                if through_logits and (kphi or kb or need_w):
+                    s = _mm(v, w.T, product_dtype).mul_(-2).add_(row_sq)
+                    s.sub_((c - v_sq)[:, None])
+                    g_kappa = s.mul_(weighted)  # G_κ
+                if kgrads is not None:
+                    if g_kappa is not None:
+                        kgrads.through_z(g_kappa, phik, krows, product_dtype)
+                    kgrads.explicit(weighted, v, ak * c, phik, krows, 1.0, through_logits, product_dtype)
+                if g_kappa is not None and lam != 0:
+                    grad_z[:nk].add_(g_kappa, alpha=lam)
+                del g_kappa
+            if grad_z is not None:
+                grads.through_z(grad_z, phi, rows, product_dtype)
+                if nk and lam != 0:
+                    grads.explicit(weighted, v, ak * c, phik, krows, lam, through_logits, product_dtype)
+            del probs, grad_z
+        grads.finish(w)
+        if kgrads is not None:
+            kgrads.finish(w)
+    return loss, kappa, entropy, top1, grads, kgrads
 
 
 class _Grads:

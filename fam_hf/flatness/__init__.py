@@ -3,7 +3,7 @@
 * :class:`RelativeFlatness` — the estimators' common interface; ``RelativeFlatness(model, layer, estimator)``
   returns the chosen estimator: :class:`ClosedFormFlatness`, :class:`ProbeFlatness`, :class:`GaussNewtonFlatness`
   or :class:`ExactFlatness` (:class:`HeadInputFlatness`, for losses that never run the head, is built directly or
-  chosen by a trainer);
+  chosen by a trainer; :class:`FusedHeadFlatness` computes a causal LM's loss and κ of its head in one pass);
 * :func:`~fam_hf.flatness.registry.choose` — which estimator applies, for measurement or for a penalty;
 * :func:`relative_flatness` — the one-call version for measurement.
 """
@@ -20,6 +20,7 @@ from ..options import ESTIMATORS, HESSIAN_GRADS, SCALES
 from .base import DEFAULT_MAX_EXACT_ENTRIES, FlatnessResult, LossNorm, Recording, RelativeFlatness, checkpointing
 from .closed_form import ClosedFormFlatness, HeadInputFlatness, lm_head_positions
 from .exact import ExactFlatness
+from .fused import FusedHeadFlatness
 from .probe import GaussNewtonFlatness, ProbeFlatness
 from .registry import REGISTRY, choose, penalty_estimator
 
@@ -31,6 +32,7 @@ __all__ = [
     "ClosedFormFlatness",
     "ExactFlatness",
     "FlatnessResult",
+    "FusedHeadFlatness",
     "GaussNewtonFlatness",
     "HeadInputFlatness",
     "LossNorm",
