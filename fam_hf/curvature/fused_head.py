@@ -15,7 +15,7 @@ import torch
 
 from .heads import _logits, _mm, chunks, compute_dtype
 
-FUSED_CHUNK_ELEMENTS = 1 << 22  # logits entries per chunk: 16 MiB in float32 (85 rows of a 49,152-token vocabulary)
+FUSED_CHUNK_ELEMENTS = 1 << 23  # logits entries per chunk: 32 MiB in float32 (170 rows of a 49,152-token vocabulary)
 
 
 class FusedHead(NamedTuple):
@@ -162,10 +162,12 @@ class _FusedHeadLoss(torch.autograd.Function):
 
 def _pass(features, weight, bias, labels, loss_weights, kappa_weights, lam, kappa_grad, *, through_logits, dft, metrics,
           chunk_rows, product_dtype, need):  # fmt: skip
-    """One pass over the row chunks: ``(loss, κ, entropy, top-1, gradients of L + λκ, gradients of κ or None)``."""
+    """One pass over the row chunks: ``(loss, κ, entropy, top-1, gradients of L + λκ, gradients of κ or None)``.
+
+    Two ``(rows, d)`` buffers per chunk: ``Z``, turned into ``P`` and then ``G`` in place, and ``S`` turned into
+    ``G_κ``; κ's explicit ``W`` terms are taken as ``Pᵀ (a ⊙ V)`` so that ``a ⊙ P`` is never formed."""
     dtype = compute_dtype(weight.dtype)
     need_phi, need_w, need_b = need
-    # which gradients each part contributes to
     kphi, kb = need_phi and through_logits, need_b and through_logits
     n, k_rows = features.shape[0], kappa_weights.shape[0]
     with torch.autocast(features.device.type, enabled=False):
@@ -173,35 +175,33 @@ def _pass(features, weight, bias, labels, loss_weights, kappa_weights, lam, kapp
         row_sq = torch.linalg.vector_norm(w, dim=-1).square()
         u = loss_weights.detach().to(dtype)
         kw = kappa_weights.detach().to(dtype)
-        loss = w.new_zeros(())
-        kappa = w.new_zeros(())
-        entropy = features.new_empty(n, dtype=dtype) if metrics else features.new_empty(0, dtype=dtype)
-        top1 = features.new_empty(n, dtype=torch.bool) if metrics else features.new_empty(0, dtype=torch.bool)
-        grads = _Grads(features, w, need_phi, need_w, need_b)  # of L + λκ
-        kgrads = _Grads(features, w, kphi, need_w, kb, every_row=False) if kappa_grad else None  # of κ alone
+        loss, kappa = w.new_zeros(()), w.new_zeros(())
+        entropy = features.new_empty(n if metrics else 0, dtype=dtype)
+        top1 = features.new_empty(n if metrics else 0, dtype=torch.bool)
+        grads = _Grads(features, w, need_phi, need_w, need_b, product_dtype)  # of L + λκ
+        kgrads = _Grads(features, w, kphi, need_w, kb, product_dtype, every_row=False) if kappa_grad else None
+        # the objectives κ's gradient goes into, with its factor in each
+        kappa_targets = [(t, f) for t, f in ((grads, lam), (kgrads, 1.0)) if t is not None and f != 0]
         for rows in chunks(n, chunk_rows):
             phi = features[rows].to(dtype)
             y = labels[rows]
             pick = torch.arange(y.shape[0], device=y.device)
-            logp = _logits(phi, weight, bias, dtype, product_dtype)
-            logp -= torch.logsumexp(logp, dim=-1, keepdim=True)  # log P, in place of Z
+            z = _logits(phi, weight, bias, dtype, product_dtype)
+            lse = torch.logsumexp(z, dim=-1, keepdim=True)
             if metrics:
-                top1[rows] = logp.argmax(-1) == y
-            nll = -logp[pick, y]
-            probs = logp.exp()
+                top1[rows] = z.argmax(-1) == y
+            nll = lse[:, 0] - z[pick, y]
+            probs = z.sub_(lse).exp_()  # P, in place of Z
+            del z, lse
             if metrics:
-                entropy[rows] = -(probs.unsqueeze(1) @ logp.unsqueeze(2)).reshape(-1)
-            del logp
+                entropy[rows] = torch.special.entr(probs).sum(-1)
             omega = torch.exp(-nll) if dft else None
             uw = u[rows] if omega is None else u[rows] * omega
             loss += uw @ nll
-            # κ on the rows of this chunk that are among the first K
+            # κ on the rows of this chunk that are among the first K (they lead the chunk)
             nk = max(0, min(rows.stop, k_rows) - rows.start)
             krows = slice(rows.start, rows.start + nk)
-            grad_z = None
-            if any(need):
-                grad_z = probs * uw[:, None]  # G_loss; P stays for κ
-                grad_z[pick, y] -= uw
+            g_kappa = None
             if nk:
                 pk, phik = probs[:nk], phi[:nk]
                 ak = kw[krows] if omega is None else kw[krows] * omega[:nk]
@@ -210,25 +210,28 @@ def _pass(features, weight, bias, labels, loss_weights, kappa_weights, lam, kapp
                 v_sq = v.pow(2).sum(-1)
                 c = torch.mv(pk, row_sq) - v_sq
                 kappa += a @ c
-            if nk and any(need) and (lam != 0 or kgrads is not None):
-                weighted = pk * a[:, None]  # a ⊙ P
-                g_kappa = None
-                if through_logits and (kphi or kb or need_w):
-                    s = _mm(v, w.T, product_dtype).mul_(-2).add_(row_sq)
-                    s.sub_((c - v_sq)[:, None])
-                    g_kappa = s.mul_(weighted)  # G_κ
-                if kgrads is not None:
-                    if g_kappa is not None:
-                        kgrads.through_z(g_kappa, phik, krows, product_dtype)
-                    kgrads.explicit(weighted, v, ak * c, phik, krows, 1.0, through_logits, product_dtype)
-                if g_kappa is not None and lam != 0:
-                    grad_z[:nk].add_(g_kappa, alpha=lam)
-                del g_kappa
-            if grad_z is not None:
-                grads.through_z(grad_z, phi, rows, product_dtype)
-                if nk and lam != 0:
-                    grads.explicit(weighted, v, ak * c, phik, krows, lam, through_logits, product_dtype)
-            del probs, grad_z
+                if kappa_targets and any(need):
+                    for target, factor in kappa_targets:
+                        target.explicit_w(pk, a, v, factor)
+                    if through_logits and (kphi or kb or need_w):
+                        g_kappa = _mm(v, w.T, product_dtype).mul_(-2).add_(row_sq)  # S
+                        g_kappa.sub_((c - v_sq)[:, None]).mul_(pk).mul_(a[:, None])  # G_κ = a ⊙ P ⊙ (S − p·s)
+                    if kgrads is not None:
+                        if g_kappa is not None:
+                            kgrads.through_z(g_kappa, phik, krows)
+                        kgrads.explicit_phi(ak * c, phik, krows, 1.0, through_logits)
+            if not any(need):
+                continue
+            grad_z = probs.mul_(uw[:, None])  # G_loss = u ω (P − Y), in place of P
+            grad_z[pick, y] -= uw
+            del probs
+            if g_kappa is not None and lam != 0:
+                grad_z[:nk].add_(g_kappa, alpha=lam)
+            del g_kappa
+            grads.through_z(grad_z, phi, rows)
+            if nk and lam != 0:
+                grads.explicit_phi(ak * c, phik, krows, lam, through_logits)
+            del grad_z
         grads.finish(w)
         if kgrads is not None:
             kgrads.finish(w)
@@ -239,33 +242,42 @@ class _Grads:
     """The gradients w.r.t. ``Φ``, ``W`` and ``b`` that one objective (``L + λκ``, or κ alone) accumulates over the
     chunks, in the compute dtype."""
 
-    def __init__(self, features, w, need_phi, need_w, need_b, *, every_row=True):
-        d, self.weight = w.shape[0], w
+    def __init__(self, features, w, need_phi, need_w, need_b, product_dtype, *, every_row=True):
+        d, self.weight, self.product_dtype = w.shape[0], w, product_dtype
         # L + λκ sets every row of Φ's gradient (through_z on each chunk); κ alone only the first K
         new = torch.empty_like if every_row else torch.zeros_like
         self.phi = new(features, dtype=w.dtype) if need_phi else None
         self.w = torch.zeros_like(w) if need_w else None
         self.b = w.new_zeros(d) if need_b else None
-        self.mass = w.new_zeros(d) if need_w else None  # Σ_t scale·a_t p_t, for κ's explicit W factor
+        self.mass = w.new_zeros(d) if need_w else None  # Σ_t factor·a_t p_t, for κ's explicit W factor
 
-    def through_z(self, grad_z, phi, rows, product_dtype):
+    def _add_product(self, a, b, alpha=1.0):
+        # W's gradient += alpha · a @ b, in place (no second head-sized tensor per chunk)
+        if self.product_dtype is None:
+            self.w.addmm_(a, b, alpha=alpha)
+        else:
+            self.w.add_((a.to(self.product_dtype) @ b.to(self.product_dtype)).to(self.w.dtype), alpha=alpha)
+
+    def through_z(self, grad_z, phi, rows):
         """``∂/∂Z = grad_z`` on ``rows``: ``grad_z W`` into Φ's, ``grad_zᵀ Φ`` into W's, its column sums into b's."""
         if self.phi is not None:
-            self.phi[rows] = _mm(grad_z, self.weight, product_dtype)
+            self.phi[rows] = _mm(grad_z, self.weight, self.product_dtype)
         if self.w is not None:
-            self.w += _mm(grad_z.T, phi, product_dtype)
+            self._add_product(grad_z.T, phi)
         if self.b is not None:
             self.b += grad_z.sum(0)
 
-    def explicit(self, weighted, v, kc, phik, rows, scale, through_logits, product_dtype):
-        """κ's terms outside ``Z``, times ``scale``: ``2 diag(Σ a p) W − 2 (a ⊙ P)ᵀ V`` for W (the first collected
-        until :meth:`finish`) and, with ``through_logits``, ``2 k ω c φ`` (from ``‖φ‖²``) for Φ, after
-        :meth:`through_z` has set those rows."""
+    def explicit_w(self, pk, a, v, factor):
+        """κ's terms in W outside ``Z``, times ``factor``: ``2 diag(Σ_t a_t p_t) W − 2 Pᵀ (a ⊙ V)`` (the first
+        collected until :meth:`finish`)."""
         if self.w is not None:
-            self.mass.add_(weighted.sum(0), alpha=scale)
-            self.w.sub_(_mm(weighted.T, v, product_dtype), alpha=2 * scale)
+            self.mass.addmv_(pk.T, a, alpha=factor)
+            self._add_product(pk.T, v * a[:, None], alpha=-2 * factor)
+
+    def explicit_phi(self, kc, phik, rows, factor, through_logits):
+        """κ's term in Φ from ``‖φ_t‖²``: ``2 k_t ω_t c_t φ_t`` times ``factor``, added to rows :meth:`through_z` set."""
         if self.phi is not None and through_logits:
-            self.phi[rows].addcmul_(kc[:, None], phik, value=2 * scale)
+            self.phi[rows].addcmul_(kc[:, None], phik, value=2 * factor)
 
     def finish(self, w):
         if self.w is not None:
