@@ -586,7 +586,7 @@ def _hidden_loss_trainer():
             if not hasattr(self, "_flatness"):
                 self._flatness = FusedHeadFlatness(self.model, "auto", "closed_form")
             batch = {key: inputs.get(key) for key in ("labels", "input_ids")}
-            forward = {key: value for key, value in inputs.items() if key != "labels"}
+            forward = {key: value for key, value in inputs.items() if key != "labels"}  # as Trainer's, less labels
             with self._flatness.record(batch, num_items_in_batch=num_items_in_batch) as recording:
                 model(**forward, **FusedHeadFlatness.forward_kwargs())
             recording.check()

@@ -195,6 +195,8 @@ class FAMMixin(HubCardMixin):
         cfg = self.args
         if not self.fam_penalty.trains or self.flatness.estimator != "closed_form" or not self.fam_fuse_head:
             return None
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            return None  # FSDP and ZeRO-3 gather the head's weight only inside its forward, which the kernel skips
         # only where _fam_fused_loss reproduces the loss that super().compute_loss would compute
         if getattr(super().compute_loss, "__func__", None) is not self._fam_fused_mirrors.compute_loss:
             return None
@@ -225,9 +227,14 @@ class FAMMixin(HubCardMixin):
         batch = {key: inputs.get(key) for key in ("labels", "shift_labels", "input_ids")}
         forward = {key: value for key, value in inputs.items() if key not in ("labels", "shift_labels")}
         with self.fam_fused.record(batch, norm=norm) as recording:
-            model(**forward, **self.fam_fused.forward_kwargs())
+            model(**forward, **self._fam_fused_forward_kwargs())
         loss = self._fam_fused_loss(recording, 0.0 if calibrating else lam * multiplier, calibrating, inputs, norm)
         return self.fam_penalty.add(loss, recording.result(loss), step, norm, self.accelerator)
+
+    def _fam_fused_forward_kwargs(self) -> dict[str, Any]:
+        """Added to the model's inputs (without labels) on the fused path: what the trainer's own forward passes
+        beyond the batch, and ``logits_to_keep`` selecting no position."""
+        return self.fam_fused.forward_kwargs()
 
     def _fam_fused_loss(self, recording, lam: float, kappa_grad: bool, inputs: dict[str, Any], norm: LossNorm):
         """The trainer's loss from the fused kernel: ``Trainer.compute_loss`` on a causal LM (the model's

@@ -69,6 +69,9 @@ class FAMSFTTrainer(FAMMixin, SFTTrainer):
         parallel = parallelism is not None and parallelism.sp_backend == "deepspeed" and parallelism.sp_enabled
         return super()._fam_fused_applies(inputs) and not self.aux_loss_enabled and not parallel
 
+    def _fam_fused_forward_kwargs(self):
+        return {**super()._fam_fused_forward_kwargs(), "use_cache": False}  # as SFTTrainer.compute_loss sets it
+
     def _fam_fused_loss(self, recording, lam, kappa_grad, inputs, norm):
         # SFTTrainer.compute_loss on its fused head (trl 1.16), with the loss, entropy and token accuracy from the
         # kernel's pass: the summed per-token loss over num_items_in_batch (else the counted tokens, at least 1),

@@ -160,3 +160,79 @@ def test_a_kappa_that_overflows_leaves_the_loss_with_its_own_finite_gradient(kap
     for a, t in zip(mine, want, strict=True):
         assert torch.isfinite(a).all()
         torch.testing.assert_close(a, t, rtol=0, atol=0)
+
+
+# -- on a model: FusedHeadFlatness against the model's own loss and the closed form on its logits, float64 -----
+
+
+def tiny_gpt2(tied: bool):
+    # GPT-2 rather than Llama: Llama's RMSNorm computes in float32 even in a float64 model, which rounds the
+    # gradients behind it to float32 precision on both paths alike
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=40, n_positions=16, n_embd=8, n_layer=1, n_head=2, attn_implementation="eager",
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=tied)  # fmt: skip
+    return GPT2LMHeadModel(cfg).double().train()
+
+
+def batches():
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, 40, (3, 9), generator=g)
+    labels = ids.clone()
+    labels[0, :4] = -100  # a prompt (assistant-/completion-only masks arrive like this)
+    labels[2, 6:] = -100  # padding
+    mask = torch.ones_like(ids)
+    mask[2, 6:] = 0
+    padded = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    # two sequences packed in one row, padding-free: position_ids restart, the second's first label is -100
+    packed_ids = torch.randint(0, 40, (1, 11), generator=g)
+    packed_labels = packed_ids.clone()
+    packed_labels[0, 5] = -100
+    position_ids = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5]])
+    packed = {"input_ids": packed_ids, "position_ids": position_ids, "labels": packed_labels}
+    return {"padded": padded, "packed": packed}
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+@pytest.mark.parametrize("head", ["untied-trained", "untied-frozen", "tied"])
+@pytest.mark.parametrize("items", [None, 23], ids=["mean", "num_items"])
+@pytest.mark.parametrize("fraction", [1.0, 0.5], ids=["all-rows", "sample"])
+def test_on_a_model_the_fused_loss_kappa_and_gradients_equal_the_models_loss_and_the_closed_form(layout, head, items,
+                                                                                                 fraction):  # fmt: skip
+    from fam_hf import relative_flatness
+    from fam_hf.flatness import FusedHeadFlatness
+
+    batch = batches()[layout]
+    lam = 0.7
+    results = {}
+    for fused in (True, False):
+        model = tiny_gpt2(tied=head == "tied")
+        if head == "untied-frozen":
+            model.lm_head.weight.requires_grad_(False)
+        params = [p for p in model.parameters() if p.requires_grad]
+        generator = torch.Generator().manual_seed(11)
+        if fused:
+            flat = FusedHeadFlatness(model, token_fraction=fraction, generator=generator, draw_over_grid=True)
+            forward = {k: v for k, v in batch.items() if k != "labels"}
+            with flat.record(batch, num_items_in_batch=items) as recording:
+                model(**forward, **flat.forward_kwargs())
+            loss = recording.fused(lam).loss
+            kappa = recording.result(loss).value
+            objective = loss  # carries the gradient of L + λκ
+        else:
+            extra = {} if items is None else {"num_items_in_batch": items}
+            kappa = relative_flatness(model, {**batch, **extra}, differentiable=True, token_fraction=fraction,
+                                      generator=generator).value  # fmt: skip
+            # the model's loss, in float64 (transformers' loss function casts the logits to float32)
+            logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[:, :-1]
+            labels = batch["labels"][:, 1:]
+            total = F.cross_entropy(logits.reshape(-1, 40), labels.reshape(-1), ignore_index=-100, reduction="sum")
+            loss = total / (int((labels != -100).sum()) if items is None else items)
+            objective = loss + lam * kappa
+        results[fused] = loss.detach(), kappa.detach(), torch.autograd.grad(objective, params)
+    (loss, kappa, grads), (want_loss, want_kappa, want_grads) = results[True], results[False]
+    close(loss, want_loss)
+    close(kappa, want_kappa)
+    for a, t in zip(grads, want_grads, strict=True):
+        close(a, t)

@@ -69,8 +69,8 @@ class FusedHeadFlatness(HeadInputFlatness):
 
     @staticmethod
     def forward_kwargs() -> dict[str, Any]:
-        """What the trainer adds to the model's inputs (which it passes without labels): no logits, no cache."""
-        return {"logits_to_keep": torch.empty(0, dtype=torch.long), "use_cache": False}
+        """What the trainer adds to the model's inputs (which it passes without labels): no logits."""
+        return {"logits_to_keep": torch.empty(0, dtype=torch.long)}
 
     class Recording(HeadInputFlatness.Recording):
         head: FusedHead | None = None
