@@ -132,10 +132,12 @@ def test_only_what_requires_grad_is_formed_and_a_second_backward_is_an_error():
 def test_no_counted_rows_give_a_differentiable_zero():
     features, weight, _, labels, u = problem(7, n=0)
     features.requires_grad_()
+    weight.requires_grad_()
     out = fused_head_loss(features, weight, None, labels, u, u, lam=1.0, chunk_rows=4)
     assert out.loss.item() == 0 and out.kappa.item() == 0
     out.loss.backward()
     assert features.grad.shape == (0, M)
+    assert torch.equal(weight.grad, torch.zeros_like(weight))  # set, though no chunk ever wrote it
 
 
 def test_shapes_that_do_not_line_up_are_errors_naming_them():

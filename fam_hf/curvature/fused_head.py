@@ -187,14 +187,22 @@ def _pass(features, weight, bias, labels, loss_weights, kappa_weights, lam, kapp
             y = labels[rows]
             pick = torch.arange(y.shape[0], device=y.device)
             z = _logits(phi, weight, bias, dtype, product_dtype)
-            lse = torch.logsumexp(z, dim=-1, keepdim=True)
-            if metrics:
-                top1[rows] = z.argmax(-1) == y
-            nll = lse[:, 0] - z[pick, y]
-            probs = z.sub_(lse).exp_()  # P, in place of Z
-            del z, lse
-            if metrics:
-                entropy[rows] = torch.special.entr(probs).sum(-1)
+            if metrics:  # z − max and exp(z − max) side by side, for the entropy; argmax and entr are slow on CPUs
+                z.sub_(z.amax(-1, keepdim=True))
+                probs = z.exp()
+                total = probs.sum(-1, keepdim=True)
+                probs.div_(total)
+                log_total = total.log_()[:, 0]
+                target = z[pick, y]
+                nll = log_total - target
+                top1[rows] = target >= 0  # the label's logit is the largest (argmax, but for exact ties)
+                # H = −Σ p log p = log Σ exp(z − max) − Σ p (z − max)
+                entropy[rows] = log_total - (probs.unsqueeze(1) @ z.unsqueeze(2)).reshape(-1)
+            else:
+                lse = torch.logsumexp(z, dim=-1, keepdim=True)
+                nll = lse[:, 0] - z[pick, y]
+                probs = z.sub_(lse).exp_()  # P, in place of Z
+            del z
             omega = torch.exp(-nll) if dft else None
             uw = u[rows] if omega is None else u[rows] * omega
             loss += uw @ nll
@@ -247,16 +255,22 @@ class _Grads:
         # L + λκ sets every row of Φ's gradient (through_z on each chunk); κ alone only the first K
         new = torch.empty_like if every_row else torch.zeros_like
         self.phi = new(features, dtype=w.dtype) if need_phi else None
-        self.w = torch.zeros_like(w) if need_w else None
+        self.w = torch.empty_like(w) if need_w else None  # set by the first product (no pass to zero it)
+        self.w_set = False
         self.b = w.new_zeros(d) if need_b else None
         self.mass = w.new_zeros(d) if need_w else None  # Σ_t factor·a_t p_t, for κ's explicit W factor
 
     def _add_product(self, a, b, alpha=1.0):
-        # W's gradient += alpha · a @ b, in place (no second head-sized tensor per chunk)
+        # W's gradient += alpha · a @ b, in place (no second head-sized tensor per chunk); the first one sets it
         if self.product_dtype is None:
-            self.w.addmm_(a, b, alpha=alpha)
+            self.w.addmm_(a, b, alpha=alpha, beta=1 if self.w_set else 0)  # beta=0 ignores the uninitialised memory
         else:
-            self.w.add_((a.to(self.product_dtype) @ b.to(self.product_dtype)).to(self.w.dtype), alpha=alpha)
+            product = (a.to(self.product_dtype) @ b.to(self.product_dtype)).to(self.w.dtype)
+            if self.w_set:
+                self.w.add_(product, alpha=alpha)
+            else:
+                torch.mul(product, alpha, out=self.w)
+        self.w_set = True
 
     def through_z(self, grad_z, phi, rows):
         """``∂/∂Z = grad_z`` on ``rows``: ``grad_z W`` into Φ's, ``grad_zᵀ Φ`` into W's, its column sums into b's."""
@@ -281,8 +295,13 @@ class _Grads:
 
     def finish(self, w):
         if self.w is not None:
+            if not self.w_set:  # no rows
+                self.w.zero_()
             self.w.addcmul_(self.mass[:, None], w, value=2)
 
     def scaled(self, grad):
-        """The three gradients times the incoming ``grad`` (in place)."""
+        """The three gradients times the incoming ``grad`` (in place; ``loss.backward()``'s 1 costs no pass on a
+        CPU, where reading it costs no synchronisation)."""
+        if grad.device.type == "cpu" and grad.numel() == 1 and float(grad) == 1.0:
+            return [self.phi, self.w, self.b]
         return [None if g is None else g.mul_(grad.to(g.dtype)) for g in (self.phi, self.w, self.b)]
