@@ -13,6 +13,11 @@ loss, which TRL's fused kernel does not have: they are refused while the loss go
 With ``compute_loss_func`` or label smoothing, TRL computes the loss from the full logits and FAM behaves as
 in ``FAMTrainer`` (the probe).
 
+When the penalty trains (λ > 0), ``FAMSFTTrainer`` computes TRL's loss itself, on fam_hf's fused LM-head kernel
+(:class:`fam_hf.flatness.FusedHeadFlatness`: the loss, κ and the gradient of ``L + λκ`` in one chunked pass; no
+TRL private API), and logs TRL's ``entropy``, ``mean_token_accuracy`` and ``num_tokens`` from the same pass; with
+λ = 0 the step is ``SFTTrainer``'s own.
+
 ``SAMSFTTrainer``'s second pass (at ``w + ε̂``) runs ``SFTTrainer.compute_loss`` again; TRL's metrics
 (``num_tokens``, ``entropy``, ``mean_token_accuracy``) keep the first pass's values only.
 """
