@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
+import fam_hf.curvature.fused_head
 from fam_hf.curvature import closed_form, fused_head_loss
 
 RTOL = 1e-10
@@ -105,6 +106,17 @@ def test_entropy_and_top1_are_those_of_the_logits():
     close(ours.entropy, -(logp.exp() * logp).sum(-1))
     assert torch.equal(ours.is_top1, logp.argmax(-1) == labels) and ours.is_top1.sum() >= 4
     assert fused_head_loss(features, weight, b, labels, u, u, chunk_rows=3).entropy is None
+
+
+@pytest.mark.parametrize("tile", [3, 4096], ids=["vocabulary-tiles", "one-tile"])
+def test_the_vocabulary_tiles_of_the_combined_gradient_do_not_change_it(monkeypatch, tile):
+    monkeypatch.setattr(fam_hf.curvature.fused_head, "VOCAB_TILE", tile)  # 11 columns: 4 tiles, the last short
+    features, weight, b, labels, u = problem(12, bias=True)
+    inputs = [t.requires_grad_() for t in (features, weight, b)]
+    ours = fused_head_loss(features, weight, b, labels, u, u[:9], lam=0.4, chunk_rows=5)
+    loss, kappa = reference(features, weight, b, labels, u, u[:9])
+    for a, t in zip(torch.autograd.grad(ours.loss, inputs), torch.autograd.grad(loss + 0.4 * kappa, inputs)):
+        close(a, t)
 
 
 def test_chunking_does_not_change_the_result():

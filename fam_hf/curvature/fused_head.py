@@ -15,6 +15,7 @@ import torch
 
 from .heads import _logits, _mm, chunks, compute_dtype
 
+VOCAB_TILE = 4096  # columns of S = V Wᵀ formed at a time when G_κ goes straight into G
 FUSED_CHUNK_ELEMENTS = 1 << 23  # logits entries per chunk: 32 MiB in float32 (170 rows of a 49,152-token vocabulary)
 
 
@@ -164,8 +165,10 @@ def _pass(features, weight, bias, labels, loss_weights, kappa_weights, lam, kapp
           chunk_rows, product_dtype, need):  # fmt: skip
     """One pass over the row chunks: ``(loss, κ, entropy, top-1, gradients of L + λκ, gradients of κ or None)``.
 
-    Two ``(rows, d)`` buffers per chunk: ``Z``, turned into ``P`` and then ``G`` in place, and ``S`` turned into
-    ``G_κ``; κ's explicit ``W`` terms are taken as ``Pᵀ (a ⊙ V)`` so that ``a ⊙ P`` is never formed."""
+    One ``(rows, d)`` buffer per chunk: ``Z``, turned into ``P`` and then ``G`` in place, with ``S = r − 2 V Wᵀ``
+    formed a vocabulary tile at a time into it; a second one (``S`` turned into ``G_κ``) only where κ needs a
+    gradient of its own (``kappa_grad``). κ's explicit ``W`` terms are taken as ``Pᵀ (a ⊙ V)`` so that ``a ⊙ P``
+    is never formed."""
     dtype = compute_dtype(weight.dtype)
     need_phi, need_w, need_b = need
     kphi, kb = need_phi and through_logits, need_b and through_logits
@@ -209,7 +212,7 @@ def _pass(features, weight, bias, labels, loss_weights, kappa_weights, lam, kapp
             # κ on the rows of this chunk that are among the first K (they lead the chunk)
             nk = max(0, min(rows.stop, k_rows) - rows.start)
             krows = slice(rows.start, rows.start + nk)
-            g_kappa = None
+            g_kappa, combine = None, False
             if nk:
                 pk, phik = probs[:nk], phi[:nk]
                 ak = kw[krows] if omega is None else kw[krows] * omega[:nk]
@@ -222,15 +225,23 @@ def _pass(features, weight, bias, labels, loss_weights, kappa_weights, lam, kapp
                     for target, factor in kappa_targets:
                         target.explicit_w(pk, a, v, factor)
                     if through_logits and (kphi or kb or need_w):
-                        g_kappa = _mm(v, w.T, product_dtype).mul_(-2).add_(row_sq)  # S
-                        g_kappa.sub_((c - v_sq)[:, None]).mul_(pk).mul_(a[:, None])  # G_κ = a ⊙ P ⊙ (S − p·s)
+                        if kgrads is None:  # G_κ only inside G: formed in P's buffer below, a vocabulary tile at a time
+                            combine = True
+                        else:
+                            g_kappa = _mm(v, w.T, product_dtype).mul_(-2).add_(row_sq)  # S
+                            g_kappa.sub_((c - v_sq)[:, None]).mul_(pk).mul_(a[:, None])  # G_κ = a ⊙ P ⊙ (S − p·s)
                     if kgrads is not None:
                         if g_kappa is not None:
                             kgrads.through_z(g_kappa, phik, krows)
                         kgrads.explicit_phi(ak * c, phik, krows, 1.0, through_logits)
             if not any(need):
                 continue
-            grad_z = probs.mul_(uw[:, None])  # G_loss = u ω (P − Y), in place of P
+            if combine:  # G = P ⊙ (u ω + λ a (S − p·s)) − u ω Y on the κ rows, in place of P
+                _combine_in_tiles(probs[:nk], v, w, row_sq, c - v_sq, lam * a, uw[:nk], product_dtype)
+                probs[nk:].mul_(uw[nk:, None])
+                grad_z = probs
+            else:
+                grad_z = probs.mul_(uw[:, None])  # G_loss = u ω (P − Y), in place of P
             grad_z[pick, y] -= uw
             del probs
             if g_kappa is not None and lam != 0:
@@ -244,6 +255,15 @@ def _pass(features, weight, bias, labels, loss_weights, kappa_weights, lam, kapp
         if kgrads is not None:
             kgrads.finish(w)
     return loss, kappa, entropy, top1, grads, kgrads
+
+
+def _combine_in_tiles(probs, v, w, row_sq, ps, la, uw, product_dtype) -> None:
+    """``P ← P ⊙ (u ω + λ a (S − p·s))`` with ``S = r − 2 V Wᵀ``, a tile of the vocabulary at a time: the
+    ``(rows, tile)`` block of ``S`` stays in cache and no second ``(rows, d)`` buffer is formed."""
+    for cols in chunks(w.shape[0], VOCAB_TILE):
+        s = _mm(v, w[cols].T, product_dtype)
+        s.mul_(-2).add_(row_sq[cols]).sub_(ps[:, None]).mul_(la[:, None]).add_(uw[:, None])
+        probs[:, cols].mul_(s)
 
 
 class _Grads:
