@@ -36,6 +36,8 @@ class Variant:
         time_target, memory_target: the targets BENCHMARKS.md judges the variant by, as the largest ratio to the
             plain step.
         reference_speedup_target: the reference method must be at least this many times slower than this variant.
+        fused: with a penalty on a causal LM's head, train on the fused LM-head kernel (loss and κ in one pass,
+            ``fam_hf.flatness.FusedHeadFlatness``); False: κ beside the trainer's own loss, as before the kernel.
     """
 
     name: str
@@ -48,6 +50,7 @@ class Variant:
     time_target: float | None = None
     memory_target: float | None = None
     reference_speedup_target: float | None = None
+    fused: bool = True
 
     @property
     def every_n(self) -> int:
@@ -266,6 +269,8 @@ def build_cases(quick: bool, device: str) -> dict[str, Case]:
         ),
         _sft_case("smollm2-sft-full", "SmolLM2-135M full fine-tune", full_batch, lm_len, lora=False),
         _sft_case("smollm2-sft-lora", "SmolLM2-135M LoRA (r = 8 on q/v)", lora_batch, lm_len, lora=True),
+        _clm_case("smollm2-clm-full", "SmolLM2-135M full fine-tune", full_batch, lm_len, lora=False),
+        _clm_case("smollm2-clm-lora", "SmolLM2-135M LoRA (r = 8 on q/v)", lora_batch, lm_len, lora=True),
         # Tiny random models: the harness's own smoke test (tests/test_benchmarks.py), seconds.
         Case(
             "tiny-bert",
@@ -317,6 +322,7 @@ def build_cases(quick: bool, device: str) -> dict[str, Case]:
             lora=True,
         ),
         _sft_case("tiny-llama-sft", "tiny random Llama (smoke test)", 2, 8, lora=False, model="tiny-llama", smoke=True),
+        _clm_case("tiny-llama-clm", "tiny random Llama (smoke test)", 2, 8, lora=True, model="tiny-llama", smoke=True),
     ]
     return {case.name: case for case in cases}
 
@@ -335,7 +341,7 @@ def _sft_case(
     ``Trainer`` step that materialises the logits, on the same batches (targets: BENCHMARKS.md, "FAM inside TRL's
     SFTTrainer")."""
     head = dict(fam_estimator="closed_form", fam_lambda=1e-3 if smoke else 1e-5)
-    targets = {} if smoke else dict(time_target=1.25, memory_target=1.05)
+    targets = {} if smoke else dict(time_target=1.20, memory_target=1.00)
     return Case(
         name,
         f"{title} under TRL's SFTTrainer, FAM closed form on the LM head from its input",
@@ -345,7 +351,10 @@ def _sft_case(
         seq_len,
         [
             Variant("plain", "sft", "plain `SFTTrainer` step (fused LM head, no logits)"),
-            Variant("famsft", "famsft", "`FAMSFTTrainer`, closed form from the head's input", head, **targets),
+            Variant("famsft", "famsft", "`FAMSFTTrainer` on the fused LM-head kernel (loss and κ in one pass)", head,
+                    **targets),
+            Variant("famsft-beside", "famsft", "`FAMSFTTrainer`, κ beside TRL's fused loss (before the kernel)", head,
+                    fused=False),
             Variant(
                 "famsft-tf0.25",
                 "famsft",
@@ -361,6 +370,38 @@ def _sft_case(
             "Ratios are to SFTTrainer's step; FAMSFT's memory against the plain `Trainer` step is the ratio of its "
             "row to the `Trainer` row. Every label counts (Shakespeare blocks, no assistant mask): the penalty's "
             "largest cost. 1,024 tokens: `--seq-len 1024`."
+        ],
+    )
+
+
+def _clm_case(name: str, title: str, batch_size: int, seq_len: int, *, lora: bool, model: str = "smollm2-135m",
+              smoke: bool = False) -> Case:  # fmt: skip
+    """FAMTrainer with the penalty on a causal LM's head (the fused LM-head kernel: the step never forms the logits)
+    against the plain ``Trainer`` step, which forms them (targets: BENCHMARKS.md, "One fused LM-head kernel")."""
+    head = dict(fam_estimator="closed_form", fam_lambda=1e-3 if smoke else 1e-5)
+    return Case(
+        name,
+        f"{title}, FAMTrainer on the fused LM-head kernel",
+        model,
+        "random" if smoke else "shakespeare",
+        batch_size,
+        seq_len,
+        [
+            PLAIN,
+            Variant("fam", "fam", "FAM on the fused LM-head kernel (no logits)", head,
+                    time_target=None if smoke else 1.20, memory_target=None if smoke else 1.00),
+            Variant("fam-beside", "fam", "FAM closed form beside the model's loss (the logits; before the kernel)",
+                    head, fused=False),
+            Variant("loss-from-hidden", "hidden-loss", "the plain loss from the last hidden state on the kernel, "
+                    "λ = 0 (no logits: what they cost, measured)"),
+        ],  # fmt: skip
+        lora=lora,
+        learning_rate=1e-4 if lora else 1e-5,
+        notes=[
+            "Every label counts (Shakespeare blocks). The `loss-from-hidden` row is the plain step with the model's "
+            "cross-entropy computed by `fam_hf.curvature.fused_head_loss` from the last hidden state (no κ rows): "
+            "plain's transient memory minus its transient is what the logits, their softmax and their gradient "
+            "cost. 1,024 tokens: `--seq-len 1024`."
         ],
     )
 
@@ -524,8 +565,12 @@ def make_trainer(case: Case, variant: Variant, model, output_dir: str, device: s
         trainer = ReferenceFAMTrainer(model=model, args=TrainingArguments(**common), **variant.fam)
     elif variant.kind in ("sft", "famsft"):
         trainer = _sft_trainer(case, variant, model, common)
+    elif variant.kind == "hidden-loss":
+        trainer = _hidden_loss_trainer()(model=model, args=TrainingArguments(**common))
     else:
         raise ValueError(f"unknown variant kind {variant.kind!r}")
+    if not variant.fused and getattr(trainer, "fam_fused", None) is not None:
+        trainer.fam_fused = None
     trainer.current_gradient_accumulation_steps = 1  # set by Trainer's training loop, which is not run here
     return trainer
 
@@ -563,3 +608,32 @@ def _sft_tokenizer(case: Case):
     from fam_hf.assets import model_path
 
     return AutoTokenizer.from_pretrained(model_path(case.model))
+
+
+def _hidden_loss_trainer():
+    from transformers import Trainer
+
+    from fam_hf.curvature import fused_head_loss
+    from fam_hf.flatness import FusedHeadFlatness, lm_head_positions
+
+    class HiddenLossTrainer(Trainer):
+        """The plain step with the causal-LM loss computed from the last hidden state by the fused kernel with no
+        κ rows (λ = 0): the model's own loss without the logits, to measure what holding them costs."""
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if not hasattr(self, "_flatness"):
+                self._flatness = FusedHeadFlatness(self.model, "auto", "closed_form")
+            batch = {key: inputs.get(key) for key in ("labels", "input_ids")}
+            forward = {key: value for key, value in inputs.items() if key != "labels"}  # as Trainer's, less labels
+            with self._flatness.record(batch, num_items_in_batch=num_items_in_batch) as recording:
+                model(**forward, **FusedHeadFlatness.forward_kwargs())
+            recording.check()
+            features, weights = lm_head_positions(recording.hidden, batch, num_items_in_batch)
+            labels = torch.nn.functional.pad(batch["labels"], (0, 1), value=-100)[..., 1:]
+            labels = labels[labels != -100]
+            weight = self._flatness.layer.weight()
+            head = fused_head_loss(features, weight, None, labels, weights, weights[:0],
+                                   chunk_rows=max(1, self._flatness.chunk_elements // weight.shape[0]))  # fmt: skip
+            return head.loss
+
+    return HiddenLossTrainer

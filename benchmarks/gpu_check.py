@@ -52,6 +52,9 @@ CHECKS = [
           "float32 model (TF32 off)", precision.kappa_under_autocast(torch.bfloat16), (20, 5)),
     Check("kappa-fp16-autocast", "precision", "closed-form κ on the LM head, whole model under fp16 autocast vs the "
           "float32 model (TF32 off)", precision.kappa_under_autocast(torch.float16), (20, 5)),
+    Check("fused-head-bf16", "precision", "the fused LM-head kernel (loss, κ, ∇(L + λκ) w.r.t. Φ and W) with bf16 "
+          "products vs float64 on the head input of a bf16 pass; its time against the loss alone and the unfused "
+          "logits CE", precision.fused_head_bf16, (20, 5)),
     Check("fp16-gradscaler-overflow", "precision", "FAMTrainer, fp16 + GradScaler, 4 steps, step 2's logits forced "
           "to overflow: skipped and counted in fam/skipped, no NaN in the weights", precision.gradscaler_overflow,
           (30, 5)),
@@ -64,6 +67,9 @@ CHECKS = [
           "times and peak CUDA memory, against the case's targets", timing("smollm2-full-head"), (60, 10)),
     Check("timing-smollm2-lora", "speed", "bench_steps.py's smollm2-lora in bf16: plain / FAM head / probe / SAM",
           timing("smollm2-lora"), (90, 10)),
+    Check("timing-smollm2-clm-lora", "speed", "bench_steps.py's smollm2-clm-lora in bf16: plain Trainer / FAM on the "
+          "fused LM-head kernel / FAM beside the loss / the loss from the hidden state", timing("smollm2-clm-lora"),
+          (60, 10)),
     Check("kbit-closed-form-head", "k-bit", "4-bit (bitsandbytes nf4) base + prepare_model_for_kbit_training + LoRA, "
           "FAMTrainer closed form on the frozen head, 3 bf16 steps", kernels.kbit("closed_form"), (45, 5)),
     Check("kbit-probe-adapter", "k-bit", "the same with the probe on the last LoRA q_proj (non-reentrant "

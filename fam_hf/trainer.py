@@ -11,7 +11,7 @@ from torch import nn
 from transformers import Trainer
 
 from .config import FAMConfig, FAMFields
-from .flatness import LossNorm, RelativeFlatness, choose
+from .flatness import FusedHeadFlatness, HeadInputFlatness, LossNorm, RelativeFlatness, choose
 from .hub import HubCardMixin
 from .penalty import FAMPenalty
 from .trainer_base import (
@@ -82,6 +82,9 @@ class FAMMixin(HubCardMixin):
         self.flatness: RelativeFlatness = self._fam_flatness(torch.Generator().manual_seed(seed), model)
         layer = self.flatness.layer
         self.fam_penalty = FAMPenalty(cfg, layer.name, logs_stderr=self.flatness.reports_stderr and cfg.fam_probes > 1)
+        if getattr(self, "fam_fused", None) is not None:
+            self.fam_fused.close()
+        self.fam_fused: FusedHeadFlatness | None = self._fam_fused_head(model)
         if self.fam_penalty.trains and cfg.fam_hessian_grad == "detached" and not layer.weight().requires_grad:
             raise ValueError(
                 f"fam_hessian_grad='detached' holds the Hessian constant, so the penalty's gradient flows only through "
@@ -231,6 +234,8 @@ class FAMMixin(HubCardMixin):
         schedule = self.fam_penalty.at(step) if model.training else None
         if schedule is None:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if self.fam_fused is not None and not return_outputs and self._fam_fused_applies(inputs):
+            return self._fam_fused_compute_loss(model, inputs, num_items_in_batch)
         if self.flatness.draws_probes:
             self._fam_probes_of_step(step)
         batch = {key: inputs.get(key) for key in ("labels", "shift_labels", "input_ids")}  # super() may pop labels
@@ -251,6 +256,65 @@ class FAMMixin(HubCardMixin):
             self._fam_probe_step, self._fam_probe_state = step, generator.get_state()
         else:
             generator.set_state(self._fam_probe_state)
+
+    # -- the fused LM-head loss ---------------------------------------------------------------------------
+
+    def _fam_fused_head(self, model: nn.Module) -> FusedHeadFlatness | None:
+        """The estimator that computes the loss and κ of a causal LM's head in one pass
+        (:class:`~fam_hf.flatness.FusedHeadFlatness`), where the penalty trains on that head with the closed form and
+        the loss is one it reproduces; else None (κ is computed beside the trainer's own loss)."""
+        cfg = self.args
+        if not self.fam_penalty.trains or self.flatness.estimator != "closed_form" or not self.fam_fuse_head:
+            return None
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            return None  # FSDP and ZeRO-3 gather the head's weight only inside its forward, which the kernel skips
+        # only where _fam_fused_loss reproduces the loss that super().compute_loss would compute
+        if getattr(super().compute_loss, "__func__", None) is not self._fam_fused_mirrors.compute_loss:
+            return None
+        kind = self.fam_loss_kind()
+        if FusedHeadFlatness.refusal(model, self.flatness.layer, loss=kind) is not None:
+            return None
+        return FusedHeadFlatness(
+            model, cfg.fam_layer, "closed_form", hessian_grad=cfg.fam_hessian_grad, scale=cfg.fam_scale,
+            generator=self.flatness.generator, token_fraction=cfg.fam_token_fraction,
+            draw_over_grid=not isinstance(self.flatness, HeadInputFlatness),
+        )  # fmt: skip
+
+    fam_fuse_head = True  # False: κ beside the trainer's own loss, as with λ = 0 (comparisons, benchmarks)
+    _fam_fused_mirrors = Trainer  # the trainer whose compute_loss _fam_fused_loss reproduces
+
+    def _fam_fused_applies(self, inputs: dict[str, Any]) -> bool:
+        """Whether this micro-batch's loss is the fused kernel's (the model's own cross-entropy on its labels)."""
+        return inputs.get("labels") is not None or inputs.get("shift_labels") is not None
+
+    def _fam_fused_compute_loss(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch) -> torch.Tensor:
+        """``L + λ·κ`` of a micro-batch from one pass of the fused LM-head kernel: the model runs to its last hidden
+        state, the kernel forms the loss (:meth:`_fam_fused_loss` normalises it as the trainer's own), κ and the
+        gradients of both (docs/architecture.md, "One training step, traced")."""
+        step = self.state.global_step
+        lam, multiplier = self.fam_penalty.at(step)
+        calibrating = self.fam_penalty.base_lambda is None  # fam_lambda_relative: λ comes from this pass's κ
+        norm = self.fam_loss_norm(num_items_in_batch)
+        batch = {key: inputs.get(key) for key in ("labels", "shift_labels", "input_ids")}
+        forward = {key: value for key, value in inputs.items() if key not in ("labels", "shift_labels")}
+        with self.fam_fused.record(batch, norm=norm) as recording:
+            model(**forward, **self._fam_fused_forward_kwargs())
+        loss = self._fam_fused_loss(recording, 0.0 if calibrating else lam * multiplier, calibrating, inputs, norm)
+        return self.fam_penalty.add(loss, recording.result(loss), step, norm, self.accelerator)
+
+    def _fam_fused_forward_kwargs(self) -> dict[str, Any]:
+        """Added to the model's inputs (without labels) on the fused path: what the trainer's own forward passes
+        beyond the batch, and ``logits_to_keep`` selecting no position."""
+        return self.fam_fused.forward_kwargs()
+
+    def _fam_fused_loss(self, recording, lam: float, kappa_grad: bool, inputs: dict[str, Any], norm: LossNorm):
+        """The trainer's loss from the fused kernel: ``Trainer.compute_loss`` on a causal LM (the model's
+        cross-entropy, divided by ``num_items_in_batch`` when the model takes it, times the world size under token
+        averaging)."""
+        takes_items = bool(self.model_accepts_loss_kwargs)
+        loss = recording.fused(lam, kappa_grad=kappa_grad, loss_takes_items=takes_items).loss
+        scale = norm.scale(takes_items)
+        return loss if scale == 1 else loss * scale
 
     # -- checkpoints ------------------------------------------------------------------------------------
 

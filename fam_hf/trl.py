@@ -15,6 +15,11 @@ loss, which TRL's fused kernel does not have: they are refused while the loss go
 With ``compute_loss_func`` or label smoothing, TRL computes the loss from the full logits and FAM behaves as
 in ``FAMTrainer`` (the probe).
 
+When the penalty trains (λ > 0), ``FAMSFTTrainer`` computes TRL's loss itself, on fam_hf's fused LM-head kernel
+(:class:`fam_hf.flatness.FusedHeadFlatness`: the loss, κ and the gradient of ``L + λκ`` in one chunked pass; no
+TRL private API), and logs TRL's ``entropy``, ``mean_token_accuracy`` and ``num_tokens`` from the same pass; with
+λ = 0 the step is ``SFTTrainer``'s own.
+
 ``FlatLoRASFTTrainer`` perturbs the adapted layers as :class:`~fam_hf.FlatLoRATrainer` does; TRL's fused LM head
 never runs the head module, so a trainable LM head (full fine-tuning) is left unperturbed there (a warning says so).
 
@@ -27,6 +32,8 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass
+
+import torch
 
 from .config import FAMFields
 from .extras import require
@@ -84,6 +91,42 @@ class FAMSFTTrainer(FAMMixin, SFTTrainer):
     def fam_estimator_options(self) -> dict:
         # DFT weighs each token's loss by its own detached probability: the head-input closed form weighs it too
         return {"loss_type": self.args.loss_type} if self.fam_loss_kind() == "fused" else {}
+
+    _fam_fused_mirrors = SFTTrainer
+
+    def _fam_fused_applies(self, inputs):
+        # SFTTrainer's own fused path only: not MoE auxiliary losses, not DeepSpeed sequence parallelism
+        parallelism = getattr(self.accelerator, "parallelism_config", None)
+        parallel = parallelism is not None and parallelism.sp_backend == "deepspeed" and parallelism.sp_enabled
+        return super()._fam_fused_applies(inputs) and not self.aux_loss_enabled and not parallel
+
+    def _fam_fused_forward_kwargs(self):
+        return {**super()._fam_fused_forward_kwargs(), "use_cache": False}  # as SFTTrainer.compute_loss sets it
+
+    def _fam_fused_loss(self, recording, lam, kappa_grad, inputs, norm):
+        # SFTTrainer.compute_loss on its fused head (trl 1.16), with the loss, entropy and token accuracy from the
+        # kernel's pass: the summed per-token loss over num_items_in_batch (else the counted tokens, at least 1),
+        # times the world size under token averaging
+        head = recording.fused(lam, kappa_grad=kappa_grad, dft=self.args.loss_type == "dft", metrics=True)
+        scale = norm.scale(True)
+        loss = head.loss if scale == 1 else head.loss * scale
+        gather = self.accelerator.gather_for_metrics
+        num_valid = gather(torch.as_tensor(head.entropy.shape[0], device=head.loss.device)).sum()
+        entropy_sum = gather(head.entropy.sum()).sum()
+        num_correct = gather(head.is_top1.sum()).sum()
+        metrics = self._metrics["train"]
+        metrics["entropy"].append((entropy_sum / num_valid).item() if num_valid > 0 else 0.0)
+        metrics["mean_token_accuracy"].append((num_correct / num_valid).item() if num_valid > 0 else 0.0)
+        if "attention_mask" in inputs:
+            tokens = gather(inputs["attention_mask"].sum()).sum().item()
+        elif "position_ids" in inputs:
+            local = torch.tensor(inputs["position_ids"].size(1), device=inputs["position_ids"].device)
+            tokens = gather(local).sum().item()
+        else:
+            raise ValueError("Expected 'attention_mask' or 'position_ids' in inputs.")
+        self._total_train_tokens += tokens // self._tp_size
+        metrics["num_tokens"] = [self._total_train_tokens]
+        return loss
 
 
 @dataclass

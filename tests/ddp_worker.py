@@ -41,6 +41,7 @@ def save(trainer: FAMTrainer, out: Path, variant: str) -> None:
             "params": {k: v.detach().clone() for k, v in trainer.model.state_dict().items()},
             "logs": [h for h in trainer.state.log_history if "fam/kappa" in h],
             "world_size": trainer.accelerator.num_processes,
+            "fused": trainer.fam_fused is not None,  # the loss and κ from the fused LM-head kernel
         },
         out / f"{variant}-rank{trainer.accelerator.process_index}.pt",
     )

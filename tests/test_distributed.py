@@ -18,6 +18,7 @@ pytestmark = pytest.mark.multiprocess
 def launch(launcher: str, *args: str) -> None:
     """Run a two-process job with ``launcher`` (accelerate or torchrun) and fail with its stderr."""
     executable = console_script(launcher)
+    # the checkout's fam_hf first (the worker's own folder puts tests/ first, not the repository root)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent)])}
     proc = subprocess.run([executable, *args], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -47,6 +48,7 @@ def test_two_ranks_equal_one_process_on_the_global_batch(ddp_run, tmp_path, vari
     single-process one."""
     ranks = [torch.load(ddp_run / f"{variant}-rank{r}.pt") for r in range(2)]
     assert all(r["world_size"] == 2 for r in ranks)
+    assert all(r["fused"] == (variant in ("closed_form", "relative")) for r in ranks)
     single = train(tmp_path, variant, per_device_batch=16)
     single_logs = [h for h in single.state.log_history if "fam/kappa" in h]
     for rank in ranks:

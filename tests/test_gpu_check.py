@@ -29,8 +29,8 @@ WITHOUT_DATASETS = (
     "runpy.run_path('benchmarks/gpu_check.py', run_name='__main__')"
 )
 # what the CPU runs in the dry run, and must pass there
-CPU_NUMERIC = ("kappa-bf16-products", "kappa-bf16-autocast", "kappa-fp16-autocast", "fp16-gradscaler-overflow",
-               "probe-kernels-fp32", "probe-kernels-bf16")  # fmt: skip
+CPU_NUMERIC = ("kappa-bf16-products", "kappa-bf16-autocast", "kappa-fp16-autocast", "fused-head-bf16",
+               "fp16-gradscaler-overflow", "probe-kernels-fp32", "probe-kernels-bf16")  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +74,8 @@ def test_dry_run_reports_every_check(dry_run):
 def test_dry_run_times_the_bench_cases(dry_run):
     _, out, _ = dry_run
     checks = {c["name"]: c for c in json.loads((out / "gpu_check.json").read_text())["checks"]}
-    for name, case in (("timing-smollm2-full-head", "smollm2-full-head"), ("timing-smollm2-lora", "smollm2-lora")):
+    for case in ("smollm2-full-head", "smollm2-lora", "smollm2-clm-lora"):
+        name = f"timing-{case}"
         check = checks[name]
         assert check["status"] == "pass", check
         rows = {row["name"]: row for row in check["values"]["variants"]}

@@ -175,10 +175,21 @@ def test_evaluation_is_untouched(tmp_path):
     assert fam["eval_loss"] == plain["eval_loss"]
 
 
-def test_non_finite_kappa_skips_the_penalty_and_never_writes_nan(tmp_path, monkeypatch):
-    monkeypatch.setattr(fam_hf.flatness.closed_form, "closed_form", lambda *a, **k: torch.tensor(float("nan")))
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-kernel", "beside-the-loss"])
+def test_non_finite_kappa_skips_the_penalty_and_never_writes_nan(tmp_path, monkeypatch, fused):
+    if fused:  # κ = inf in the kernel itself, whose loss then carries the loss's own gradient only
+        kernel = fam_hf.flatness.fused.fused_head_loss
+
+        def overflowing(*args, **kwargs):
+            return kernel(*args[:5], args[5] * float("inf"), **kwargs)
+
+        monkeypatch.setattr(fam_hf.flatness.fused, "fused_head_loss", overflowing)
+    else:
+        monkeypatch.setattr(fam_hf.flatness.closed_form, "closed_form", lambda *a, **k: torch.tensor(float("nan")))
+        monkeypatch.setattr(FAMTrainer, "fam_fuse_head", False)
     model = gpt2()
     trainer = fam_trainer(model, lm_data(16), tmp_path, max_steps=2, per_device_train_batch_size=8, fam_lambda=1.0)
+    assert (trainer.fam_fused is not None) == fused
     trainer.train()
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert [h["fam/skipped"] for h in fam_logs(trainer)] == [1, 2]
@@ -328,3 +339,34 @@ def test_lambda_relative_refuses_a_first_kappa_that_is_not_positive(tmp_path):
     trainer = fam_trainer(bert(), cls_data(16), tmp_path, max_steps=1, fam_lambda_relative=0.1)
     with pytest.raises(ValueError, match=r"L₀ = 0.5 and κ₀ = -1 on 'classifier' \(both must be > 0\); set fam_lambda"):
         trainer.fam_penalty.calibrate(torch.tensor(0.5), torch.tensor(-1.0), trainer.accelerator)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [{}, {"fam_token_fraction": 0.5}, {"fam_hessian_grad": "detached"}, {"fam_scale": "reference"},
+     {"fam_lambda_relative": 0.1}, {"fam_every_n_steps": 2, "fam_warmup_steps": 3}],
+    ids=["default", "token-fraction", "detached", "reference-scale", "lambda-relative", "schedule"],
+)  # fmt: skip
+def test_the_fused_kernel_trains_as_the_penalty_beside_the_loss_and_never_forms_the_logits(tmp_path, extra):
+    runs = {}
+    for fused in (True, False):
+        model = gpt2()
+        shapes = []
+        model.lm_head.register_forward_hook(lambda _m, _i, out, shapes=shapes: shapes.append(tuple(out.shape)))
+        trainer = fam_trainer(model, lm_data(32), tmp_path / str(fused), max_steps=3, per_device_train_batch_size=8,
+                              gradient_accumulation_steps=2, fam_lambda=0.3, **extra)  # fmt: skip
+        trainer.fam_fused = trainer.fam_fused if fused else None
+        assert (trainer.fam_fused is not None) == fused
+        trainer.train()
+        if fused and "fam_every_n_steps" not in extra:  # the head ran on no position at all
+            assert shapes and all(shape[1] == 0 for shape in shapes), shapes
+        elif not fused:
+            assert all(shape[1] > 0 for shape in shapes)
+        runs[fused] = params(model), fam_logs(trainer)
+    (p_fused, logs_fused), (p_beside, logs_beside) = runs[True], runs[False]
+    for name in p_beside:
+        torch.testing.assert_close(p_fused[name], p_beside[name], rtol=0, atol=1e-6, msg=name)
+    assert len(logs_fused) == len(logs_beside) >= 2
+    for a, b in zip(logs_fused, logs_beside):
+        for key in ("loss", "fam/kappa", "fam/penalty", "fam/lambda"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key

@@ -268,3 +268,29 @@ def test_the_model_card_names_the_trainer_and_the_estimator_that_trained(tmp_pat
     assert "through `fam_hf`'s `FAMSFTTrainer`" in card and "`FAMTrainer`" not in card
     assert "closed form from the input of 'lm_head' (the backbone's last hidden state)" in card
     assert "| trainer | FAMSFTTrainer |" in card
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_the_fused_kernel_trains_and_logs_as_sft_with_the_penalty_beside_it_and_never_forms_the_logits(tmp_path,
+                                                                                                       layout):  # fmt: skip
+    runs = {}
+    for fused in (True, False):
+        model = llama()
+        shapes = []
+        model.lm_head.register_forward_hook(lambda _m, _i, out, shapes=shapes: shapes.append(tuple(out.shape)))
+        trainer = sft(FAMSFTTrainer, FAMSFTConfig, model, tmp_path / str(fused), max_steps=2,
+                      per_device_train_batch_size=4, gradient_accumulation_steps=2, fam_lambda=LAM,
+                      fam_token_fraction=0.5, **LAYOUTS[layout])  # fmt: skip
+        trainer.fam_fused = trainer.fam_fused if fused else None
+        assert (trainer.fam_fused is not None) == fused
+        trainer.train()
+        assert all(shape[-2] == 0 for shape in shapes) if fused else not shapes  # SFTTrainer's own head: no call
+        runs[fused] = params(model), [h for h in trainer.state.log_history if "loss" in h]
+    (p_fused, logs_fused), (p_beside, logs_beside) = runs[True], runs[False]
+    for name in p_beside:
+        torch.testing.assert_close(p_fused[name], p_beside[name], rtol=0, atol=1e-6, msg=name)
+    assert len(logs_fused) == len(logs_beside) == 2
+    for a, b in zip(logs_fused, logs_beside):
+        assert a["num_tokens"] == b["num_tokens"]
+        for key in ("loss", "fam/kappa", "fam/penalty", "entropy", "mean_token_accuracy"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key

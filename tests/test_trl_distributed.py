@@ -36,7 +36,7 @@ def test_two_ranks_equal_one_process_on_the_global_batch(ddp_run, tmp_path, vari
     ``num_items_in_batch``, TRL's fused loss divides by it and multiplies by the number of processes, DDP averages;
     κ is normalised and scaled the same way, so the all-reduced penalty is κ of the global batch."""
     ranks = ddp_run[variant]
-    assert all(r["world_size"] == 2 for r in ranks)
+    assert all(r["world_size"] == 2 and r["fused"] for r in ranks)
     for (a, n), (b, n_other) in zip(ranks[0]["seen"], ranks[1]["seen"]):
         # the ranks saw different rows, and num_items_in_batch is the global count of the accumulated micro-batches
         assert not torch.equal(a["input_ids"], b["input_ids"]) and int(n) == int(n_other)

@@ -60,6 +60,7 @@ def save(trainer: RecordingFAMSFTTrainer, out: Path, variant: str) -> None:
             "logs": [h for h in trainer.state.log_history if "fam/kappa" in h],
             "seen": trainer.seen,
             "world_size": trainer.accelerator.num_processes,
+            "fused": trainer.fam_fused is not None,  # the loss and κ from the fused LM-head kernel
         },
         out / f"{variant}-rank{trainer.accelerator.process_index}.pt",
     )

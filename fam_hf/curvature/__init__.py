@@ -1,6 +1,8 @@
 """Pure tensor mathematics of relative flatness: no transformers, no Trainer.
 
 * :mod:`~fam_hf.curvature.heads` — κ of an output head, exactly, from its logits or from its input;
+* :mod:`~fam_hf.curvature.fused_head` — a causal LM's loss and κ of its head in one chunked pass, with the
+  gradient of ``L + λκ``;
 * :mod:`~fam_hf.curvature.probes` — Rademacher probes through the loss (Hessian) or the logits (Gauss–Newton),
   and the random draws every estimator and measure shares;
 * :mod:`~fam_hf.curvature.exact` — the full layer Hessian (tests, small layers);
@@ -10,6 +12,7 @@ The mathematics is in docs/mathematics.md.
 """
 
 from .exact import kappa_from_hessian, layer_hessian
+from .fused_head import FUSED_CHUNK_ELEMENTS, FusedHead, fused_head_loss
 from .heads import (
     CHUNK_ELEMENTS,
     LOSS_TYPES,
@@ -32,12 +35,15 @@ from .probes import (
 
 __all__ = [
     "CHUNK_ELEMENTS",
+    "FUSED_CHUNK_ELEMENTS",
+    "FusedHead",
     "LOSS_TYPES",
     "UnusedPerturbationError",
     "closed_form",
     "compute_dtype",
     "default_generator",
     "explain_missing_double_backward",
+    "fused_head_loss",
     "gauss_newton_forms",
     "host_to_device",
     "kappa_from_hessian",

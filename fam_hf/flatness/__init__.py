@@ -3,8 +3,8 @@
 * :class:`RelativeFlatness` — the estimators' common interface; ``RelativeFlatness(model, layer, estimator)``
   returns the chosen estimator: :class:`ClosedFormFlatness`, :class:`ProbeFlatness`, :class:`GaussNewtonFlatness`
   or :class:`ExactFlatness`; over a set of layers, :class:`ProbeSetFlatness` or :class:`GaussNewtonSetFlatness`
-  (:class:`HeadInputFlatness`, for losses that never run the head, is built directly or
-  chosen by a trainer);
+  (:class:`HeadInputFlatness`, for losses that never run the head, is built directly or chosen by a trainer;
+  :class:`FusedHeadFlatness` computes a causal LM's loss and κ of its head in one pass);
 * :func:`~fam_hf.flatness.registry.choose` — which estimator applies, for measurement or for a penalty;
 * :func:`relative_flatness` — the one-call version for measurement.
 """
@@ -22,6 +22,7 @@ from ..options import ESTIMATORS, HESSIAN_GRADS, SCALES
 from .base import DEFAULT_MAX_EXACT_ENTRIES, FlatnessResult, LossNorm, Recording, RelativeFlatness, checkpointing
 from .closed_form import ClosedFormFlatness, HeadInputFlatness, lm_head_positions
 from .exact import ExactFlatness
+from .fused import FusedHeadFlatness
 from .layer_set import GaussNewtonSetFlatness, ProbeSetFlatness
 from .probe import GaussNewtonFlatness, ProbeFlatness
 from .registry import REGISTRY, choose, penalty_estimator
@@ -34,6 +35,7 @@ __all__ = [
     "ClosedFormFlatness",
     "ExactFlatness",
     "FlatnessResult",
+    "FusedHeadFlatness",
     "GaussNewtonFlatness",
     "GaussNewtonSetFlatness",
     "HeadInputFlatness",
