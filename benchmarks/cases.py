@@ -628,9 +628,7 @@ def _hidden_loss_trainer():
             with self._flatness.record(batch, num_items_in_batch=num_items_in_batch) as recording:
                 model(**forward, **FusedHeadFlatness.forward_kwargs())
             recording.check()
-            features, weights = lm_head_positions(recording.hidden, batch, num_items_in_batch)
-            labels = torch.nn.functional.pad(batch["labels"], (0, 1), value=-100)[..., 1:]
-            labels = labels[labels != -100]
+            features, weights, labels = lm_head_positions(recording.hidden, batch, num_items_in_batch)
             weight = self._flatness.layer.weight()
             head = fused_head_loss(features, weight, None, labels, weights, weights[:0],
                                    chunk_rows=max(1, self._flatness.chunk_elements // weight.shape[0]))  # fmt: skip

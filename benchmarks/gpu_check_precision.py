@@ -191,9 +191,7 @@ def fused_head_bf16(ctx: Context, out: Outcome) -> None:
     with torch.no_grad(), torch.autocast(ctx.device, dtype=torch.bfloat16):
         model(**batch)
     handle.remove()
-    phi, weights = lm_head_positions(seen["phi"], batch, None)
-    labels = batch["labels"][:, 1:]
-    labels = labels[labels != -100]
+    phi, weights, labels = lm_head_positions(seen["phi"], batch, None)
     weight = head.weight.detach()
     rows = max(1, FUSED_CHUNK_ELEMENTS // weight.shape[0])
     lam = 1e-2
