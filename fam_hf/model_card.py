@@ -294,6 +294,12 @@ def model_card(facts: CardFacts, secrets: tuple[str | None, ...] = ()) -> ModelC
         "kappa": kappa.get("last"),
         "kappa_step": kappa.get("last_step"),
     }
+    return _card(facts, tags, {"fam": summary}, _body(facts, kappa), secrets)
+
+
+def _card(facts: CardFacts, tags: list[str], method: dict[str, dict], lines: list[str], secrets) -> ModelCard:
+    """The card from its metadata (``method``: the method's own mapping, ``{"fam": …}`` or ``{"sam": …}``, its
+    None values left out) and body ``lines``, tokens masked."""
     data = ModelCardData(
         library_name="peft" if facts.adapter else "transformers",
         base_model=facts.base_model,
@@ -302,9 +308,9 @@ def model_card(facts: CardFacts, secrets: tuple[str | None, ...] = ()) -> ModelC
         language=facts.language,
         license=facts.license,
         tags=list(dict.fromkeys(tags)),
-        fam={key: _plain(value) for key, value in summary.items() if value is not None},
+        **{key: {k: _plain(v) for k, v in values.items() if v is not None} for key, values in method.items()},
     )
-    body = "\n".join(_body(facts, kappa))
+    body = "\n".join(lines)
     return ModelCard(mask_tokens(f"---\n{data.to_yaml()}\n---\n\n{body}", secrets))
 
 
@@ -315,16 +321,6 @@ def _sam_card(facts: CardFacts, secrets: tuple[str | None, ...]) -> ModelCard:
     summary = {"rho": sam.get("sam_rho"), "adaptive": sam.get("sam_adaptive")}
     if rows:
         summary.update(sharpness=rows[-1]["sam/sharpness"], sharpness_step=rows[-1].get("step"))
-    data = ModelCardData(
-        library_name="peft" if facts.adapter else "transformers",
-        base_model=facts.base_model,
-        datasets=facts.datasets or None,
-        pipeline_tag=facts.task,
-        language=facts.language,
-        license=facts.license,
-        tags=list(dict.fromkeys(_tags(SAM_TAGS, facts))),
-        sam={key: _plain(value) for key, value in summary.items() if value is not None},
-    )
     name = "ASAM (adaptive SAM)" if sam.get("sam_adaptive") else "SAM"
     lines = [
         f"# {facts.model_name}",
@@ -350,7 +346,7 @@ def _sam_card(facts: CardFacts, secrets: tuple[str | None, ...]) -> ModelCard:
         lines += ["No `sam/sharpness` was logged.", ""]
     lines += ["## SAM settings", "", *_table(("setting", "value"), sorted(sam.items())), ""]
     lines += _common_sections(facts, SAM_CITATION)
-    return ModelCard(mask_tokens(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines), secrets))
+    return _card(facts, _tags(SAM_TAGS, facts), {"sam": summary}, lines, secrets)
 
 
 def _tags(method_tags: tuple[str, ...], facts: CardFacts) -> list[str]:
