@@ -17,7 +17,9 @@ resident memory (``VmHWM``, reset right before the job's work, after the model a
 * ``trace-{head,all}``: Hutchinson ``hessian_trace`` with ``--probes`` probes (memory ``O(n·block)``);
 * ``eig{1,5}-{head,all}``: ``top_eigenvalues`` with ``k`` = 1 or 5, ``tol=--tol``: ARPACK keeping ``k + 2`` vectors
   on the LM head, the streaming Lanczos (no basis) on all parameters;
-* ``gn-{head,all}``: ``gauss_newton_trace`` with ``--probes`` probes (forward-mode products, no backward).
+* ``gn-{head,all}``: ``gauss_newton_trace`` with ``--probes`` probes (forward-mode products, no backward);
+* ``closed-head``: ``hessian_trace(method="closed_form")``, the exact trace of the head from one forward pass (no
+  HVP; its row's time over the step's is the whole measure's, not a product's).
 
 ``head`` is the LM head's own use of the tied matrix (``W: 49,152 × 576``, n = 28.3M); ``all`` every parameter
 (n = 134.5M) on ``--all-batch-size`` sequences.
@@ -49,7 +51,7 @@ from benchmarks.report import machine, write_section  # noqa: E402
 JOBS = (
     "step", "step-all",
     "hvp-head", "hvp-head-forward", "hvp-all", "hvp-all-forward",
-    "trace-head", "gn-head", "eig1-head", "eig5-head",
+    "trace-head", "gn-head", "closed-head", "eig1-head", "eig5-head",
     "trace-all", "gn-all", "eig1-all", "eig5-all",
 )  # fmt: skip
 
@@ -76,7 +78,7 @@ def run_job(job: str, args) -> dict:
     """One job, in this (fresh) process: load, reset the peak, run, read the counters."""
     torch.set_num_threads(args.threads)
     quiet()
-    from fam_hf.measures import LossHessian, estimate_top_eigenpairs, estimate_trace, gauss_newton_trace
+    from fam_hf.measures import LossHessian, estimate_top_eigenpairs, estimate_trace, gauss_newton_trace, hessian_trace
 
     whole = job.endswith("-all") or job.endswith("-all-forward")  # step-all: a step on the whole-model batch
     batch_size = (args.all_batch_size or args.batch_size) if whole else args.batch_size
@@ -99,6 +101,10 @@ def run_job(job: str, args) -> dict:
             stepper.step()  # warm-up: creates AdamW's state
             times = [stepper.step() for _ in range(args.steps)]
             result.update(step_cpu=statistics.median(c for _, c in times), step_wall=statistics.median(w for w, _ in times))
+        elif job.startswith("closed"):  # no Hessian: one forward pass
+            model.eval()
+            trace = hessian_trace(model, batch, wrt, method="closed_form")
+            result.update(value=float(trace.value), std_error=None, matvecs=0, n=trace.dim, build_cpu=0.0)
         else:
             model.eval()
             hvp = "forward_over_reverse" if job.endswith("-forward") else "double_backward"
@@ -173,6 +179,7 @@ LABELS = {
     "hvp-forward": "one Hessian-vector product (forward-over-reverse)",
     "trace": "`hessian_trace`, Hutchinson, {probes} probes",
     "gn": "`gauss_newton_trace`, {probes} probes",
+    "closed": "`hessian_trace`, closed form (exact, one forward pass)",
     "eig1": "`top_eigenvalues`, k = 1",
     "eig5": "`top_eigenvalues`, k = 5",
 }
@@ -205,7 +212,14 @@ def render(results: dict[str, dict], args, info: dict) -> str:
         per = r.get("per_matvec_cpu")
         value = ""
         if "value" in r:
-            value = f"{r['value']:.4g} ± {r['std_error']:.2g}"
+            value = f"{r['value']:.4g}" + (f" ± {r['std_error']:.2g}" if r.get("std_error") is not None else " (exact)")
+        if per is None:  # no products: the whole measure's time against the step's
+            lines.append(
+                f"| {label} | {wrt}{batch} | {r['n'] / 1e6:.1f}M | 0 | {r['cpu']:.1f} | – | "
+                f"{r['cpu'] / step_cpu if step_cpu else float('nan'):.2f} (whole measure) | "
+                f"{r['peak'] / MIB / 1024:.2f} GiB | {r['peak'] / step_peak if step_peak else float('nan'):.2f} | {value} |"
+            )
+            continue
         elif "values" in r:
             value = ", ".join(f"{v:.4g}" for v in r["values"])
             if r.get("converged") is False:

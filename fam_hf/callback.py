@@ -7,6 +7,9 @@ Works with any ``transformers.Trainer`` (FAMTrainer or not)::
     trainer.train()
     # trainer.state.log_history holds {"flatness/train/kappa": …, "flatness/eval/kappa": …, "flatness/gap": …}
 
+With ``"hessian_spectrum"`` among the measures it also writes each measured spectrum as JSON in the trainer's
+``output_dir`` (``spectrum-step{N}-{split}.json``), for ``fam-hf plot spectrum-step*-train.json --out DIR``.
+
 How the numbers reach ``log_history`` and the ``report_to`` integrations: callbacks are not handed the
 trainer, and ``Trainer.log`` appends a *copy* of ``logs`` to ``state.log_history`` before it calls
 ``on_log``, while the integration callbacks (TensorBoard, W&B, …) come before user callbacks in the list.
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,11 +36,20 @@ from torch import nn
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from .flatness import relative_flatness
-from .measures import hessian_trace, jacobian_norm, sam_sharpness, top_eigenvalues
+from .measures import HessianSpectrum, hessian_spectrum, hessian_trace, jacobian_norm, sam_sharpness, top_eigenvalues
 
 Batch = Mapping[str, Any]
 DEFAULT_MEASURES = ("kappa", "hessian_trace", "top_eigenvalue")
-MEASURES = ("kappa", "hessian_trace", "top_eigenvalue", "sam_sharpness", "jacobian_norm")
+MEASURES = ("kappa", "hessian_trace", "top_eigenvalue", "sam_sharpness", "jacobian_norm", "hessian_spectrum")
+
+
+def logged_names(measures: Sequence[str], spectrum_top: int = 3) -> list[str]:
+    """The names :func:`measure_batches` returns values under, in order: each measure's own name, but
+    ``"hessian_spectrum"`` as ``spectrum_top1`` … ``spectrum_top{spectrum_top}`` (its largest Ritz values)."""
+    names = []
+    for name in measures:
+        names += [f"spectrum_top{i}" for i in range(1, spectrum_top + 1)] if name == "hessian_spectrum" else [name]
+    return names
 
 
 def check_measures(measures: Sequence[str]) -> None:
@@ -56,12 +69,18 @@ def measure_batches(
     trace_probes: int = 64,
     scale: str = "paper",
     rho: float = 0.05,
+    spectrum_top: int = 3,
+    spectrum_runs: int = 4,
+    spectrum_steps: int = 64,
     seed: int = 0,
     log: Callable[[str], None] | None = None,
+    on_spectrum: Callable[[int, HessianSpectrum], None] | None = None,
 ) -> dict[str, list[float]]:
-    """Each measure (and ``"loss"``, the model's mean loss) on each batch: ``{name: [value per batch]}``.
+    """Each measure (and ``"loss"``, the model's mean loss) on each batch: ``{name: [value per batch]}``, with
+    ``"hessian_spectrum"`` under ``spectrum_top1`` … (:func:`logged_names`).
 
     ``log`` (e.g. ``print``) is told what is being measured as it starts, with how long the last one took.
+    ``on_spectrum(batch_index, spectrum)`` is handed each measured :class:`~fam_hf.measures.HessianSpectrum`.
 
     The model is run in eval mode and put back in its mode afterwards; batches are moved to its device;
     each measure draws its probes from a generator seeded with ``seed`` and the global torch RNG state is
@@ -69,24 +88,33 @@ def measure_batches(
     for the measures and options.
     """
     check_measures(measures)
+    if "hessian_spectrum" in measures and spectrum_top < 1:
+        raise ValueError(f"spectrum_top={spectrum_top} must be at least 1 (the largest Ritz values logged)")
 
-    def value(name: str, batch: Batch) -> torch.Tensor:
+    def value(name: str, batch: Batch, index: int) -> dict[str, torch.Tensor]:
         generator = torch.Generator().manual_seed(seed)
         if name == "kappa":
-            return relative_flatness(
+            return {name: relative_flatness(
                 model, batch, layer, estimator, probes=probes, scale=scale, generator=generator
-            ).value
+            ).value}  # fmt: skip
         if name == "hessian_trace":
-            return hessian_trace(model, batch, layer, probes=trace_probes, generator=generator).value
+            return {name: hessian_trace(model, batch, layer, probes=trace_probes, generator=generator).value}
         if name == "top_eigenvalue":
-            return top_eigenvalues(model, batch, layer, k=1, generator=generator).sharpness
+            return {name: top_eigenvalues(model, batch, layer, k=1, generator=generator).sharpness}
         if name == "sam_sharpness":
-            return sam_sharpness(model, batch, layer, rho=rho).value
-        return jacobian_norm(model, batch, probes=probes, generator=generator).value
+            return {name: sam_sharpness(model, batch, layer, rho=rho).value}
+        if name == "hessian_spectrum":
+            spectrum = hessian_spectrum(
+                model, batch, layer, runs=spectrum_runs, steps=spectrum_steps, generator=generator
+            )
+            if on_spectrum is not None:
+                on_spectrum(index, spectrum)
+            return dict(zip(logged_names([name], spectrum_top), spectrum.top(spectrum_top)))
+        return {name: jacobian_norm(model, batch, probes=probes, generator=generator).value}
 
     device = next(model.parameters()).device
     was_training = model.training
-    values: dict[str, list[float]] = {name: [] for name in ("loss", *measures)}
+    values: dict[str, list[float]] = {name: [] for name in ("loss", *logged_names(measures, spectrum_top))}
     try:
         model.eval()
         # fork_rng: nothing here should draw from the global RNG, but a run must train identically either way
@@ -99,10 +127,12 @@ def measure_batches(
                     if log is not None:
                         log(f"batch {index + 1}/{len(batches)}: {name} …")
                     start = time.perf_counter()
-                    values[name].append(float(value(name, batch)))
+                    measured = value(name, batch, index)
+                    for key, number in measured.items():
+                        values[key].append(float(number))
                     if log is not None:
-                        log(f"batch {index + 1}/{len(batches)}: {name} = {values[name][-1]:.6g} "
-                            f"({time.perf_counter() - start:.1f} s)")  # fmt: skip
+                        shown = ", ".join(f"{key} = {float(number):.6g}" for key, number in measured.items())
+                        log(f"batch {index + 1}/{len(batches)}: {shown} ({time.perf_counter() - start:.1f} s)")
     finally:
         model.train(was_training)
     return values
@@ -117,8 +147,11 @@ class FlatnessCallback(TrainerCallback):
         eval_batch: the same for held-out data, or None (then no ``flatness/eval/*`` and no gap).
         measures: names from ``"kappa"`` (:func:`fam_hf.relative_flatness`), ``"hessian_trace"``,
             ``"top_eigenvalue"`` (``λ_max``), ``"sam_sharpness"`` (``L(w+ε̂) − L(w)``, radius ``rho``),
-            ``"jacobian_norm"`` (input–output, w.r.t. input embeddings). The Hessian measures and SAM are
-            taken w.r.t. ``layer``'s weight, so they describe the same matrix as κ.
+            ``"jacobian_norm"`` (input–output, w.r.t. input embeddings), ``"hessian_spectrum"`` (the eigenvalue
+            density by stochastic Lanczos quadrature, :func:`fam_hf.measures.hessian_spectrum`: logged as its
+            ``spectrum_top`` largest Ritz values, :meth:`~fam_hf.measures.HessianSpectrum.top`, and saved whole as
+            JSON). The Hessian measures and SAM are taken w.r.t. ``layer``'s weight, so they describe the same
+            matrix as κ.
         layer: the layer spec (``"auto"``: the output head); see :func:`fam_hf.resolve_layer`.
         every_n_steps: measure at every ``n``-th optimizer step (``global_step % n == 0``); None: never.
         on_evaluate: measure after each evaluation (``Trainer.evaluate``, in or outside training).
@@ -126,12 +159,23 @@ class FlatnessCallback(TrainerCallback):
             Jacobian projections.
         trace_probes: Hessian-vector products for the Hutchinson trace.
         rho: SAM radius.
+        spectrum_top: how many of the spectrum's largest Ritz values are logged (``spectrum_top1`` … ``spectrum_topk``;
+            each the largest over the runs of the runs' ``i``-th largest, a lower bound on ``λ_i``).
+        spectrum_runs, spectrum_steps: the spectrum's random starts and Lanczos steps per start (``runs`` and
+            ``steps`` of :func:`fam_hf.measures.hessian_spectrum`; ``runs × steps`` Hessian-vector products).
         seed: every measurement draws its probes from a generator seeded with ``seed``, so repeated
             measurements of the same weights agree and the run's own RNG streams are untouched.
         trainer: the trainer to log through; or call :meth:`attach` later.
 
-    Logged keys (one ``trainer.log`` call per measurement): ``flatness/{train,eval}/{measure}``,
-    ``flatness/{train,eval}/loss`` (the probe batches' mean loss) and ``flatness/gap`` = eval − train loss.
+    Logged keys (one ``trainer.log`` call per measurement): ``flatness/{train,eval}/{measure}`` (for the spectrum
+    ``flatness/{train,eval}/spectrum_top1`` … ``spectrum_top{k}``), ``flatness/{train,eval}/loss`` (the probe
+    batches' mean loss) and ``flatness/gap`` = eval − train loss.
+
+    Spectra: each measured spectrum is written (by the main process only) as
+    ``{output_dir}/spectrum-step{N}-{split}.json`` (``…-{split}-batch{i}.json`` when a split has several batches),
+    named ``"{split}, step {N}"`` for the legend: ``fam-hf plot OUT/spectrum-step*-train.json --out DIR`` overlays
+    them (:meth:`~fam_hf.measures.HessianSpectrum.save`). :attr:`spectra` holds the last measurement's.
+
     The model is measured in eval mode (its mode is restored afterwards), its weights and ``.grad`` are not
     touched, and the global torch RNG state is restored, so a run trains identically with or without it.
     Cost per measurement: per batch, one forward pass for the loss plus each measure's own cost.
@@ -151,6 +195,9 @@ class FlatnessCallback(TrainerCallback):
         trace_probes: int = 64,
         scale: str = "paper",
         rho: float = 0.05,
+        spectrum_top: int = 3,
+        spectrum_runs: int = 4,
+        spectrum_steps: int = 64,
         seed: int = 0,
         trainer: Trainer | None = None,
     ) -> None:
@@ -165,10 +212,14 @@ class FlatnessCallback(TrainerCallback):
         self.measures = tuple(measures)
         self.every_n_steps = every_n_steps
         self.measure_on_evaluate = on_evaluate
+        if "hessian_spectrum" in self.measures and spectrum_top < 1:
+            raise ValueError(f"spectrum_top={spectrum_top} must be at least 1 (the largest Ritz values logged)")
         self._options = dict(
-            layer=layer, estimator=estimator, probes=probes, trace_probes=trace_probes, scale=scale, rho=rho, seed=seed
-        )
+            layer=layer, estimator=estimator, probes=probes, trace_probes=trace_probes, scale=scale, rho=rho,
+            spectrum_top=spectrum_top, spectrum_runs=spectrum_runs, spectrum_steps=spectrum_steps, seed=seed,
+        )  # fmt: skip
         self.trainer = trainer
+        self.spectra: dict[str, list[HessianSpectrum]] = {}
         self._last_step: int | None = None
 
     def attach(self, trainer: Trainer) -> FlatnessCallback:
@@ -179,11 +230,17 @@ class FlatnessCallback(TrainerCallback):
     # -- measurement --------------------------------------------------------------------------------------
 
     def compute(self, model: nn.Module) -> dict[str, float]:
-        """The logged metrics for ``model`` now, without logging them."""
+        """The logged metrics for ``model`` now, without logging them; the spectra measured go to :attr:`spectra`
+        (``{split: [one per batch]}``)."""
         metrics: dict[str, float] = {}
+        self.spectra = {}
         for split, batches in self.batches.items():
             if batches:
-                values = measure_batches(model, batches, self.measures, **self._options)
+                kept = self.spectra.setdefault(split, []) if "hessian_spectrum" in self.measures else []
+                values = measure_batches(
+                    model, batches, self.measures, on_spectrum=lambda _, spectrum, kept=kept: kept.append(spectrum),
+                    **self._options,
+                )  # fmt: skip
                 metrics.update({f"flatness/{split}/{name}": sum(v) / len(v) for name, v in values.items()})
         if "flatness/eval/loss" in metrics:
             metrics["flatness/gap"] = metrics["flatness/eval/loss"] - metrics["flatness/train/loss"]
@@ -199,11 +256,24 @@ class FlatnessCallback(TrainerCallback):
             )
         self._last_step = state.global_step
         metrics = self.compute(model if model is not None else self.trainer.model)
+        self.save_spectra(self.trainer.args.output_dir, state.global_step)
         # Trainer.log ends in CallbackHandler.on_log, which clears control.should_log: from on_step_end that
         # would swallow the Trainer's own `loss` log of this step, so the flag is put back.
         should_log = self.trainer.control.should_log
         self.trainer.log(metrics)
         self.trainer.control.should_log = should_log
+
+    def save_spectra(self, output_dir: str | Path, step: int) -> list[Path]:
+        """Write :attr:`spectra` as ``output_dir/spectrum-step{step}-{split}[-batch{i}].json``; returns the paths."""
+        paths = []
+        for split, spectra in self.spectra.items():
+            for index, spectrum in enumerate(spectra):
+                several = len(spectra) > 1
+                suffix, label = (f"-batch{index}", f", batch {index}") if several else ("", "")
+                path = Path(output_dir) / f"spectrum-step{step}-{split}{suffix}.json"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                paths.append(spectrum.save(path, name=f"{split}, step {step}{label}"))
+        return paths
 
     # -- Trainer events -----------------------------------------------------------------------------------
 

@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     measure.add_argument(
         "--measures",
         default="kappa,hessian_trace,top_eigenvalue",
-        help="comma-separated: kappa,hessian_trace,top_eigenvalue,sam_sharpness,jacobian_norm",
+        help="comma-separated: kappa,hessian_trace,top_eigenvalue,sam_sharpness,jacobian_norm,hessian_spectrum",
     )
     measure.add_argument("--batch-size", type=int, default=8, help="examples per batch (default: 8)")
     measure.add_argument("--max-examples", type=int, default=64, help="first N rows of --data (default: 64)")

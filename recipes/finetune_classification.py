@@ -62,7 +62,7 @@ class ScriptArguments:
     flatness_measures: list[str] = field(
         default_factory=list,
         metadata={"help": "FlatnessCallback measures logged on the κ batches while training (kappa, hessian_trace, "
-                  "top_eigenvalue, sam_sharpness, jacobian_norm); empty: none."},
+                  "top_eigenvalue, sam_sharpness, jacobian_norm, hessian_spectrum); empty: none."},
     )  # fmt: skip
     flatness_every_n_steps: int | None = field(
         default=None, metadata={"help": "Log flatness_measures every n optimizer steps (and after evaluation)."}

@@ -3,14 +3,19 @@ and leave training untouched."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from models import COMMON, bert, cls_data, fam_trainer, gpt2, lm_data, params
 from transformers import Trainer, TrainingArguments
 
 from fam_hf import relative_flatness
-from fam_hf.callback import MEASURES, FlatnessCallback
-from fam_hf.measures import hessian_trace
+from fam_hf.callback import MEASURES, FlatnessCallback, logged_names
+from fam_hf.measures import hessian_spectrum, hessian_trace
+from fam_hf.plots import is_spectrum_file, plot_spectra
+
+SMALL_SPECTRUM = dict(spectrum_runs=2, spectrum_steps=8)  # every measure runs in the tests below: keep it cheap
 
 
 def collate(trainer, dataset, n=8):
@@ -34,8 +39,9 @@ def test_plain_trainer_logs_every_n_steps_and_at_evaluation_and_matches_hand_com
     trainer = Trainer(model=model, args=args, train_dataset=data, eval_dataset=cls_data(16, length=6))
     train_batch, eval_batch = collate(trainer, data), collate(trainer, trainer.eval_dataset)
     callback = FlatnessCallback(
-        train_batch, eval_batch, measures=MEASURES, every_n_steps=2, estimator="probe", probes=4, trace_probes=8
-    )
+        train_batch, eval_batch, measures=MEASURES, every_n_steps=2, estimator="probe", probes=4, trace_probes=8,
+        **SMALL_SPECTRUM,
+    )  # fmt: skip
     trainer.add_callback(callback.attach(trainer))
     trainer.train()
 
@@ -44,7 +50,7 @@ def test_plain_trainer_logs_every_n_steps_and_at_evaluation_and_matches_hand_com
     assert [h["step"] for h in trainer.state.log_history if "loss" in h] == [1, 2, 3, 4]  # Trainer's own logs kept
     for entry in logs.values():
         for split in ("train", "eval"):
-            assert {f"flatness/{split}/{m}" for m in (*MEASURES, "loss")} <= entry.keys()
+            assert {f"flatness/{split}/{m}" for m in (*logged_names(MEASURES), "loss")} <= entry.keys()
         assert entry["flatness/gap"] == pytest.approx(entry["flatness/eval/loss"] - entry["flatness/train/loss"])
 
     model.eval()
@@ -87,7 +93,7 @@ def test_fam_trainer_with_callback_trains_exactly_as_without(tmp_path):
 def test_compute_restores_the_model_mode_and_leaves_weights_and_grads_alone():
     model = bert()
     batch = {"input_ids": torch.randint(0, 32, (4, 8)), "labels": torch.tensor([0, 1, 2, 0])}
-    callback = FlatnessCallback(batch, batch, measures=MEASURES, probes=2, trace_probes=2)
+    callback = FlatnessCallback(batch, batch, measures=MEASURES, probes=2, trace_probes=2, **SMALL_SPECTRUM)
     before = params(model)
     for mode in (True, False):
         model.train(mode)
@@ -97,6 +103,53 @@ def test_compute_restores_the_model_mode_and_leaves_weights_and_grads_alone():
     assert all(p.grad is None for p in model.parameters())
     for name, p in model.named_parameters():
         torch.testing.assert_close(p, before[name], rtol=0, atol=0)
+
+
+def test_hessian_spectrum_logs_its_top_ritz_values_and_saves_each_spectrum(tmp_path):
+    model, data = bert(), cls_data(16)
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=8, **COMMON)
+    trainer = Trainer(model=model, args=args, train_dataset=data)
+    train_batch, eval_batch = collate(trainer, data), collate(trainer, cls_data(8, length=6))
+    callback = FlatnessCallback(
+        train_batch, eval_batch, measures=["hessian_spectrum"], every_n_steps=1, spectrum_top=2, spectrum_runs=3,
+        spectrum_steps=10, trainer=trainer,
+    )  # fmt: skip
+    trainer.add_callback(callback)
+    trainer.train()
+
+    logs = {h["step"]: h for h in trainer.state.log_history if "flatness/train/spectrum_top1" in h}
+    assert sorted(logs) == [1, 2]
+    for entry in logs.values():
+        keys = {k for k in entry if k.startswith("flatness/")}
+        expected = {f"flatness/{s}/{m}" for s in ("train", "eval") for m in ("loss", "spectrum_top1", "spectrum_top2")}
+        assert keys == expected | {"flatness/gap"}
+    files = sorted(tmp_path.glob("spectrum-step*.json"))
+    assert [f.name for f in files] == [f"spectrum-step{n}-{s}.json" for n in (1, 2) for s in ("eval", "train")]
+    # the last measurement is of the trained weights: the same spectrum, computed directly with the same seed
+    model.eval()
+    for split, batch in (("train", train_batch), ("eval", eval_batch)):
+        spectrum = hessian_spectrum(model, batch, runs=3, steps=10, generator=torch.Generator().manual_seed(0))
+        runs = [sorted((x for x in row if x == x), reverse=True) for row in spectrum.nodes.tolist()]
+        for i in (0, 1):  # the i-th largest Ritz value, the largest over the runs
+            top = max(run[i] for run in runs)
+            assert logs[2][f"flatness/{split}/spectrum_top{i + 1}"] == pytest.approx(top, rel=1e-6)
+        saved = json.loads((tmp_path / f"spectrum-step2-{split}.json").read_text())
+        assert saved["name"] == f"{split}, step 2" and saved["dim"] == spectrum.dim == 48
+        for row, expected_row in zip(saved["nodes"], spectrum.as_dict()["nodes"]):
+            assert row == pytest.approx(expected_row, rel=1e-6)
+    assert all(is_spectrum_file(f) for f in files)
+    assert plot_spectra([f for f in files if f.name.endswith("train.json")], tmp_path / "plots").is_file()
+
+
+def test_spectra_of_several_batches_are_saved_one_file_each(tmp_path):
+    model = bert()
+    batch = {"input_ids": torch.randint(0, 32, (4, 8)), "labels": torch.tensor([0, 1, 2, 0])}
+    callback = FlatnessCallback([batch, batch], measures=["hessian_spectrum"], spectrum_runs=1, spectrum_steps=4)
+    metrics = callback.compute(model)
+    assert set(metrics) == {"flatness/train/loss", *(f"flatness/train/spectrum_top{i}" for i in (1, 2, 3))}
+    paths = callback.save_spectra(tmp_path, 7)
+    assert [p.name for p in paths] == ["spectrum-step7-train-batch0.json", "spectrum-step7-train-batch1.json"]
+    assert json.loads(paths[1].read_text())["name"] == "train, step 7, batch 1"
 
 
 def test_errors_name_the_fix():

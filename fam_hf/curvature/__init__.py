@@ -1,6 +1,7 @@
 """Pure tensor mathematics of relative flatness: no transformers, no Trainer.
 
-* :mod:`~fam_hf.curvature.heads` — κ of an output head, exactly, from its logits or from its input;
+* :mod:`~fam_hf.curvature.heads` — κ of an output head, exactly, from its logits or from its input, and the
+  head's Hessian trace;
 * :mod:`~fam_hf.curvature.fused_head` — a causal LM's loss and κ of its head in one chunked pass, with the
   gradient of ``L + λκ``;
 * :mod:`~fam_hf.curvature.probes` — Rademacher probes through the loss (Hessian) or the logits (Gauss–Newton),
@@ -18,6 +19,8 @@ from .heads import (
     LOSS_TYPES,
     closed_form,
     compute_dtype,
+    head_hessian_trace,
+    logit_curvature_trace,
     softmax_curvature,
     weighted_curvature_from_features,
 )
@@ -45,9 +48,11 @@ __all__ = [
     "explain_missing_double_backward",
     "fused_head_loss",
     "gauss_newton_forms",
+    "head_hessian_trace",
     "host_to_device",
     "kappa_from_hessian",
     "layer_hessian",
+    "logit_curvature_trace",
     "logit_tangents",
     "probe_quadratic_forms",
     "rademacher",

@@ -4,6 +4,8 @@ For a head ``z = W φ (+ b)`` feeding a loss that is a weighted sum of per-posit
 layer Hessian vanish and ``κ = Σ_t c_t ‖φ_t‖² Tr(W Wᵀ ∇²_z ℓ_t)`` (docs/mathematics.md#closed-form-for-an-output-head).
 :func:`closed_form` takes the head's logits; :func:`weighted_curvature_from_features` takes its input and weight
 only, for losses that never form the logits (fused LM heads), in row chunks with its gradient in the same loop.
+:func:`head_hessian_trace` is the same sum with ``W Wᵀ`` replaced by the identity: the head's exact Hessian trace
+``Tr(H_W) = Σ_t c_t ‖φ_t‖² Tr ∇²_z ℓ_t`` (docs/measures.md#hessian-trace).
 Pure tensor functions: the formula, the shapes and the cost are in each docstring.
 """
 
@@ -76,6 +78,88 @@ def closed_form(
     else:
         raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}")
     return (position_weights.to(dtype) * feature_sq * curvature).sum()
+
+
+def logit_curvature_trace(logits: torch.Tensor, loss_type: str, *, chunk_rows: int) -> torch.Tensor:
+    """``Tr ∇²_z ℓ(z_t)`` of each row: the curvature of the per-position loss in the logits, traced.
+
+    * ``"cross_entropy"``: ``Tr(diag p − p pᵀ) = 1 − ‖p_t‖²``, ``p_t = softmax(z_t)``;
+    * ``"mse"`` (``(z − y)²`` per element): ``Tr(2 I_d) = 2d``;
+    * ``"bce"`` (with logits, per element): ``Σ_s σ(z_{t,s}) (1 − σ(z_{t,s}))``.
+
+    None depends on the labels (docs/mathematics.md#closed-form-for-an-output-head).
+
+    Args:
+        logits: ``z: (N, d)``, any float dtype.
+        loss_type: one of ``"cross_entropy"``, ``"mse"``, ``"bce"``.
+        chunk_rows: rows of ``z`` whose probabilities are formed at a time, so that the only ``(N, d)`` tensor is
+            ``z`` itself (an LM head's ``d`` is the vocabulary).
+
+    Returns:
+        ``(N,)`` in ``compute_dtype(logits.dtype)``, not differentiable (a measurement).
+
+    Cost: one softmax (or sigmoid) over ``z``, ``O(N·d)``.
+    """
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}")
+    dtype = compute_dtype(logits.dtype)
+    n, d = logits.shape
+    if loss_type == "mse":
+        return torch.full((n,), 2.0 * d, dtype=dtype, device=logits.device)
+    curvature = logits.new_empty(n, dtype=dtype)
+    with torch.no_grad(), torch.autocast(logits.device.type, enabled=False):
+        for rows in chunks(n, chunk_rows):
+            if loss_type == "cross_entropy":
+                probs = torch.softmax(logits[rows], dim=-1, dtype=dtype)
+                curvature[rows] = 1 - torch.linalg.vector_norm(probs, dim=-1).square()
+            else:
+                sig = torch.sigmoid(logits[rows].to(dtype))
+                curvature[rows] = (sig * (1 - sig)).sum(-1)
+    return curvature
+
+
+def head_hessian_trace(
+    features: torch.Tensor,
+    logits: torch.Tensor,
+    position_weights: torch.Tensor,
+    loss_type: str,
+    *,
+    bias: bool = False,
+    chunk_elements: int = CHUNK_ELEMENTS,
+) -> torch.Tensor:
+    """Exact ``Tr(H_W)`` of an output head ``z = W φ (+ b)`` feeding a per-position loss ``L = Σ_t c_t ℓ(z_t)``.
+
+    ``H_W = Σ_t c_t (φ_t φ_tᵀ) ⊗ ∇²_z ℓ_t`` (cross terms between positions vanish: each ``ℓ_t`` depends on ``z_t``
+    alone, and ``z`` is linear in ``W``), so
+
+        Tr(H_W) = Σ_t c_t ‖φ_t‖² · Tr ∇²_z ℓ_t,
+
+    with ``Tr ∇²_z ℓ_t`` from :func:`logit_curvature_trace` (``1 − ‖p_t‖²`` for cross-entropy, ``2d`` for MSE,
+    ``Σ_s σ_s(1 − σ_s)`` for BCE). It is κ's closed form (:func:`closed_form`) with ``W Wᵀ`` replaced by the
+    identity. The head is linear, so its Gauss–Newton matrix is this Hessian and the value is ``Tr(G_W)`` too.
+    ``bias=True`` adds the bias's own block, ``Tr(H_b) = Σ_t c_t Tr ∇²_z ℓ_t`` (the trace w.r.t. ``(W, b)``).
+
+    Args:
+        features: ``φ: (N, m)``, the head's inputs at the positions that enter the loss.
+        logits: ``z: (N, d)``, the head's outputs there.
+        position_weights: ``c: (N,)`` (``1/N`` for a mean over ``N`` counted positions, 0 for ignored ones).
+        loss_type: one of ``"cross_entropy"``, ``"mse"``, ``"bce"``.
+        bias: include the bias's block.
+        chunk_elements: logits entries whose probabilities are formed at a time (no extra ``(N, d)`` tensor).
+
+    Returns:
+        A 0-d tensor in ``compute_dtype(logits.dtype)`` (loss per squared weight unit), summed in float64.
+
+    Cost: one softmax over ``z`` and ``‖φ_t‖²``: ``O(N·(d + m))``, no product with ``W`` (the weight is not read).
+    """
+    dtype = compute_dtype(logits.dtype)
+    curvature = logit_curvature_trace(logits, loss_type, chunk_rows=max(1, chunk_elements // logits.shape[-1]))
+    with torch.no_grad():
+        scale = features.to(torch.float64).pow(2).sum(-1)  # ‖φ_t‖²
+        if bias:
+            scale = scale + 1
+        total = (position_weights.to(torch.float64) * scale * curvature.to(torch.float64)).sum()
+    return total.to(dtype)
 
 
 def softmax_curvature(

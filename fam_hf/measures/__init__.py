@@ -3,7 +3,8 @@
 Each takes a model and a batch (``model(**batch).loss`` is the loss, or pass ``loss_fn(model, batch)``),
 never modifies the model, and returns a small dataclass (value, and standard error where stochastic):
 
-* :func:`hessian_trace` — ``Tr(∇²L)`` w.r.t. a layer's weight or parameters (Hutchinson, Hutch++, exact).
+* :func:`hessian_trace` — ``Tr(∇²L)`` w.r.t. a layer's weight or parameters (Hutchinson, Hutch++, exact; on an
+  output head also in closed form, from one forward pass).
 * :func:`top_eigenvalues` — top-``k`` Hessian eigenpairs by Lanczos; ``λ_max`` is sharpness.
 * :func:`gauss_newton_trace` — ``Tr(G)`` of the Gauss–Newton matrix (PSD; forward-mode products only).
 * :func:`hessian_spectrum` — the Hessian's eigenvalue density by stochastic Lanczos quadrature.

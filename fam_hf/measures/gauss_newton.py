@@ -22,11 +22,12 @@ from torch.nn import functional as F
 from ..curvature import default_generator, explain_missing_double_backward, gauss_newton_forms, second_order_kernels
 from ..head_loss import HeadLoss, as_head_loss, call_model, head_loss_for
 from ..layers import resolve_layer
+from .head_trace import closed_form_head_trace, closed_form_refusal
 from .hessian import Subset, Wrt, _LossOf, resolve_subset
 from .progress import progress
 from .trace import HessianTrace, _probe_blocks, _std_error
 
-GN_METHODS = ("hutchinson", "exact")
+GN_METHODS = ("hutchinson", "exact", "closed_form", "auto")
 
 
 def gauss_newton_trace(
@@ -49,7 +50,10 @@ def gauss_newton_trace(
         batch: a transformers batch with labels, or (with ``head_loss``) the keyword arguments of any model.
         wrt: a layer spec, a parameter, a sequence of parameters, or None (every trainable parameter).
         probes: Rademacher probes (Hutchinson on ``G``); ignored by ``"exact"``.
-        method: ``"hutchinson"`` or ``"exact"`` (``n`` products with the standard basis; small subsets).
+        method: ``"hutchinson"``, ``"exact"`` (``n`` products with the standard basis; small subsets),
+            ``"closed_form"`` (an output head only, where ``G = H``: ``Tr(G_W) = Σ_t c_t ‖φ_t‖² Tr ∇²_z ℓ_t`` exactly,
+            from one forward pass; the conditions and refusals are :func:`hessian_trace`'s) or ``"auto"`` (the
+            closed form where it applies, else Hutchinson). The default stays Hutchinson.
         head_loss: which layer's output is the logits and which loss reads them (see :class:`~fam_hf.HeadLoss`);
             default: the model's own loss (a transformers causal LM or sequence classifier).
         generator: RNG for the probes; default seeded with 0 (the same draws as :func:`hessian_trace`'s).
@@ -57,13 +61,19 @@ def gauss_newton_trace(
         disable_tqdm: hide the progress bar (shown after 5 s).
 
     Returns:
-        :class:`~fam_hf.measures.HessianTrace` with ``method="gauss_newton"`` (or ``"gauss_newton_exact"``).
+        :class:`~fam_hf.measures.HessianTrace` with ``method="gauss_newton"`` (or ``"gauss_newton_exact"``,
+        ``"gauss_newton_closed_form"``).
 
     Cost: one forward pass with its forward-mode tangent per probe (``torch.func.jvp``): no backward pass, no
-    graph kept, so about a forward pass's memory.
+    graph kept, so about a forward pass's memory. The closed form: one forward pass in all.
     """
     if method not in GN_METHODS:
         raise ValueError(f"method={method!r} is not one of {', '.join(map(repr, GN_METHODS))}")
+    if method == "auto":
+        method = "hutchinson" if closed_form_refusal(model, wrt, head_loss=head_loss) is not None else "closed_form"
+    if method == "closed_form":
+        value, n = closed_form_head_trace(model, batch, wrt, head_loss=head_loss)
+        return HessianTrace(value, None, "gauss_newton_closed_form", 0, n)
     spec = as_head_loss(head_loss)
     loss = spec or head_loss_for(model)
     if loss is None:

@@ -159,6 +159,25 @@ class HessianSpectrum:
         """``n · mean_r Σ_k τ_{r,k} θ_{r,k}``: the Hutchinson estimate of ``Tr(H)`` the runs imply."""
         return self.dim * torch.nansum(self.weights * self.nodes, dim=1).mean()
 
+    def top(self, k: int = 1) -> torch.Tensor:
+        """``(k,)`` float64, descending: the ``i``-th entry is the largest over the runs of each run's ``i``-th largest
+        Ritz value (NaN where no run has ``i`` of them).
+
+        Each run's ``i``-th largest Ritz value is at most ``λ_i``, the ``i``-th largest eigenvalue (Cauchy interlacing,
+        for an orthonormal Lanczos basis), so the largest over the runs is the tightest of these lower bounds; they
+        converge to ``λ_i`` from below as ``steps`` grows, the top ones first. Without reorthogonalisation (the
+        default for ``n·steps > 2²⁴``) a converged top eigenvalue can repeat within a run ("ghosts"), so entry 2
+        can then be a copy of ``λ_1``: :func:`~fam_hf.measures.top_eigenvalues` gives the top ``k`` themselves.
+        """
+        if k < 1:
+            raise ValueError(f"k={k} must be at least 1")
+        nodes = torch.where(torch.isnan(self.nodes), -math.inf, self.nodes)
+        ordered = nodes.sort(dim=1, descending=True).values  # (runs, m)
+        top = torch.full((k,), -math.inf, dtype=torch.float64)
+        kept = min(k, ordered.shape[1])
+        top[:kept] = ordered[:, :kept].max(dim=0).values
+        return top.masked_fill(top == -math.inf, math.nan)
+
     def density_at(self, grid: torch.Tensor, sigma: float | None = None) -> torch.Tensor:
         """``φ_σ`` at ``grid: (G,)`` (default ``σ``: :attr:`sigma`)."""
         return smoothed_density(self.nodes, self.weights, grid, self.sigma if sigma is None else sigma)

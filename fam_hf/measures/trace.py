@@ -7,6 +7,8 @@
   spectrum (``Q = orth(H S)``), whose trace ``Tr(QᵀHQ)`` is exact; Hutchinson handles only the rest,
   ``(I − QQᵀ) H (I − QQᵀ)``. Exact once the sketch spans the space (budget ≥ ``3n``).
 * exact: ``Σ_i e_iᵀ H e_i`` over the standard basis, ``n`` HVPs.
+* closed form, on an output head only: ``Tr(H_W) = Σ_t c_t ‖φ_t‖² Tr ∇²_z ℓ_t`` from one forward pass, no HVP
+  (:mod:`fam_hf.measures.head_trace`).
 
 Memory: the probes are drawn and multiplied ``block`` at a time, so Hutchinson and the exact trace hold
 ``O(n·block)`` whatever the number of probes (Hutch++ holds its sketch ``Q: (n, probes/3)`` as well, by
@@ -29,10 +31,13 @@ import torch
 from torch import nn
 
 from ..curvature import default_generator, rademacher
+from ..head_loss import HeadLoss
+from .head_trace import closed_form_head_trace, closed_form_refusal
 from .hessian import LossFn, LossHessian, Operator, SymmetricOperator, Wrt, as_operator
 from .progress import progress
 
 TRACE_METHODS = ("hutchinson", "hutch++", "exact")
+MODEL_TRACE_METHODS = (*TRACE_METHODS, "closed_form", "auto")  # what hessian_trace takes: these need the model
 
 
 @dataclass
@@ -42,9 +47,10 @@ class HessianTrace:
     Attributes:
         value: scalar estimate.
         std_error: standard error of a stochastic estimate (std of the per-probe values / √probes, for
-            Hutch++ of its Hutchinson part on the residual); None for ``"exact"``.
-        method: ``"hutchinson"``, ``"hutch++"`` or ``"exact"``.
-        matvecs: Hessian-vector products spent.
+            Hutch++ of its Hutchinson part on the residual); None for ``"exact"`` and a closed form.
+        method: ``"hutchinson"``, ``"hutch++"``, ``"exact"``, ``"closed_form"``, or the Gauss–Newton trace's
+            ``"gauss_newton"``, ``"gauss_newton_exact"``, ``"gauss_newton_closed_form"``.
+        matvecs: Hessian-vector products spent (0 for a closed form).
         dim: ``n``, the number of variables.
     """
 
@@ -161,6 +167,7 @@ def hessian_trace(
     probes: int = 64,
     method: str = "hutchinson",
     loss_fn: LossFn | None = None,
+    head_loss: HeadLoss | str | None = None,
     generator: torch.Generator | None = None,
     block: int | None = None,
     disable_tqdm: bool | None = None,
@@ -173,8 +180,18 @@ def hessian_trace(
         wrt: a layer spec (that layer's ``W: (d, m)``), a parameter, a sequence of parameters, or None
             (every trainable parameter); see :mod:`fam_hf.measures.hessian`.
         probes: budget of Hessian-vector products (see :func:`estimate_trace`).
-        method: ``"hutchinson"`` (default), ``"hutch++"`` or ``"exact"``.
+        method: ``"hutchinson"`` (default), ``"hutch++"``, ``"exact"``, ``"closed_form"`` or ``"auto"``.
+            ``"closed_form"``: exact on an output head (``Tr(H_W) = Σ_t c_t ‖φ_t‖² Tr ∇²_z ℓ_t``,
+            :func:`fam_hf.curvature.head_hessian_trace`) from one forward pass, no HVP; ``wrt`` must be the
+            model's output head under its own cross-entropy, MSE or BCE loss (a transformers causal LM or sequence
+            classifier), or the layer ``head_loss`` names; anything else is refused with the reason.
+            ``"auto"``: the closed form where it applies, else Hutchinson. The default stays Hutchinson, so the
+            numbers of earlier calls do not change.
         loss_fn: ``loss_fn(model, batch) -> loss`` for models that do not compute their own loss.
+        head_loss: for ``"closed_form"`` on a model whose loss fam_hf does not recognise (plain torch, a
+            ``loss_fn``): which layer's output the loss reads and which loss it is (:class:`~fam_hf.HeadLoss`, or
+            ``"cross_entropy"``, ``"mse"``, ``"bce"`` for ``wrt`` itself with ``batch["labels"]``); the loss
+            computed is checked against it. Ignored by the other methods.
         generator: RNG for the probes; default seeded with 0.
         block: probes multiplied at a time (memory ``O(n·block)``; default: as many as fit in the size of the
             model's gradient); the result does not depend on it.
@@ -184,9 +201,17 @@ def hessian_trace(
         :class:`HessianTrace` (units: loss per squared weight unit).
 
     Cost: one forward and one backward pass, then ``probes`` double-backward passes (``n`` for
-    ``"exact"``). The sum over the batch follows the loss's own normalisation (a mean over examples or
-    counted tokens for transformers' losses).
+    ``"exact"``); the closed form, one forward pass without a graph. The sum over the batch follows the loss's
+    own normalisation (a mean over examples or counted tokens for transformers' losses).
     """
+    if method not in MODEL_TRACE_METHODS:
+        raise ValueError(f"method={method!r} is not one of {', '.join(map(repr, MODEL_TRACE_METHODS))}")
+    if method == "auto":
+        refused = closed_form_refusal(model, wrt, head_loss=head_loss, loss_fn=loss_fn)
+        method = "hutchinson" if refused is not None else "closed_form"
+    if method == "closed_form":
+        value, n = closed_form_head_trace(model, batch, wrt, head_loss=head_loss, loss_fn=loss_fn)
+        return HessianTrace(value, None, "closed_form", 0, n)
     hessian = LossHessian(model, batch, wrt, loss_fn=loss_fn)
     return estimate_trace(
         hessian, probes=probes, method=method, generator=generator, block=block, disable_tqdm=disable_tqdm
