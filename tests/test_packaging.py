@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 # What the tree imports that no distribution provides: its own modules, run as scripts or from sys.path.
 LOCAL = {"fam_hf", "benchmarks", "recipes", "kit", "study"} | {
-    p.stem for d in ("tests", "benchmarks", "recipes", "study") for p in (ROOT / d).glob("*.py")
+    p.stem for d in ("tests", "benchmarks", "recipes", "study", "examples") for p in (ROOT / d).glob("*.py")
 }
 
 
@@ -61,7 +61,7 @@ def distribution(module: str) -> str:
     "folder, groups",
     [("fam_hf", ("core", "plots", "deepspeed", "trl")), ("recipes", ("core", "plots", "trl")),
      ("benchmarks", ("core", "bitsandbytes", "trl", "test")), ("study", ("core", "plots")),
-     ("tests", ("core", "test", "plots", "deepspeed", "trl"))],
+     ("examples", ("core", "examples", "plots")), ("tests", ("core", "test", "plots", "deepspeed", "trl", "examples"))],
 )  # fmt: skip
 def test_every_import_is_declared(folder, groups):
     declared = {
