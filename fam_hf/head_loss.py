@@ -21,6 +21,7 @@ docs/mathematics.md#counted-positions-and-normalisation.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -79,6 +80,14 @@ class HeadLoss:
     def __post_init__(self) -> None:
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"HeadLoss: loss_type={self.loss_type!r} is not one of {', '.join(map(repr, LOSS_TYPES))}")
+
+    def aligned(self, labels: torch.Tensor, batch: Mapping[str, Any]) -> tuple[torch.Tensor, HeadLoss]:
+        """The targets the loss scores and the spec that reads them: a causal LM's loss takes the batch's
+        ``shift_labels`` as they are (already aligned with the logits, as transformers' context parallelism passes
+        them) in place of shifting ``labels``."""
+        if self.shift_labels and torch.is_tensor(batch.get("shift_labels")):
+            return batch["shift_labels"], dataclasses.replace(self, shift_labels=False)
+        return labels, self
 
     def positions(
         self,

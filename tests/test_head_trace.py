@@ -14,7 +14,7 @@ from torch.autograd.functional import hessian
 from torch.nn import functional as F
 from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
 
-from fam_hf import HeadLoss
+from fam_hf import HeadLoss, relative_flatness
 from fam_hf.curvature import head_hessian_trace
 from fam_hf.measures import gauss_newton_trace, hessian_trace
 
@@ -125,6 +125,21 @@ def test_causal_lm_reads_num_items_in_batch_and_shift_labels():
     value = hessian_trace(model, shifted, method="closed_form").value
     torch.testing.assert_close(value, truth, rtol=1e-6, atol=0)
     assert abs(float(value / plain) - 1) > 1e-4  # the shift_labels mattered (100 times the tolerance above)
+
+
+def test_kappa_and_gauss_newton_read_shift_labels_as_the_model_s_loss_does():
+    """transformers' causal-LM loss scores ``logits[t]`` against a batch's ``shift_labels[t]`` when given; κ's closed
+    form and the Gauss–Newton measures mirror that loss, so they read them too (the exact estimator differentiates the
+    loss itself)."""
+    model, batch = tiny_gpt2(), lm_batch()
+    shifted = {**batch, "shift_labels": torch.randint(0, 24, (3, 6)).masked_fill(torch.rand(3, 6) < 0.4, -100)}
+    exact = relative_flatness(model, shifted, "lm_head", "exact").value
+    closed = relative_flatness(model, shifted, "lm_head", "closed_form").value
+    torch.testing.assert_close(closed, exact, rtol=1e-6, atol=0)
+    assert abs(float(exact / relative_flatness(model, batch, "lm_head", "exact").value) - 1) > 1e-3
+    truth = brute_head_trace(model, shifted, model.lm_head)
+    gauss_newton = gauss_newton_trace(model, shifted, "lm_head", method="exact").value
+    torch.testing.assert_close(gauss_newton, truth, rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize(

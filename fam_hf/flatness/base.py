@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..curvature import default_generator, second_order_kernels
-from ..head_loss import HeadLoss, as_head_loss, head_loss_value
+from ..head_loss import HeadLoss, as_head_loss, head_loss_for, head_loss_value
 from ..layers import Layer, LayerSet, resolve_layer, resolve_spec, unwrap_model
 from ..options import ESTIMATORS, HESSIAN_GRADS, SCALES, LossKind, check_choice, get_args
 
@@ -452,6 +452,15 @@ class Recording:
             )
         return labels
 
+    def mirrored_loss(self) -> tuple[torch.Tensor, HeadLoss]:
+        """The targets and the loss the closed form and Gauss–Newton mirror (the user's ``head_loss`` or the model's
+        own), with a causal LM's ``shift_labels`` read as transformers' loss reads them (:meth:`HeadLoss.aligned`)."""
+        labels = self.labels()
+        head_loss = self.flatness.head_loss or head_loss_for(self.flatness.model, labels)
+        if head_loss is None:
+            raise ValueError(f"{type(self.flatness.model).__name__}'s loss is not one fam_hf mirrors; pass head_loss=")
+        return head_loss.aligned(labels, self.batch)
+
     def check_head_loss(self, loss: torch.Tensor | None) -> None:
         """Raise where the user's ``head_loss`` does not describe the loss the pass computed."""
         fam = self.flatness
@@ -463,9 +472,8 @@ class Recording:
         if loss is None or not isinstance(self.head_output, torch.Tensor):
             return
         with torch.no_grad():
-            expected = head_loss_value(
-                fam.head_loss, self.head_output.detach(), self.labels(), input_ids=self.batch.get("input_ids")
-            )
+            labels, spec = fam.head_loss.aligned(self.labels(), self.batch)
+            expected = head_loss_value(spec, self.head_output.detach(), labels, input_ids=self.batch.get("input_ids"))
         if not torch.allclose(loss.detach().to(expected.dtype), expected, rtol=1e-4, atol=1e-7):
             spec = fam.head_loss
             raise ValueError(

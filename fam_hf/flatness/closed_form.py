@@ -89,8 +89,7 @@ class ClosedFormFlatness(RelativeFlatness):
 
         def _closed_form(self, weight, features, output) -> torch.Tensor:
             fam = self.flatness
-            labels = self.labels()
-            head_loss = fam.head_loss or head_loss_for(fam.model, labels)
+            labels, head_loss = self.mirrored_loss()
             if self.feature_scale is not None:  # W' = W diag(σ) acting on φ' = φ / σ: the same output
                 sigma, inverse = self.feature_scale
                 features, weight = features * inverse, weight * sigma

@@ -24,7 +24,6 @@ from ..curvature import (
     probe_quadratic_forms,
     rademacher,
 )
-from ..head_loss import head_loss_for
 from ..layers import Layer
 from .base import NO_LOSS, Recording, RelativeFlatness
 from .closed_form import custom_loss_refusal, head_loss_refusal
@@ -116,7 +115,7 @@ class GaussNewtonFlatness(ProbeFlatness):
 
     class Recording(ProbeFlatness.Recording):
         def forms(self, loss, logits):
-            labels = self.labels()
+            labels, head_loss = self.mirrored_loss()
             if logits is None:
                 raise ValueError(
                     "the Gauss–Newton estimator needs the model's logits: pass them to result(loss, logits=...), or "
@@ -127,7 +126,6 @@ class GaussNewtonFlatness(ProbeFlatness):
                 if self.differentiable:
                     raise RuntimeError(self.unused_message())
                 return torch.zeros_like(self.delta)
-            head_loss = self.flatness.head_loss or head_loss_for(self.flatness.model, labels)
             logits, stacked, weights = head_loss.positions(
                 logits,
                 torch.cat(tangents, dim=-1),  # (..., P·d): selected and pooled with the logits

@@ -87,6 +87,7 @@ def gauss_newton_trace(
     labels = batch.get(loss.labels)
     if labels is None:
         raise ValueError(f"the Gauss–Newton trace needs the batch's targets, batch[{loss.labels!r}]")
+    labels, loss = loss.aligned(labels, batch)
     n, dtype = subset.dim, subset.values[0].dtype
     parameters = sum(p.numel() for p in model.parameters())
     block = max(1, parameters // n) if block is None else block

@@ -12,7 +12,6 @@ to use instead, where the layer is not an output head or the loss is not one it 
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -127,9 +126,7 @@ def closed_form_head_trace(
                 f"the model's logits ({tuple(logits.shape)}) are not the output of '{layer.name}' "
                 f"({tuple(output.shape)}); use method='hutchinson'"
             )
-        if mirrored.shift_labels and torch.is_tensor(batch.get("shift_labels")):
-            # transformers' causal-LM loss scores logits[t] against shift_labels[t] as given (context parallelism)
-            labels, mirrored = batch["shift_labels"], dataclasses.replace(mirrored, shift_labels=False)
+        labels, mirrored = mirrored.aligned(labels, batch)
     logits_at, features_at, weights = mirrored.positions(output, features, labels, **positions)
     value = head_hessian_trace(features_at, logits_at, weights, mirrored.loss_type)
     d, m = layer.shape
