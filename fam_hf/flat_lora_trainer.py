@@ -19,13 +19,14 @@ from torch import nn
 from transformers import Trainer
 
 from .flat_lora_config import FlatLoRAConfig, FlatLoRAFields
+from .hub import HubCardMixin
 from .perturbation import PerturbedLayers, cosine_sigma, perturbed_layers
 from .trainer_base import adopt_args, check_args, check_mixin_order, fix_sequence_classifier_loss, trainer_output_dir
 
 logger = logging.getLogger(__name__)
 
 
-class FlatLoRAMixin:
+class FlatLoRAMixin(HubCardMixin):
     """Flat-LoRA (random weight perturbation of the merged weights), in front of any :class:`transformers.Trainer`
     subclass.
 
@@ -41,7 +42,9 @@ class FlatLoRAMixin:
     optimizer's update, bit for bit. ``loss`` is logged at ``w + ε`` (the objective trained).
 
     Sequence classifiers' loss is averaged as in :class:`~fam_hf.FAMTrainer` (``model_accepts_loss_kwargs = False``
-    for them). Not supported: DeepSpeed ZeRO-3 and FSDP (the hook reads the whole merged weight; refused).
+    for them). Saving or pushing writes a model card (:class:`~fam_hf.hub.HubCardMixin`) with the ``flat-lora`` and
+    ``random-weight-perturbation`` tags, the ``flat_lora_*`` settings, the seed, the perturbed layers and the logged
+    ``σ_t``. Not supported: DeepSpeed ZeRO-3 and FSDP (the hook reads the whole merged weight; refused).
     """
 
     args: FlatLoRAFields
@@ -67,11 +70,15 @@ class FlatLoRAMixin:
             )
         fix_sequence_classifier_loss(self)
         self.flat_lora = PerturbedLayers(perturbed_layers(self.model))
-        self._flat_lora_seed = self.args.seed if self.args.flat_lora_seed is None else self.args.flat_lora_seed
+        self.flat_lora_noise_seed = self.args.seed if self.args.flat_lora_seed is None else self.args.flat_lora_seed
         logger.info(
             "Flat-LoRA: σ=%g (%s) on %d layers", self.args.flat_lora_sigma, self.args.flat_lora_schedule,
             len(self.flat_lora.layers),
         )  # fmt: skip
+
+    def flat_lora_layer_names(self) -> list[str]:
+        """The names of the layers whose output gets ``ε φ`` (the model card lists them)."""
+        return [layer.name for layer in self.flat_lora.layers]
 
     def flat_lora_sigma_at(self, step: int) -> float:
         """``σ_t`` at optimizer step ``step``: the cosine schedule over ``state.max_steps``, or constant."""
@@ -84,7 +91,7 @@ class FlatLoRAMixin:
         self, model: nn.Module, inputs: dict[str, torch.Tensor | Any], num_items_in_batch=None
     ) -> torch.Tensor:
         step = self.state.global_step
-        with self.flat_lora.active(self._flat_lora_seed, step, self.flat_lora_sigma_at(step)):
+        with self.flat_lora.active(self.flat_lora_noise_seed, step, self.flat_lora_sigma_at(step)):
             return super().training_step(model, inputs, num_items_in_batch)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:

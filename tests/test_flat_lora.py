@@ -293,6 +293,29 @@ def test_trl_pair_equals_plain_sft_on_the_perturbed_base(tmp_path, caplog):
     assert "fused LM head never runs the head module, so its weight is not perturbed" in caplog.text
 
 
+def test_trl_pair_writes_a_flat_lora_card_that_lists_only_the_layers_it_perturbs(tmp_path):
+    """FlatLoRASFTTrainer's card (written by save_model, nothing pushed): Flat-LoRA's tags, settings and paper, and
+    the perturbed layers without the LM head, which TRL's fused loss never runs."""
+    pytest.importorskip("trl")
+    from huggingface_hub import ModelCard
+    from test_trl import llama, sft
+
+    from fam_hf.trl import FlatLoRASFTConfig, FlatLoRASFTTrainer
+
+    trainer = sft(FlatLoRASFTTrainer, FlatLoRASFTConfig, llama(), tmp_path, max_steps=1, logging_steps=1,
+                  flat_lora_schedule="constant")  # fmt: skip
+    trainer.train()
+    trainer.save_model()
+    card = ModelCard.load(tmp_path / "README.md")
+    names = [layer.name for layer in trainer.flat_lora.layers]
+    assert "lm_head" in names and trainer.flat_lora_layer_names() == names[:-1]
+    assert card.data.flat_lora["layers"] == len(names) - 1 and card.data.flat_lora["schedule"] == "constant"
+    assert {"flat-lora", "random-weight-perturbation"} <= set(card.data.tags)
+    assert "through `fam_hf`'s `FlatLoRASFTTrainer`" in card.text and "| trainer | FlatLoRASFTTrainer |" in card.text
+    assert "`lm_head`" not in card.text and "`model.layers.0.self_attn.q_proj`" in card.text
+    assert "li2025flatlora" in card.text and "petzka2021relative" not in card.text
+
+
 def _name(model, parameter):
     return next(n for n, p in model.named_parameters() if p is parameter)
 
