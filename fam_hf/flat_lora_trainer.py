@@ -44,7 +44,15 @@ class FlatLoRAMixin(HubCardMixin):
     Sequence classifiers' loss is averaged as in :class:`~fam_hf.FAMTrainer` (``model_accepts_loss_kwargs = False``
     for them). Saving or pushing writes a model card (:class:`~fam_hf.hub.HubCardMixin`) with the ``flat-lora`` and
     ``random-weight-perturbation`` tags, the ``flat_lora_*`` settings, the seed, the perturbed layers and the logged
-    ``σ_t``. Not supported: DeepSpeed ZeRO-3 and FSDP (the hook reads the whole merged weight; refused).
+    ``σ_t``.
+
+    **Distributed**: DDP and ZeRO-1/2 (every rank holds the whole weights). **FSDP2** (``fully_shard``; Trainer's
+    default FSDP): the row scales are taken from the sharded weights at the start of each micro-batch's step
+    (the merged weight formed on the shards, its row norms gathered), so each rank adds the same full ``ε`` to its
+    own micro-batch's forward as one process would; the weights are never written, so nothing sharded is
+    perturbed or restored. Refused: FSDP1 (``fsdp_config={"version": 1}``: its flattened shards have no rows
+    outside the forward; use version 2) and DeepSpeed ZeRO-3 (the same for its partitioned parameters; use
+    ZeRO-2 or FSDP2).
     """
 
     args: FlatLoRAFields
@@ -63,11 +71,7 @@ class FlatLoRAMixin(HubCardMixin):
         super().__init__(*args, **kwargs)
         check_args(self, FlatLoRAFields, self.flat_lora_config_class, "flat_lora")
         self.args.check_flat_lora_fields()
-        if self.is_fsdp_enabled or (self.is_deepspeed_enabled and _zero3(self)):
-            raise ValueError(
-                "FlatLoRATrainer reads each perturbed layer's whole merged weight in its forward hook; FSDP and ZeRO-3 "
-                "shard it. Train with DDP (or ZeRO-1/2)"
-            )
+        _check_sharding(self)
         fix_sequence_classifier_loss(self)
         self.flat_lora = PerturbedLayers(perturbed_layers(self.model))
         self.flat_lora_noise_seed = self.args.seed if self.args.flat_lora_seed is None else self.args.flat_lora_seed
@@ -108,6 +112,18 @@ class FlatLoRATrainer(FlatLoRAMixin, Trainer):
     flat_lora_config_class = FlatLoRAConfig
 
 
-def _zero3(trainer: Trainer) -> bool:
+def _check_sharding(trainer: Trainer) -> None:
+    """Raise ValueError for the sharding Flat-LoRA cannot take its row scales from: FSDP1 and ZeRO-3."""
+    if trainer.is_fsdp_enabled and not getattr(trainer.accelerator, "is_fsdp2", False):
+        raise ValueError(
+            f"{type(trainer).__name__} takes each perturbed layer's row norms from its weights before the forward "
+            "pass; FSDP1 keeps them as flattened shards with no rows there. Use FSDP2: fsdp_config={'version': 2} "
+            "(Trainer's default), or fsdp_version: 2 in the accelerate config"
+        )
     plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
-    return plugin is not None and plugin.zero_stage == 3
+    if trainer.is_deepspeed_enabled and plugin is not None and plugin.zero_stage == 3:
+        raise ValueError(
+            f"{type(trainer).__name__} takes each perturbed layer's row norms from its weights before the forward "
+            "pass; DeepSpeed ZeRO-3 keeps them as flat partitions with no rows there. Use ZeRO-1/2, or FSDP2 "
+            "(fsdp_config={'version': 2})"
+        )

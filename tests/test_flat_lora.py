@@ -218,6 +218,28 @@ def test_config_and_model_errors_name_the_fix(tmp_path):
         perturbed_layers(frozen)
 
 
+def test_fsdp1_and_zero3_are_refused_naming_the_fix():
+    """What FlatLoRAMixin.__init__ checks once Trainer has set up accelerate (neither can start on this CPU: accelerate
+    runs FSDP and ZeRO-3 on accelerators only), on stand-ins that say what that check reads."""
+    from types import SimpleNamespace
+
+    from fam_hf.flat_lora_trainer import _check_sharding
+
+    def trainer(fsdp=False, fsdp2=False, zero_stage=None):
+        plugin = None if zero_stage is None else SimpleNamespace(zero_stage=zero_stage)
+        accelerator = SimpleNamespace(is_fsdp2=fsdp2, state=SimpleNamespace(deepspeed_plugin=plugin))
+        return SimpleNamespace(is_fsdp_enabled=fsdp, is_deepspeed_enabled=plugin is not None, accelerator=accelerator)
+
+    with pytest.raises(
+        ValueError, match=r"FSDP1 keeps them as flattened shards .* Use FSDP2: fsdp_config=\{'version': 2\}"
+    ):
+        _check_sharding(trainer(fsdp=True))
+    with pytest.raises(ValueError, match=r"ZeRO-3 keeps them as flat partitions .* Use ZeRO-1/2, or FSDP2"):
+        _check_sharding(trainer(zero_stage=3))
+    for allowed in (trainer(), trainer(fsdp=True, fsdp2=True), trainer(zero_stage=2)):
+        _check_sharding(allowed)
+
+
 @pytest.mark.multiprocess
 def test_two_ddp_ranks_draw_the_same_noise_and_equal_one_process(tmp_path):
     """Two gloo ranks (8 examples each) against one process on the 16: the same noise on every rank, so the
@@ -334,3 +356,33 @@ def test_activation_checkpointing_recomputes_the_same_noise(tmp_path):
         runs[checkpointing] = params(model)
     for name, value in runs[True].items():
         torch.testing.assert_close(value, runs[False][name], rtol=0, atol=1e-10, msg=name)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.skipif(
+    not hasattr(torch.cpu.Stream, "record_event"),
+    reason="this torch's fully_shard cannot run on the CPU ('Stream' object has no attribute 'record_event'; torch 2.6)",
+)
+def test_two_fsdp2_ranks_perturb_as_one_process(tmp_path):
+    """FSDP2 (tests/flat_lora_fsdp_worker.py, two gloo ranks of 8 examples against one process on the 16, two SGD
+    steps): a LoRA model sharded as Trainer shards one (every A and B an FSDP unit of its own, so A is resharded by
+    the time the LoRA layer's forward hook runs) and a full fine-tune with its tied head. The row scales come from
+    the sharded weights before the forward pass, so the weights after the steps are the one-process ones. Tolerance
+    1e-8 on float64 weights: the noise, its row scales and the loss are float32, and the ranks sum in another order
+    (the differences seen are below 5e-10; the noise moves the weights by more than 1e-4)."""
+    out = tmp_path / "fsdp.pt"
+    executable = console_script("torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent)])}
+    proc = subprocess.run([executable, "--nproc_per_node", "2", "--master_port", "29548",
+                           str(HERE / "flat_lora_fsdp_worker.py"), str(out)], capture_output=True, text=True, env=env,
+                          timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = torch.load(out)
+    assert results["lora"]["sharded_in_hook"] == [True, True]
+    for variant, result in results.items():
+        # the loss is float32 (transformers' causal-LM loss casts the logits to float32)
+        torch.testing.assert_close(result["losses"], result["ref_losses"], rtol=1e-6, atol=0, msg=variant)
+        for name, value in result["ref_params"].items():
+            torch.testing.assert_close(result["params"][name], value, rtol=0, atol=1e-8, msg=f"{variant}: {name}")
+        moved = max((result["plain_params"][n] - v).abs().max() for n, v in result["ref_params"].items())
+        assert moved > 1e-4, variant
