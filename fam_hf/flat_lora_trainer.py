@@ -19,13 +19,14 @@ from torch import nn
 from transformers import Trainer
 
 from .flat_lora_config import FlatLoRAConfig, FlatLoRAFields
+from .hub import HubCardMixin
 from .perturbation import PerturbedLayers, cosine_sigma, perturbed_layers
 from .trainer_base import adopt_args, check_args, check_mixin_order, fix_sequence_classifier_loss, trainer_output_dir
 
 logger = logging.getLogger(__name__)
 
 
-class FlatLoRAMixin:
+class FlatLoRAMixin(HubCardMixin):
     """Flat-LoRA (random weight perturbation of the merged weights), in front of any :class:`transformers.Trainer`
     subclass.
 
@@ -41,7 +42,17 @@ class FlatLoRAMixin:
     optimizer's update, bit for bit. ``loss`` is logged at ``w + ε`` (the objective trained).
 
     Sequence classifiers' loss is averaged as in :class:`~fam_hf.FAMTrainer` (``model_accepts_loss_kwargs = False``
-    for them). Not supported: DeepSpeed ZeRO-3 and FSDP (the hook reads the whole merged weight; refused).
+    for them). Saving or pushing writes a model card (:class:`~fam_hf.hub.HubCardMixin`) with the ``flat-lora`` and
+    ``random-weight-perturbation`` tags, the ``flat_lora_*`` settings, the seed, the perturbed layers and the logged
+    ``σ_t``.
+
+    **Distributed**: DDP and ZeRO-1/2 (every rank holds the whole weights). **FSDP2** (``fully_shard``; Trainer's
+    default FSDP): the row scales are taken from the sharded weights at the start of each micro-batch's step
+    (the merged weight formed on the shards, its row norms gathered), so each rank adds the same full ``ε`` to its
+    own micro-batch's forward as one process would; the weights are never written, so nothing sharded is
+    perturbed or restored. Refused: FSDP1 (``fsdp_config={"version": 1}``: its flattened shards have no rows
+    outside the forward; use version 2) and DeepSpeed ZeRO-3 (the same for its partitioned parameters; use
+    ZeRO-2 or FSDP2).
     """
 
     args: FlatLoRAFields
@@ -60,18 +71,18 @@ class FlatLoRAMixin:
         super().__init__(*args, **kwargs)
         check_args(self, FlatLoRAFields, self.flat_lora_config_class, "flat_lora")
         self.args.check_flat_lora_fields()
-        if self.is_fsdp_enabled or (self.is_deepspeed_enabled and _zero3(self)):
-            raise ValueError(
-                "FlatLoRATrainer reads each perturbed layer's whole merged weight in its forward hook; FSDP and ZeRO-3 "
-                "shard it. Train with DDP (or ZeRO-1/2)"
-            )
+        _check_sharding(self)
         fix_sequence_classifier_loss(self)
         self.flat_lora = PerturbedLayers(perturbed_layers(self.model))
-        self._flat_lora_seed = self.args.seed if self.args.flat_lora_seed is None else self.args.flat_lora_seed
+        self.flat_lora_noise_seed = self.args.seed if self.args.flat_lora_seed is None else self.args.flat_lora_seed
         logger.info(
             "Flat-LoRA: σ=%g (%s) on %d layers", self.args.flat_lora_sigma, self.args.flat_lora_schedule,
             len(self.flat_lora.layers),
         )  # fmt: skip
+
+    def flat_lora_layer_names(self) -> list[str]:
+        """The names of the layers whose output gets ``ε φ`` (the model card lists them)."""
+        return [layer.name for layer in self.flat_lora.layers]
 
     def flat_lora_sigma_at(self, step: int) -> float:
         """``σ_t`` at optimizer step ``step``: the cosine schedule over ``state.max_steps``, or constant."""
@@ -84,7 +95,7 @@ class FlatLoRAMixin:
         self, model: nn.Module, inputs: dict[str, torch.Tensor | Any], num_items_in_batch=None
     ) -> torch.Tensor:
         step = self.state.global_step
-        with self.flat_lora.active(self._flat_lora_seed, step, self.flat_lora_sigma_at(step)):
+        with self.flat_lora.active(self.flat_lora_noise_seed, step, self.flat_lora_sigma_at(step)):
             return super().training_step(model, inputs, num_items_in_batch)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -101,6 +112,18 @@ class FlatLoRATrainer(FlatLoRAMixin, Trainer):
     flat_lora_config_class = FlatLoRAConfig
 
 
-def _zero3(trainer: Trainer) -> bool:
+def _check_sharding(trainer: Trainer) -> None:
+    """Raise ValueError for the sharding Flat-LoRA cannot take its row scales from: FSDP1 and ZeRO-3."""
+    if trainer.is_fsdp_enabled and not getattr(trainer.accelerator, "is_fsdp2", False):
+        raise ValueError(
+            f"{type(trainer).__name__} takes each perturbed layer's row norms from its weights before the forward "
+            "pass; FSDP1 keeps them as flattened shards with no rows there. Use FSDP2: fsdp_config={'version': 2} "
+            "(Trainer's default), or fsdp_version: 2 in the accelerate config"
+        )
     plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
-    return plugin is not None and plugin.zero_stage == 3
+    if trainer.is_deepspeed_enabled and plugin is not None and plugin.zero_stage == 3:
+        raise ValueError(
+            f"{type(trainer).__name__} takes each perturbed layer's row norms from its weights before the forward "
+            "pass; DeepSpeed ZeRO-3 keeps them as flat partitions with no rows there. Use ZeRO-1/2, or FSDP2 "
+            "(fsdp_config={'version': 2})"
+        )

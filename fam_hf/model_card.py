@@ -1,11 +1,12 @@
-"""Model cards that say how a model was trained with FAM and how flat it came out.
+"""Model cards that say how a model was trained with FAM (or SAM, or Flat-LoRA) and how flat it came out.
 
 :func:`card_facts` (from a trainer) and :func:`run_card_facts` (from a finished run folder) gather what a card
 records: base model, data set, task, the FAM settings (:func:`resolved_fam_settings`), κ as logged during
 training (``fam/*``) and as measured by ``FlatnessCallback`` (``flatness/*``) and by the recipes
 (``metrics.json``: κ on fixed batches at start and end), evaluation metrics, hyperparameters and library
 versions. :func:`model_card` turns them into a ``huggingface_hub.ModelCard`` (metadata through
-``ModelCardData``), with the BibTeX of the FAM and relative-flatness papers. fam_hf's trainers write it as
+``ModelCardData``), with the BibTeX of the FAM and relative-flatness papers; a SAM or Flat-LoRA run gets that
+method's tags, metadata mapping, settings and papers instead. fam_hf's trainers write it as
 ``README.md`` whenever they save or push (:class:`fam_hf.hub.HubCardMixin`); :mod:`fam_hf.hub` pushes.
 
 No token ever reaches a card or an error message: setting names ending in ``_token`` are dropped and the
@@ -28,6 +29,7 @@ from huggingface_hub import ModelCard, ModelCardData
 CARD_NAME = "README.md"
 FAM_TAGS = ("fam", "relative-flatness")
 SAM_TAGS = ("sam", "sharpness-aware-minimization")
+FLAT_LORA_TAGS = ("flat-lora", "random-weight-perturbation")
 LIBRARIES = {
     "fam_hf": "fam_hf",
     "transformers": "Transformers",
@@ -88,6 +90,19 @@ SAM_CITATION = """\
   year      = {2021}
 }"""
 
+FLAT_LORA_CITATION = """\
+@inproceedings{li2025flatlora,
+  title         = {Flat-{LoRA}: Low-Rank Adaptation over a Flat Loss Landscape},
+  author        = {Li, Tao and He, Zhengbao and Li, Yujun and Wang, Yasheng and Shang, Lifeng and Huang, Xiaolin},
+  booktitle     = {Proceedings of the 42nd International Conference on Machine Learning},
+  series        = {Proceedings of Machine Learning Research},
+  volume        = {267},
+  pages         = {34549--34563},
+  year          = {2025},
+  eprint        = {2409.14396},
+  archivePrefix = {arXiv}
+}"""
+
 _TASKS = (
     ("ForSequenceClassification", "text-classification"),
     ("ForCausalLM", "text-generation"),
@@ -120,6 +135,7 @@ class CardFacts:
     model_name: str
     fam: dict[str, Any] = field(default_factory=dict)
     sam: dict[str, Any] = field(default_factory=dict)  # the sam_* settings and the trainer, when SAM trained
+    flat_lora: dict[str, Any] = field(default_factory=dict)  # flat_lora_settings, when Flat-LoRA trained
     log_history: list[dict[str, Any]] = field(default_factory=list)
     metrics: dict[str, Any] = field(default_factory=dict)
     hyperparameters: dict[str, Any] = field(default_factory=dict)
@@ -173,6 +189,17 @@ def sam_settings(trainer) -> dict[str, Any]:
     return {**settings, "trainer": type(trainer).__name__}
 
 
+def flat_lora_settings(trainer) -> dict[str, Any]:
+    """The ``flat_lora_*`` fields of a Flat-LoRA trainer's config, the seed its noise is drawn from
+    (``resolved_seed``: ``flat_lora_seed``, or the training seed where that is None), the layers it perturbs
+    (``perturbed_layers``: their names) and the trainer's class name; {} for any other trainer."""
+    if getattr(trainer, "flat_lora", None) is None or not hasattr(trainer.args, "flat_lora_sigma"):
+        return {}
+    settings = {key: value for key, value in asdict(trainer.args).items() if key.startswith("flat_lora_")}
+    settings.update(resolved_seed=trainer.flat_lora_noise_seed, perturbed_layers=trainer.flat_lora_layer_names())
+    return {**settings, "trainer": type(trainer).__name__}
+
+
 def card_facts(trainer, *, model_name=None, finetuned_from=None, tasks=None, dataset=None, dataset_tags=None,
                tags=None, language=None, license=None, **_ignored) -> CardFacts:  # fmt: skip
     """What ``trainer`` (a ``FAMTrainer``) knows, plus the recipes' ``metrics.json``/``fam_config.json`` in its
@@ -189,11 +216,12 @@ def card_facts(trainer, *, model_name=None, finetuned_from=None, tasks=None, dat
         hyperparameters["mixed_precision_training"] = "bf16"
     base = model.get_base_model() if adapter else model
     dataset_name = dataset if isinstance(dataset, str) else script.get("dataset")
-    sam = sam_settings(trainer)
+    sam, flat_lora = sam_settings(trainer), flat_lora_settings(trainer)
     return CardFacts(
         model_name=model_name or Path(trainer.args.output_dir).name,
-        fam={} if sam else resolved_fam_settings(trainer),
+        fam={} if sam or flat_lora else resolved_fam_settings(trainer),
         sam=sam,
+        flat_lora=flat_lora,
         log_history=list(trainer.state.log_history),
         metrics={**eval_metrics(trainer.state.log_history), **run.get("metrics", {})},
         hyperparameters=hyperparameters,
@@ -284,6 +312,8 @@ def model_card(facts: CardFacts, secrets: tuple[str | None, ...] = ()) -> ModelC
     ``secrets`` (and the tokens in the environment) are masked wherever they would appear."""
     if facts.sam:
         return _sam_card(facts, secrets)
+    if facts.flat_lora:
+        return _flat_lora_card(facts, secrets)
     fam, kappa = facts.fam, kappa_summary(facts.log_history)
     tags = _tags(FAM_TAGS, facts)
     summary = {
@@ -298,8 +328,8 @@ def model_card(facts: CardFacts, secrets: tuple[str | None, ...] = ()) -> ModelC
 
 
 def _card(facts: CardFacts, tags: list[str], method: dict[str, dict], lines: list[str], secrets) -> ModelCard:
-    """The card from its metadata (``method``: the method's own mapping, ``{"fam": …}`` or ``{"sam": …}``, its
-    None values left out) and body ``lines``, tokens masked."""
+    """The card from its metadata (``method``: the method's own mapping, ``{"fam": …}``, ``{"sam": …}`` or
+    ``{"flat_lora": …}``, its None values left out) and body ``lines``, tokens masked."""
     data = ModelCardData(
         library_name="peft" if facts.adapter else "transformers",
         base_model=facts.base_model,
@@ -347,6 +377,63 @@ def _sam_card(facts: CardFacts, secrets: tuple[str | None, ...]) -> ModelCard:
     lines += ["## SAM settings", "", *_table(("setting", "value"), sorted(sam.items())), ""]
     lines += _common_sections(facts, SAM_CITATION)
     return _card(facts, _tags(SAM_TAGS, facts), {"sam": summary}, lines, secrets)
+
+
+def _flat_lora_card(facts: CardFacts, secrets: tuple[str | None, ...]) -> ModelCard:
+    """The card of a Flat-LoRA run: ``flat-lora`` and ``random-weight-perturbation`` tags, a ``flat_lora`` mapping
+    (σ, schedule, the seed and where it came from, how many layers, the last logged ``σ_t`` and the loss at
+    ``W + ε`` with it), and a body with what was logged during training, the perturbed layers and the settings."""
+    flat, rows = facts.flat_lora, [h for h in facts.log_history if "flat_lora/sigma" in h]
+    layers = list(flat.get("perturbed_layers") or [])
+    seed_from = "flat_lora_seed" if flat.get("flat_lora_seed") is not None else "seed"
+    summary = {"sigma": flat.get("flat_lora_sigma"), "schedule": flat.get("flat_lora_schedule"),
+               "seed": flat.get("resolved_seed"), "seed_from": seed_from, "layers": len(layers)}  # fmt: skip
+    if rows:
+        summary.update(sigma_t=rows[-1]["flat_lora/sigma"], sigma_t_step=rows[-1].get("step"),
+                       loss=rows[-1].get("loss"))  # fmt: skip
+    schedule = {
+        "cosine": "Flat-LoRA's cosine schedule, `σ_t = σ·(1 − cos(π t/T))/2`, from 0 to",
+        "constant": "a constant",
+    }
+    lines = [
+        f"# {facts.model_name}",
+        "",
+        f"{_what(facts)} with **Flat-LoRA** (random weight perturbation; Li et al., ICML 2025) through `fam_hf`'s "
+        f"`{flat['trainer']}`: each step descends the gradient of `L(W + ε)`, `ε` Gaussian on every perturbed "
+        "layer's merged weight (`W0 + s·B·A` for a LoRA layer), row `s` of standard deviation `σ_t ‖w_s‖ / √fan-in` "
+        f"per entry, on {schedule.get(flat.get('flat_lora_schedule'), 'a')} σ = {_fmt(flat.get('flat_lora_sigma'))}. "
+        "The noise is never written into the weights.",
+        "",
+        "## Perturbation",
+        "",
+    ]
+    if rows:
+        logged = [(label, h.get("step"), h["flat_lora/sigma"], h.get("loss"))
+                  for label, h in (("first logged", rows[0]), ("last logged", rows[-1]))]  # fmt: skip
+        lines += [
+            "`flat_lora/sigma` (`σ_t` of the last step trained) and `loss` (at `W + ε`, the objective trained) as "
+            "logged during training:",
+            "",
+            *_table(("", "step", "σ_t", "loss at W + ε"), logged),
+            "",
+        ]
+    else:
+        lines += ["No `flat_lora/sigma` was logged.", ""]
+    source = "`flat_lora_seed`" if seed_from == "flat_lora_seed" else "the training seed"
+    shown = ", ".join(f"`{name}`" for name in layers[:24]) + (
+        f", … ({len(layers) - 24} more)" if len(layers) > 24 else ""
+    )
+    lines += [
+        f"The noise of step `t` on layer `l` is drawn from a hash of ({_fmt(flat.get('resolved_seed'))}, `t`, `l`) "
+        f"only ({source}): every micro-batch, rank and resumed run draws the same.",
+        "",
+        f"Perturbed layers ({len(layers)}): {shown or 'none recorded'}.",
+        "",
+    ]
+    settings = sorted((key, value) for key, value in flat.items() if key != "perturbed_layers")
+    lines += ["## Flat-LoRA settings", "", *_table(("setting", "value"), settings), ""]
+    lines += _common_sections(facts, FLAT_LORA_CITATION)
+    return _card(facts, _tags(FLAT_LORA_TAGS, facts), {"flat_lora": summary}, lines, secrets)
 
 
 def _tags(method_tags: tuple[str, ...], facts: CardFacts) -> list[str]:

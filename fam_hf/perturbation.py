@@ -15,6 +15,13 @@ step are exactly the unperturbed ones plus the optimizer's update, and the gradi
 
 ``ξ`` depends only on (seed, optimizer step, layer index): every micro-batch of a step and every rank draws the
 same noise, an activation-checkpoint recomputation draws it again, and a resumed run reproduces it.
+
+The row scales ``σ_t ‖w_s‖ / √m`` are computed once per :meth:`PerturbedLayers.active` block, before the forward
+pass, from the weights as they are then. Under FSDP2 (``fully_shard``) those are ``DTensor`` shards (rows, or the
+adapters' ranks, split across ranks): the merged weight is formed on the shards and its row norms gathered
+(``full_tensor``), so every rank scales the full ``ξ`` it draws exactly as one process would. Reading the weights
+inside the forward hook instead would find a LoRA layer's ``A`` and ``B`` already resharded wherever they are FSDP
+units of their own (PEFT's FSDP wrap policy, which ``Trainer`` applies, makes them so).
 """
 
 from __future__ import annotations
@@ -117,6 +124,7 @@ class PerturbedLayers:
     def __init__(self, layers: list[Layer]) -> None:
         self.layers = layers
         self._step: tuple[int, int, float] | None = None  # (seed, step, σ_t) while active
+        self._scales: list[torch.Tensor] = []  # each layer's row scale (d,), for the open block
         self.sigma = 0.0
         self._handles = [
             layer.module.register_forward_hook(self._hook(index), prepend=True) for index, layer in enumerate(layers)
@@ -125,17 +133,21 @@ class PerturbedLayers:
     @contextmanager
     def active(self, seed: int, step: int, sigma: float) -> Iterator[None]:
         """Perturb every forward pass inside the block (and its backward pass's recomputations) with step
-        ``step``'s noise at scale ``sigma``."""
+        ``step``'s noise at scale ``sigma``. The row scales are taken here, from the weights as they are on entry
+        (under FSDP2 a collective per layer: every rank must enter the block, as every rank runs the step)."""
+        with torch.no_grad():
+            self._scales = [_row_scale(layer.weight(), sigma) for layer in self.layers] if sigma != 0 else []
         self._step, self.sigma = (seed, step, sigma), sigma
         try:
             yield
         finally:
-            self._step = None
+            self._step, self._scales = None, []
 
     def noise(self, index: int, seed: int, step: int, sigma: float) -> torch.Tensor:
         """``ε: (d, m)`` of layer ``index`` at ``step``, as the hook adds it (float32, from the current weights)."""
-        weight = self.layers[index].weight().detach()
-        return row_scaled_noise(_row_scale(weight, sigma), weight.shape[1], noise_seed(seed, step, index))
+        with torch.no_grad():
+            weight = self.layers[index].weight()
+            return row_scaled_noise(_row_scale(weight, sigma), weight.shape[1], noise_seed(seed, step, index))
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -145,14 +157,17 @@ class PerturbedLayers:
         def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
             if self._step is None or not inputs or self._step[2] == 0:
                 return None
-            seed, step, sigma = self._step
-            weight = self.layers[index].weight().detach()
-            row_scale = _row_scale(weight, sigma)
+            seed, step, _ = self._step
+            row_scale = self._scales[index].to(inputs[0].device)
             return output + _NoiseProduct.apply(inputs[0], row_scale, noise_seed(seed, step, index)).to(output.dtype)
 
         return hook
 
 
 def _row_scale(weight: torch.Tensor, sigma: float) -> torch.Tensor:
-    """``σ · ‖w_s‖ / √m``: ``(d,)`` float32 from the merged ``W: (d, m)``."""
-    return sigma * weight.float().norm(dim=1) / math.sqrt(weight.shape[1])
+    """``σ · ‖w_s‖ / √m``: ``(d,)`` float32 from the merged ``W: (d, m)``, a plain tensor on every rank where ``W``
+    is an FSDP2 ``DTensor`` (its row norms gathered from the shards)."""
+    norms = weight.detach().float().norm(dim=1)
+    if hasattr(norms, "full_tensor"):  # a DTensor (FSDP2): its row norms are split across ranks
+        norms = norms.full_tensor()
+    return sigma * norms / math.sqrt(weight.shape[1])

@@ -181,3 +181,7 @@ class FlatLoRASFTTrainer(FlatLoRAMixin, SFTTrainer):
                 "not perturbed (the other layers are); freeze it or train with FlatLoRATrainer to perturb it",
                 head,
             )
+
+    def flat_lora_layer_names(self) -> list[str]:
+        head = output_head_name(self.model)  # the fused loss never runs it, so its hook never adds ε φ
+        return [name for name in super().flat_lora_layer_names() if name != head]

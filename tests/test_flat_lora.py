@@ -218,6 +218,28 @@ def test_config_and_model_errors_name_the_fix(tmp_path):
         perturbed_layers(frozen)
 
 
+def test_fsdp1_and_zero3_are_refused_naming_the_fix():
+    """What FlatLoRAMixin.__init__ checks once Trainer has set up accelerate (neither can start on this CPU: accelerate
+    runs FSDP and ZeRO-3 on accelerators only), on stand-ins that say what that check reads."""
+    from types import SimpleNamespace
+
+    from fam_hf.flat_lora_trainer import _check_sharding
+
+    def trainer(fsdp=False, fsdp2=False, zero_stage=None):
+        plugin = None if zero_stage is None else SimpleNamespace(zero_stage=zero_stage)
+        accelerator = SimpleNamespace(is_fsdp2=fsdp2, state=SimpleNamespace(deepspeed_plugin=plugin))
+        return SimpleNamespace(is_fsdp_enabled=fsdp, is_deepspeed_enabled=plugin is not None, accelerator=accelerator)
+
+    with pytest.raises(
+        ValueError, match=r"FSDP1 keeps them as flattened shards .* Use FSDP2: fsdp_config=\{'version': 2\}"
+    ):
+        _check_sharding(trainer(fsdp=True))
+    with pytest.raises(ValueError, match=r"ZeRO-3 keeps them as flat partitions .* Use ZeRO-1/2, or FSDP2"):
+        _check_sharding(trainer(zero_stage=3))
+    for allowed in (trainer(), trainer(fsdp=True, fsdp2=True), trainer(zero_stage=2)):
+        _check_sharding(allowed)
+
+
 @pytest.mark.multiprocess
 def test_two_ddp_ranks_draw_the_same_noise_and_equal_one_process(tmp_path):
     """Two gloo ranks (8 examples each) against one process on the 16: the same noise on every rank, so the
@@ -293,6 +315,29 @@ def test_trl_pair_equals_plain_sft_on_the_perturbed_base(tmp_path, caplog):
     assert "fused LM head never runs the head module, so its weight is not perturbed" in caplog.text
 
 
+def test_trl_pair_writes_a_flat_lora_card_that_lists_only_the_layers_it_perturbs(tmp_path):
+    """FlatLoRASFTTrainer's card (written by save_model, nothing pushed): Flat-LoRA's tags, settings and paper, and
+    the perturbed layers without the LM head, which TRL's fused loss never runs."""
+    pytest.importorskip("trl")
+    from huggingface_hub import ModelCard
+    from test_trl import llama, sft
+
+    from fam_hf.trl import FlatLoRASFTConfig, FlatLoRASFTTrainer
+
+    trainer = sft(FlatLoRASFTTrainer, FlatLoRASFTConfig, llama(), tmp_path, max_steps=1, logging_steps=1,
+                  flat_lora_schedule="constant")  # fmt: skip
+    trainer.train()
+    trainer.save_model()
+    card = ModelCard.load(tmp_path / "README.md")
+    names = [layer.name for layer in trainer.flat_lora.layers]
+    assert "lm_head" in names and trainer.flat_lora_layer_names() == names[:-1]
+    assert card.data.flat_lora["layers"] == len(names) - 1 and card.data.flat_lora["schedule"] == "constant"
+    assert {"flat-lora", "random-weight-perturbation"} <= set(card.data.tags)
+    assert "through `fam_hf`'s `FlatLoRASFTTrainer`" in card.text and "| trainer | FlatLoRASFTTrainer |" in card.text
+    assert "`lm_head`" not in card.text and "`model.layers.0.self_attn.q_proj`" in card.text
+    assert "li2025flatlora" in card.text and "petzka2021relative" not in card.text
+
+
 def _name(model, parameter):
     return next(n for n, p in model.named_parameters() if p is parameter)
 
@@ -311,3 +356,33 @@ def test_activation_checkpointing_recomputes_the_same_noise(tmp_path):
         runs[checkpointing] = params(model)
     for name, value in runs[True].items():
         torch.testing.assert_close(value, runs[False][name], rtol=0, atol=1e-10, msg=name)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.skipif(
+    not hasattr(torch.cpu.Stream, "record_event"),
+    reason="this torch's fully_shard cannot run on the CPU ('Stream' object has no attribute 'record_event'; torch 2.6)",
+)
+def test_two_fsdp2_ranks_perturb_as_one_process(tmp_path):
+    """FSDP2 (tests/flat_lora_fsdp_worker.py, two gloo ranks of 8 examples against one process on the 16, two SGD
+    steps): a LoRA model sharded as Trainer shards one (every A and B an FSDP unit of its own, so A is resharded by
+    the time the LoRA layer's forward hook runs) and a full fine-tune with its tied head. The row scales come from
+    the sharded weights before the forward pass, so the weights after the steps are the one-process ones. Tolerance
+    1e-8 on float64 weights: the noise, its row scales and the loss are float32, and the ranks sum in another order
+    (the differences seen are below 5e-10; the noise moves the weights by more than 1e-4)."""
+    out = tmp_path / "fsdp.pt"
+    executable = console_script("torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent)])}
+    proc = subprocess.run([executable, "--nproc_per_node", "2", "--master_port", "29548",
+                           str(HERE / "flat_lora_fsdp_worker.py"), str(out)], capture_output=True, text=True, env=env,
+                          timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = torch.load(out)
+    assert results["lora"]["sharded_in_hook"] == [True, True]
+    for variant, result in results.items():
+        # the loss is float32 (transformers' causal-LM loss casts the logits to float32)
+        torch.testing.assert_close(result["losses"], result["ref_losses"], rtol=1e-6, atol=0, msg=variant)
+        for name, value in result["ref_params"].items():
+            torch.testing.assert_close(result["params"][name], value, rtol=0, atol=1e-8, msg=f"{variant}: {name}")
+        moved = max((result["plain_params"][n] - v).abs().max() for n, v in result["ref_params"].items())
+        assert moved > 1e-4, variant

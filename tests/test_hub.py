@@ -321,3 +321,37 @@ def test_sam_trainer_pushes_a_card_with_its_own_settings_and_sharpness(tmp_path,
     assert "with **ASAM (adaptive SAM)** (Sharpness-Aware Minimization) through `fam_hf`'s `SAMTrainer`" in card.text
     assert "| sam_rho | 0.05 |" in card.text and "fam_lambda" not in card.text and "foret2021" in card.text
     assert no_token_in(card.content)
+
+
+def test_flat_lora_trainer_pushes_a_card_with_its_own_settings_and_sigma(tmp_path, hub):
+    from peft import LoraConfig, get_peft_model
+
+    from fam_hf import FlatLoRAConfig, FlatLoRATrainer
+
+    model = get_peft_model(gpt2(), LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn", "c_fc"],
+                                              fan_in_fan_out=True))  # fmt: skip
+    args = FlatLoRAConfig(output_dir=str(tmp_path / "flat"), max_steps=2, per_device_train_batch_size=8,
+                          flat_lora_sigma=0.1, flat_lora_seed=11, push_to_hub=True, hub_model_id="tester/flat-tiny",
+                          hub_token=TOKEN, **COMMON)  # fmt: skip
+    trainer = FlatLoRATrainer(model=model, args=args, train_dataset=lm_data(16), eval_dataset=lm_data(8))
+    trainer.train()
+    trainer.evaluate()
+    trainer.push_to_hub()
+    card = ModelCard(hub.repos["tester/flat-tiny"].files["README.md"].decode())
+    (last,) = [h for h in trainer.state.log_history if "flat_lora/sigma" in h][-1:]
+    assert card.data.flat_lora == {"sigma": 0.1, "schedule": "cosine", "seed": 11, "seed_from": "flat_lora_seed",
+                                   "layers": 2, "sigma_t": pytest.approx(last["flat_lora/sigma"]), "sigma_t_step": 2,
+                                   "loss": pytest.approx(last["loss"])}  # fmt: skip
+    assert last["flat_lora/sigma"] > 0 and card.data.library_name == "peft"
+    assert {"flat-lora", "random-weight-perturbation", "lora"} <= set(card.data.tags)
+    assert not {"fam", "relative-flatness", "sam"} & set(card.data.tags)
+    assert (
+        "with **Flat-LoRA** (random weight perturbation; Li et al., ICML 2025) through `fam_hf`'s `FlatLoRATrainer`"
+        in card.text
+    )
+    assert "Perturbed layers (2): `transformer.h.0.attn.c_attn`, `transformer.h.0.mlp.c_fc`." in card.text
+    assert "| flat_lora_sigma | 0.1 |" in card.text and "| resolved_seed | 11 |" in card.text
+    for shared in ("## Evaluation", "| eval_loss |", "## Training procedure", "### Framework versions",
+                   "PeftModel.from_pretrained", "@inproceedings{li2025flatlora", "pages         = {34549--34563}"):  # fmt: skip
+        assert shared in card.text, shared
+    assert "fam_lambda" not in card.text and "foret2021" not in card.text and no_token_in(card.content)
