@@ -277,7 +277,7 @@ class FAMMixin(HubCardMixin):
         return FusedHeadFlatness(
             model, cfg.fam_layer, "closed_form", hessian_grad=cfg.fam_hessian_grad, scale=cfg.fam_scale,
             generator=self.flatness.generator, token_fraction=cfg.fam_token_fraction,
-            draw_over_grid=not isinstance(self.flatness, HeadInputFlatness),
+            draw_over_grid=not isinstance(self.flatness, HeadInputFlatness), **self.fam_estimator_options(),
         )  # fmt: skip
 
     fam_fuse_head = True  # False: κ beside the trainer's own loss, as with λ = 0 (comparisons, benchmarks)

@@ -107,7 +107,7 @@ class FAMSFTTrainer(FAMMixin, SFTTrainer):
         # SFTTrainer.compute_loss on its fused head (trl 1.16), with the loss, entropy and token accuracy from the
         # kernel's pass: the summed per-token loss over num_items_in_batch (else the counted tokens, at least 1),
         # times the world size under token averaging
-        head = recording.fused(lam, kappa_grad=kappa_grad, dft=self.args.loss_type == "dft", metrics=True)
+        head = recording.fused(lam, kappa_grad=kappa_grad, metrics=True)
         scale = norm.scale(True)
         loss = head.loss if scale == 1 else head.loss * scale
         gather = self.accelerator.gather_for_metrics

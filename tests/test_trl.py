@@ -270,7 +270,8 @@ def test_the_model_card_names_the_trainer_and_the_estimator_that_trained(tmp_pat
     assert "| trainer | FAMSFTTrainer |" in card
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
+# DFT: each token's loss weighed by its detached probability, in the fused kernel's loss and in its κ
+@pytest.mark.parametrize("layout", [*LAYOUTS, "dft"])
 def test_the_fused_kernel_trains_and_logs_as_sft_with_the_penalty_beside_it_and_never_forms_the_logits(tmp_path,
                                                                                                        layout):  # fmt: skip
     runs = {}
@@ -280,7 +281,7 @@ def test_the_fused_kernel_trains_and_logs_as_sft_with_the_penalty_beside_it_and_
         model.lm_head.register_forward_hook(lambda _m, _i, out, shapes=shapes: shapes.append(tuple(out.shape)))
         trainer = sft(FAMSFTTrainer, FAMSFTConfig, model, tmp_path / str(fused), max_steps=2,
                       per_device_train_batch_size=4, gradient_accumulation_steps=2, fam_lambda=LAM,
-                      fam_token_fraction=0.5, **LAYOUTS[layout])  # fmt: skip
+                      fam_token_fraction=0.5, **LAYOUTS.get(layout, {"loss_type": layout}))  # fmt: skip
         trainer.fam_fused = trainer.fam_fused if fused else None
         assert (trainer.fam_fused is not None) == fused
         trainer.train()

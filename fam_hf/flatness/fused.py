@@ -77,9 +77,8 @@ class FusedHeadFlatness(HeadInputFlatness):
         loss_takes_items = True
 
         def fused(
-            self, lam: float, *, kappa_grad: bool = False, loss_takes_items: bool = True, dft: bool = False,
-            metrics: bool = False,
-        ) -> FusedHead:  # fmt: skip
+            self, lam: float, *, kappa_grad: bool = False, loss_takes_items: bool = True, metrics: bool = False
+        ) -> FusedHead:
             """The loss and κ of the recorded pass.
 
             Args:
@@ -88,7 +87,6 @@ class FusedHeadFlatness(HeadInputFlatness):
                 kappa_grad: give κ its own gradient (for a step whose λ is set from κ after the pass).
                 loss_takes_items: the loss is divided by ``num_items_in_batch`` when the trainer gives it (else it
                     is the mean over this micro-batch's counted positions).
-                dft: weight each token's loss by its detached probability (TRL's ``loss_type="dft"``).
                 metrics: also each counted token's entropy and whether its label is the top-1 prediction.
 
             Returns:
@@ -133,7 +131,7 @@ class FusedHeadFlatness(HeadInputFlatness):
                 lam=lam * reference,
                 kappa_grad=kappa_grad,
                 through_logits=fam.hessian_grad == "full",
-                dft=dft,
+                dft=fam.loss_type == "dft",  # each token's loss weighed by its detached probability (TRL's DFT)
                 metrics=metrics,
                 chunk_rows=max(1, fam.chunk_elements // weight.shape[0]),
                 product_dtype=product_dtype,
