@@ -15,7 +15,7 @@ generalization gap of networks trained to interpolation. This example checks bot
    measures move.
 
     pip install -e ".[examples]"
-    python examples/digits_flatness.py                 # the grid, about 10 CPU minutes; results in outputs/digits
+    python examples/digits_flatness.py                 # the grid, about 7 CPU minutes; records and results in studies/digits
     python examples/digits_flatness.py --quick         # 4 networks, to see it run
 
 Each network's record is a JSON file in ``--out``/runs (rerunning skips the finished ones); ``results.md`` and
@@ -218,6 +218,16 @@ def kendall_with_interval(x: np.ndarray, y: np.ndarray, *, resamples: int = 2000
     return kendalltau(x, y).statistic, low, high
 
 
+def tau_difference(a: np.ndarray, b: np.ndarray, y: np.ndarray, *, resamples: int = 2000, seed: int = 0) -> tuple:
+    """τ(a, y) − τ(b, y) and its 95% paired bootstrap interval (the same resampled networks for both)."""
+    rng = np.random.default_rng(seed)
+    draws = []
+    for i in (rng.integers(0, len(y), len(y)) for _ in range(resamples)):
+        draws.append(kendalltau(a[i], y[i]).statistic - kendalltau(b[i], y[i]).statistic)
+    low, high = np.nanpercentile(draws, [2.5, 97.5])
+    return kendalltau(a, y).statistic - kendalltau(b, y).statistic, low, high
+
+
 def granulated_tau(records: list[dict], measure: str, target: str = "gap") -> dict[str, float]:
     """Jiang et al.'s granulated Kendall coefficient: for each training choice, τ between the measure and the gap
     over the networks that differ in that choice alone (same seed and every other choice), averaged over groups.
@@ -245,20 +255,38 @@ def report(records: list[dict], rescaling: list[dict] | None, out: Path, command
         "Kendall's τ with the generalization gap (test loss − train loss), 95% bootstrap interval over networks; "
         "granulated τ per training choice (the networks that differ in that choice alone), and their mean ψ:",
         "",
-        "| measure | τ with gap [95% CI] | τ with error gap | " + " | ".join(GRID) + " | ψ |",
-        "| --- | --- | --- | " + " | ".join("---:" for _ in GRID) + " | ---: |",
+        "| measure | τ with gap [95% CI] | τ with error gap | "
+        + " | ".join(f"τ, label noise {v}" for v in GRID["label_noise"])
+        + " | "
+        + " | ".join(GRID)
+        + " | ψ |",
+        "| --- | --- | --- | "
+        + " | ".join("---" for _ in GRID["label_noise"])
+        + " | "
+        + " | ".join("---:" for _ in GRID)
+        + " | ---: |",
     ]
     gaps, error_gaps = (np.array([r[k] for r in fitted]) for k in ("gap", "error_gap"))
     for name in MEASURES:
         values = np.array([r[name] for r in fitted])
         tau, low, high = kendall_with_interval(values, gaps)
+        within = []  # label noise separates the gaps in two clusters; τ inside each says more than across them
+        for noise in GRID["label_noise"]:
+            rows = np.array([r["run"]["label_noise"] == noise for r in fitted])
+            within.append("{:+.2f} [{:+.2f}, {:+.2f}]".format(*kendall_with_interval(values[rows], gaps[rows])))
         by_choice = granulated_tau(fitted, name)
         cells = " | ".join(f"{by_choice[c]:+.2f}" for c in GRID)
         psi = np.nanmean(list(by_choice.values()))
         lines.append(
             f"| {name} | {tau:+.2f} [{low:+.2f}, {high:+.2f}] | {kendalltau(values, error_gaps).statistic:+.2f} | "
-            f"{cells} | {psi:+.2f} |"
+            f"{' | '.join(within)} | {cells} | {psi:+.2f} |"
         )
+    best = np.array([r["kappa_fc3"] for r in fitted])
+    differences = (
+        "{} {:+.2f} [{:+.2f}, {:+.2f}]".format(name, *tau_difference(best, np.array([r[name] for r in fitted]), gaps))
+        for name in MEASURES[1:]
+    )
+    lines += ["", "τ(κ_fc3, gap) − τ(measure, gap), paired bootstrap interval: " + "; ".join(differences) + "."]
     gap_by_choice = {c: {v: np.mean([r["gap"] for r in fitted if r["run"][c] == v]) for v in GRID[c]} for c in GRID}
     lines += ["", "Mean gap by training choice: " + "; ".join(
         f"{c} " + " / ".join(f"{v}: {g:.3f}" for v, g in gaps_.items()) for c, gaps_ in gap_by_choice.items()
@@ -283,6 +311,7 @@ def report(records: list[dict], rescaling: list[dict] | None, out: Path, command
 
 def plot(records: list[dict], path: Path) -> None:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -297,6 +326,7 @@ def plot(records: list[dict], path: Path) -> None:
                 c=[math.log10(r["run"]["lr"]) for r in chosen], cmap="viridis", label=f"label noise {noise}",
             )  # fmt: skip
         ax.set(xscale="log", xlabel=name, ylabel="gap (test − train loss)")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # the log axis's minor labels overlap
     axes.flat[0].legend(fontsize=8)
     fig.suptitle("ReLU MLPs on digits trained to interpolation (colour: log10 learning rate)")
     fig.savefig(path, dpi=110)
@@ -305,7 +335,7 @@ def plot(records: list[dict], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="outputs/digits", help="records and results (default: %(default)s)")
+    parser.add_argument("--out", default="studies/digits", help="records and results (default: %(default)s)")
     parser.add_argument("--seeds", type=int, default=2, help="seeds per grid point (default: %(default)s)")
     parser.add_argument("--probes", type=int, default=64, help="probes for κ of fc2 and the trace")
     parser.add_argument("--target_loss", type=float, default=0.02, help="train until the training loss is below")
