@@ -70,6 +70,10 @@ class ScriptArguments(LoraArguments):  # use_lora, lora_r, lora_alpha, lora_drop
     flatness_every_n_steps: int | None = field(
         default=None, metadata={"help": "Log flatness_measures every n optimizer steps (and after evaluation)."}
     )
+    flatness_trace_method: str = field(
+        default="hutchinson",
+        metadata={"help": "hessian_trace's method: hutchinson, or auto (exact in closed form on an output head)."},
+    )
     save_model: bool = field(default=True, metadata={"help": "Save the trained model (or adapter) and tokenizer."})
     overwrite_output: bool = field(default=False, metadata={"help": "Write into a non-empty output_dir."})
 

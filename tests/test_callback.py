@@ -105,6 +105,16 @@ def test_compute_restores_the_model_mode_and_leaves_weights_and_grads_alone():
         torch.testing.assert_close(p, before[name], rtol=0, atol=0)
 
 
+def test_trace_method_auto_logs_the_exact_trace_of_the_head():
+    model = bert().eval()
+    batch = {"input_ids": torch.randint(0, 32, (4, 8)), "labels": torch.tensor([0, 1, 2, 0])}
+    exact = float(hessian_trace(model, batch, method="closed_form").value)
+    logged = FlatnessCallback(batch, measures=("hessian_trace",), trace_method="auto").compute(model)
+    assert logged["flatness/train/hessian_trace"] == pytest.approx(exact, rel=1e-12)
+    sampled = FlatnessCallback(batch, measures=("hessian_trace",), trace_probes=2).compute(model)
+    assert sampled["flatness/train/hessian_trace"] != pytest.approx(exact, rel=1e-6)  # the default samples it
+
+
 def test_hessian_spectrum_logs_its_top_ritz_values_and_saves_each_spectrum(tmp_path):
     model, data = bert(), cls_data(16)
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=8, **COMMON)

@@ -133,6 +133,7 @@ def flatness_callback(trainer, batches: dict[str, list], args: FAMConfig, script
         measures=script.flatness_measures,
         layer=args.fam_layer,
         every_n_steps=script.flatness_every_n_steps,
+        trace_method=script.flatness_trace_method,
         estimator=args.fam_estimator,
         probes=script.kappa_probes,
         scale=args.fam_scale,
