@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -24,6 +26,15 @@ def console_script(name: str) -> str:
     found = shutil.which(name, path=str(Path(sys.executable).parent)) or shutil.which(name)
     assert found, f"{name} is not installed beside {sys.executable} nor on PATH"
     return found
+
+
+def launch(launcher: str, *args: str) -> None:
+    """Run a two-process job with ``launcher`` (accelerate or torchrun) and fail with its stderr."""
+    tests = Path(__file__).resolve().parent
+    # the checkout's fam_hf first (the worker's own folder puts tests/ first, not the repository root)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(tests), str(tests.parent)])}
+    proc = subprocess.run([console_script(launcher), *args], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
 
 
 def save_tiny_bert(folder: Path) -> str:

@@ -2,26 +2,15 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 from ddp_worker import VARIANTS, train
-from models import console_script
+from models import launch
 
 HERE = Path(__file__).parent
 pytestmark = pytest.mark.multiprocess
-
-
-def launch(launcher: str, *args: str) -> None:
-    """Run a two-process job with ``launcher`` (accelerate or torchrun) and fail with its stderr."""
-    executable = console_script(launcher)
-    # the checkout's fam_hf first (the worker's own folder puts tests/ first, not the repository root)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent)])}
-    proc = subprocess.run([executable, *args], capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
 
 
 @pytest.fixture(scope="module")

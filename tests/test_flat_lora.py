@@ -4,13 +4,11 @@ after a step against the unperturbed ones plus the optimizer's update, bit for b
 from __future__ import annotations
 
 import math
-import os
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-from models import COMMON, console_script, gpt2, lm_data, params
+from models import COMMON, gpt2, launch, lm_data, params
 from peft import LoraConfig, get_peft_model
 from transformers import Seq2SeqTrainingArguments, TrainerCallback, TrainingArguments
 from transformers.pytorch_utils import Conv1D
@@ -246,12 +244,8 @@ def test_two_ddp_ranks_draw_the_same_noise_and_equal_one_process(tmp_path):
     all-reduced gradient is the one-process gradient of L(W + ε) on the global batch."""
     from flat_lora_ddp_worker import train
 
-    executable = console_script("accelerate")
-    command = [executable, "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", "29547"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent)])}
-    proc = subprocess.run([*command, str(HERE / "flat_lora_ddp_worker.py"), str(tmp_path)], capture_output=True,
-                          text=True, env=env, timeout=600)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    launch("accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", "29547",
+           str(HERE / "flat_lora_ddp_worker.py"), str(tmp_path))  # fmt: skip
     single = train(tmp_path / "single", per_device_batch=16)
     single_loss = [h["loss"] for h in single.state.log_history if "flat_lora/sigma" in h]
     for rank in range(2):
@@ -371,12 +365,8 @@ def test_two_fsdp2_ranks_perturb_as_one_process(tmp_path):
     1e-8 on float64 weights: the noise, its row scales and the loss are float32, and the ranks sum in another order
     (the differences seen are below 5e-10; the noise moves the weights by more than 1e-4)."""
     out = tmp_path / "fsdp.pt"
-    executable = console_script("torchrun")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent)])}
-    proc = subprocess.run([executable, "--nproc_per_node", "2", "--master_port", "29548",
-                           str(HERE / "flat_lora_fsdp_worker.py"), str(out)], capture_output=True, text=True, env=env,
-                          timeout=600)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    launch("torchrun", "--nproc_per_node", "2", "--master_port", "29548", str(HERE / "flat_lora_fsdp_worker.py"),
+           str(out))  # fmt: skip
     results = torch.load(out)
     assert results["lora"]["sharded_in_hook"] == [True, True]
     for variant, result in results.items():

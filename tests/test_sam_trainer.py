@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import logging
-import os
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-from models import COMMON, bert, cls_data, console_script, gpt2, lm_data, params
+from models import COMMON, bert, cls_data, gpt2, launch, lm_data, params
 from transformers import Seq2SeqTrainingArguments, Trainer, TrainingArguments
 
 from fam_hf import SAMConfig, SAMTrainer, sam_sharpness
@@ -268,13 +266,8 @@ def test_config_errors_name_the_fix(tmp_path):
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("sam_ddp")
-    executable = console_script("accelerate")
-    command = [executable, "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", "29543"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE)}
-    proc = subprocess.run(
-        [*command, str(HERE / "sam_ddp_worker.py"), str(out)], capture_output=True, text=True, env=env
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    launch("accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", "29543",
+           str(HERE / "sam_ddp_worker.py"), str(out))  # fmt: skip
     return out
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_distributed import HERE, launch
+from models import launch
+from test_distributed import HERE
 
 pytest.importorskip("trl")
 
