@@ -256,9 +256,17 @@ def run_card_facts(run_dir: str | os.PathLike, repo_id: str | None = None) -> Ca
     rates = [h["learning_rate"] for h in log_history if "learning_rate" in h]
     if rates:
         hyperparameters["learning_rate"] = rates[0]
+    # a SAM or Flat-LoRA run is known by what it logged (its settings are pickled in training_args.bin, not read)
+    read = {"settings_from": "trainer_state.json (the folder had no model card)"}
+    rhos = [h["sam/rho"] for h in log_history if "sam/rho" in h]
+    sam = {"sam_rho": rhos[-1], "trainer": "SAMTrainer", **read} if rhos else {}
+    sigmas = [h["flat_lora/sigma"] for h in log_history if "flat_lora/sigma" in h]
+    flat_lora = {"trainer": "FlatLoRATrainer", **read} if sigmas and not sam else {}
     return CardFacts(
         model_name=folder.resolve().name,
-        fam=settings.get("fam") or ({"fam_lambda": lambdas[-1]} if lambdas else {}),
+        fam={} if sam or flat_lora else settings.get("fam") or ({"fam_lambda": lambdas[-1]} if lambdas else {}),
+        sam=sam,
+        flat_lora=flat_lora,
         log_history=log_history,
         metrics={**eval_metrics(log_history), **run.get("metrics", {})},
         hyperparameters=hyperparameters,
