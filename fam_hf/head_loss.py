@@ -11,7 +11,9 @@ transformers computes the loss inside the model (``transformers.loss.loss_utils`
   ``BCEWithLogitsLoss`` (mean over every element). Decoder models (Llama, GPT-2, Qwen …) run their
   ``score`` head at every position and pool the logits of the last non-padding token.
 
-Anything else (masked LM, seq2seq, token classification, soft-capped or rescaled logits, custom losses)
+A causal LM that rescales its head's output before the loss (Cohere's ``logit_scale``, Granite's ``1 /
+logits_scaling``) is mirrored with that factor (:attr:`HeadLoss.logit_scale`). Anything else (masked LM, seq2seq,
+token classification, soft-capped logits, custom losses)
 is not recognised from the model: use the probe estimator there, which differentiates whatever loss is actually
 used, or say what the loss is with a :class:`HeadLoss` of your own (``head_loss=``; any ``nn.Module``, plain
 torch included: which layer's output the loss reads, which batch key holds the targets, and which of the three
@@ -41,9 +43,9 @@ _SEQUENCE_CLASSIFIERS = frozenset(MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAME
 
 IGNORE_INDEX = -100
 
-# Config attributes of models that transform the head's output before the loss (Gemma 2/3 soft-capping,
-# Cohere/Granite logit scaling): the closed form would see the wrong logits.
-_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+# Config attributes of models that soft-cap the head's output before the loss (Gemma 2/3): not a linear map of it,
+# so the closed form cannot mirror it. Cohere's and Granite's scalings are (HeadLoss.logit_scale).
+_LOGIT_CAPS = ("final_logit_softcapping",)
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,9 @@ class HeadLoss:
         labels: the batch key that holds the targets.
         pool_last_token: a sequence classifier that scores every position and pools the last non-padding one
             (transformers' decoder classifiers).
+        logit_scale: the loss reads ``logit_scale · z``, ``z`` the head's output (Cohere's ``config.logit_scale``,
+            Granite's ``1 / config.logits_scaling``); read from the model's config only. The closed forms take
+            ``s·z = W (s·φ)``: the head's input scaled with it (:meth:`scaled`).
     """
 
     loss_type: str
@@ -76,10 +81,18 @@ class HeadLoss:
     head: str | None = None
     labels: str = "labels"
     pool_last_token: bool = False
+    logit_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"HeadLoss: loss_type={self.loss_type!r} is not one of {', '.join(map(repr, LOSS_TYPES))}")
+
+    def scaled(self, output: torch.Tensor, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The head's output and input as the loss sees them: ``(s·z, s·φ)``, so that ``s·z = W (s·φ)`` (a head
+        without a bias; :func:`head_loss_for` reads ``s`` for causal LMs only, whose heads have none)."""
+        if self.logit_scale == 1:
+            return output, features
+        return output * self.logit_scale, features * self.logit_scale
 
     def aligned(self, labels: torch.Tensor, batch: Mapping[str, Any]) -> tuple[torch.Tensor, HeadLoss]:
         """The targets the loss scores and the spec that reads them: a causal LM's loss takes the batch's
@@ -153,10 +166,13 @@ def head_loss_for(model: nn.Module, labels: torch.Tensor | None = None) -> HeadL
     if config is None:
         return None
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    if any(getattr(c, attr, None) not in (None, 1, 1.0) for c in (config, text_config) for attr in _LOGIT_TRANSFORMS):
+    if any(getattr(c, attr, None) is not None for c in (config, text_config) for attr in _LOGIT_CAPS):
         return None
+    scale = _logit_scale(text_config if _logit_scale(text_config) != 1 else config)
     if names & _CAUSAL_LMS or any(name.endswith("ForCausalLM") for name in names):
-        return HeadLoss("cross_entropy", shift_labels=True, honours_num_items=True)
+        return HeadLoss("cross_entropy", shift_labels=True, honours_num_items=True, logit_scale=scale)
+    if scale != 1:
+        return None  # a classifier whose logits are rescaled: none known
     if names & _SEQUENCE_CLASSIFIERS or any(name.endswith("ForSequenceClassification") for name in names):
         problem = config.problem_type
         if problem is None:
@@ -175,9 +191,22 @@ def head_loss_for(model: nn.Module, labels: torch.Tensor | None = None) -> HeadL
     return None
 
 
+def _logit_scale(config) -> float:
+    """The factor a model multiplies its head's output by before the loss: Cohere's ``logit_scale``, Granite's
+    ``1 / logits_scaling`` (both absent or 1: none)."""
+    scale = getattr(config, "logit_scale", None)
+    divisor = getattr(config, "logits_scaling", None)
+    return float(1.0 if scale is None else scale) / float(1.0 if divisor is None else divisor)
+
+
 def as_head_loss(spec: HeadLoss | str | None) -> HeadLoss | None:
     """A user's ``head_loss=``: a :class:`HeadLoss`, or the name of its loss type (``"cross_entropy"``, ``"mse"``,
     ``"bce"``: the layer measured is the output layer and the batch's ``"labels"`` are its targets), or None."""
+    if isinstance(spec, HeadLoss) and spec.logit_scale != 1:
+        raise ValueError(
+            f"HeadLoss(logit_scale={spec.logit_scale}) is read from a model's config (Cohere, Granite), not given; for "
+            "a loss on a rescaled output, name the layer whose output the loss reads as it is: head=NAME"
+        )
     if spec is None or isinstance(spec, HeadLoss):
         return spec
     if isinstance(spec, str):

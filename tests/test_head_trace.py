@@ -16,6 +16,8 @@ from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadMo
 
 from fam_hf import HeadLoss, relative_flatness
 from fam_hf.curvature import head_hessian_trace
+from fam_hf.flatness import HeadInputFlatness
+from fam_hf.head_loss import head_loss_for
 from fam_hf.measures import gauss_newton_trace, hessian_trace
 
 F64 = torch.float64
@@ -140,6 +142,38 @@ def test_kappa_and_gauss_newton_read_shift_labels_as_the_model_s_loss_does():
     truth = brute_head_trace(model, shifted, model.lm_head)
     gauss_newton = gauss_newton_trace(model, shifted, "lm_head", method="exact").value
     torch.testing.assert_close(gauss_newton, truth, rtol=1e-6, atol=0)
+
+
+def rescaled_lm(family):
+    """A tiny causal LM that rescales its head's output before the loss: Cohere (× logit_scale), Granite
+    (÷ logits_scaling)."""
+    from transformers import CohereConfig, CohereForCausalLM, GraniteConfig, GraniteForCausalLM
+
+    shape = dict(vocab_size=24, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+                 num_key_value_heads=1, eos_token_id=None, bos_token_id=None, pad_token_id=None)  # fmt: skip
+    torch.manual_seed(0)
+    if family == "cohere":
+        return CohereForCausalLM(CohereConfig(**shape, logit_scale=0.5)).double().eval(), 0.5
+    return GraniteForCausalLM(GraniteConfig(**shape, logits_scaling=4.0)).double().eval(), 0.25
+
+
+@pytest.mark.parametrize("family", ["cohere", "granite"])
+def test_rescaled_logits_are_mirrored_with_their_factor(family):
+    """``s·z = W (s·φ)``: κ's closed form, the closed-form trace and the Gauss–Newton trace of a head whose output the
+    model rescales before its loss, against the exact estimator and the brute-force Hessian of the model's own loss."""
+    model, scale = rescaled_lm(family)
+    batch = lm_batch()
+    assert head_loss_for(model).logit_scale == scale
+    exact = relative_flatness(model, batch, "lm_head", "exact").value
+    closed = relative_flatness(model, batch, "lm_head", "closed_form").value
+    torch.testing.assert_close(closed, exact, rtol=1e-6, atol=0)
+    truth = brute_head_trace(model, batch, model.lm_head)
+    torch.testing.assert_close(hessian_trace(model, batch, method="closed_form").value, truth, rtol=1e-6, atol=0)
+    torch.testing.assert_close(gauss_newton_trace(model, batch, method="exact").value, truth, rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match=r"rescales its logits .* does not mirror"):
+        HeadInputFlatness(model)
+    with pytest.raises(ValueError, match=r"read from a model's config"):
+        hessian_trace(model, batch, method="closed_form", head_loss=HeadLoss("cross_entropy", logit_scale=2.0))
 
 
 @pytest.mark.parametrize(

@@ -20,7 +20,7 @@ from ..layers import Layer, resolve_layer, unwrap_model
 from ..options import FUSED_LOSS_TYPES, check_choice
 from .base import Recording, RelativeFlatness
 
-MIRRORED_LOSSES = "causal-LM or sequence-classification cross-entropy, MSE, BCE, on unmodified logits"
+MIRRORED_LOSSES = "causal-LM or sequence-classification cross-entropy, MSE, BCE, on logits that are not soft-capped"
 
 
 def custom_loss_refusal(estimator: str) -> str:
@@ -90,6 +90,7 @@ class ClosedFormFlatness(RelativeFlatness):
         def _closed_form(self, weight, features, output) -> torch.Tensor:
             fam = self.flatness
             labels, head_loss = self.mirrored_loss()
+            output, features = head_loss.scaled(output, features)  # s·z = W (s·φ) where the loss rescales z
             if self.feature_scale is not None:  # W' = W diag(σ) acting on φ' = φ / σ: the same output
                 sigma, inverse = self.feature_scale
                 features, weight = features * inverse, weight * sigma
@@ -163,7 +164,13 @@ class HeadInputFlatness(RelativeFlatness):
         if head_loss is None or not head_loss.shift_labels:
             return (
                 f"the LM-head closed form applies to a causal LM's output head under its plain cross-entropy; "
-                f"{type(unwrap_model(model)).__name__} is not one (or its logits are soft-capped/scaled)"
+                f"{type(unwrap_model(model)).__name__} is not one (or its logits are soft-capped)"
+            )
+        if head_loss.logit_scale != 1:
+            return (
+                f"{type(unwrap_model(model)).__name__} rescales its logits (×{head_loss.logit_scale:g}) before the loss, "
+                "which the head-input closed form (TRL's fused LM head) does not mirror; the closed form on the "
+                "logits does (FAMTrainer, or relative_flatness)"
             )
         if not layer.is_output_head:
             return f"the LM-head closed form applies to the output head only; '{layer.name}' is not it"

@@ -127,6 +127,7 @@ def closed_form_head_trace(
                 f"({tuple(output.shape)}); use method='hutchinson'"
             )
         labels, mirrored = mirrored.aligned(labels, batch)
+    output, features = mirrored.scaled(output, features)
     logits_at, features_at, weights = mirrored.positions(output, features, labels, **positions)
     value = head_hessian_trace(features_at, logits_at, weights, mirrored.loss_type)
     d, m = layer.shape
