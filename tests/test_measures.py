@@ -559,3 +559,57 @@ def test_forward_over_reverse_products_equal_double_backward_ones():
         torch.testing.assert_close(forward @ v, reverse @ v, rtol=1e-6, atol=1e-7 * float((reverse @ v).abs().max()))
     with pytest.raises(ValueError, match="hvp='forward' is not one of 'double_backward', 'forward_over_reverse'"):
         LossHessian(llama, {"input_ids": ids, "labels": ids}, hvp="forward")
+
+
+def _hvp_through_a_zero_perturbation(model, batch, wrt, vector):
+    """The products as LossHessian took them before it differentiated by the parameters themselves: the loss at
+    ``w + δ`` for a zero leaf ``δ``, the gradient with ``create_graph``, then ``torch.autograd.grad`` of ``g·v``."""
+    from fam_hf.curvature import second_order_kernels
+    from fam_hf.measures import perturbed_loss
+
+    subset = resolve_subset(model, wrt)
+    zeros = [torch.zeros_like(w, requires_grad=True) for w in subset.values]
+    with second_order_kernels():
+        grads = torch.autograd.grad(perturbed_loss(model, batch, subset, zeros), zeros, create_graph=True)
+        hv = torch.autograd.grad(grads, zeros, grad_outputs=subset.unflatten(vector), allow_unused=True)
+    return subset.flatten(grads).detach(), subset.flatten([h if h is not None else torch.zeros_like(z) for h, z in zip(hv, zeros)])
+
+
+def tiny_llama(dtype=F64):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)  # fmt: skip
+    return LlamaForCausalLM(config).to(dtype).eval()
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+def test_loss_hessian_by_the_parameters_themselves_equals_the_zero_perturbation_form_bit_for_bit(dtype):
+    """Differentiating by detached aliases of the parameters (no copy of the model) and adding the product into
+    views of one output vector give the very numbers of ``w + δ`` at ``δ = 0`` and ``autograd.grad``."""
+    llama, ids = tiny_llama(dtype), torch.randint(0, 64, (2, 8))
+    bert = tiny_bert().to(dtype)
+    frozen = bert.bert.embeddings.word_embeddings.weight
+    frozen.requires_grad_(False)
+    cases = [
+        (llama, {"input_ids": ids, "labels": ids}, None),  # a tied matrix, in both its uses
+        (tiny_gpt2().to(dtype), gpt2_batch(), "auto"),  # a layer: Conv1D's weight.T, not contiguous
+        (bert, bert_batch(), [frozen, bert.classifier.weight]),  # a frozen parameter included
+    ]
+    for model, batch, wrt in cases:
+        before = copy.deepcopy(model.state_dict())
+        operator = LossHessian(model, batch, wrt)
+        v = torch.randn(operator.dim, generator=torch.Generator().manual_seed(1), dtype=dtype)
+        gradient, hv = _hvp_through_a_zero_perturbation(model, batch, wrt, v)
+        assert torch.equal(operator.gradient, gradient)
+        assert torch.equal(operator @ v, hv)
+        assert torch.equal(operator @ v, hv)  # again: nothing left behind in the variables' .grad
+        out = torch.randn(operator.dim, generator=torch.Generator().manual_seed(2), dtype=dtype)
+        assert torch.equal(operator.add_matvec(v, out.clone()), out + hv)  # added into out as it is computed
+        columns = torch.stack([v, -2 * v, v.flip(0)], dim=1)
+        assert torch.equal(operator @ columns, torch.stack([operator @ c for c in columns.T], dim=1))
+        if wrt is None:  # the variables are the parameters' own storage
+            assert [x.data_ptr() for x in operator._variables] == [p.data_ptr() for p in model.parameters()]
+        assert_same_model(before, model)
+        assert frozen.requires_grad is False

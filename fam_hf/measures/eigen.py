@@ -155,9 +155,11 @@ def _streaming_top(operator, k: int, tol: float, maxiter: int | None, generator,
         return True
 
     start = operator.matvecs
-    v0 = torch.randn(n, generator=default_generator(generator), dtype=torch.float64).to(operator.dtype)
     with progress(steps, f"top {k} eigenvalue{'s' if k > 1 else ''} (streaming Lanczos)", disable_tqdm) as bar:
-        t = lanczos(operator, v0, steps, bar=bar, stop=converged)
+        # the start drawn in the call: lanczos then holds its only reference, and frees it once normalised
+        draw = default_generator(generator)
+        t = lanczos(operator, torch.randn(n, generator=draw, dtype=torch.float64).to(operator.dtype), steps, bar=bar,
+                    stop=converged)  # fmt: skip
     if not state["converged"]:
         warnings.warn(
             f"the streaming Lanczos stopped after {t.alpha.numel()} steps (maxiter) before the top {k} residuals fell "
