@@ -613,3 +613,17 @@ def test_loss_hessian_by_the_parameters_themselves_equals_the_zero_perturbation_
             assert [x.data_ptr() for x in operator._variables] == [p.data_ptr() for p in model.parameters()]
         assert_same_model(before, model)
         assert frozen.requires_grad is False
+
+
+def test_loss_hessian_over_parameters_refuses_a_product_once_the_weights_moved():
+    """The operator differentiates by the parameters' own storage: after an optimizer step (in place) its graph is
+    stale, and autograd says so rather than mixing old and new weights."""
+    model, ids = tiny_llama(), torch.randint(0, 64, (2, 8))
+    operator = LossHessian(model, {"input_ids": ids, "labels": ids}, None)
+    v = torch.randn(operator.dim, dtype=F64)
+    operator @ v
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.5)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        operator @ v
