@@ -14,6 +14,9 @@ resident memory (``VmHWM``, reset right before the job's work, after the model a
   timed, median, on the batch of the LM-head jobs and of the whole-model jobs (the reference of each row);
 * ``hvp-{head,all}[-forward]``: ``LossHessian`` built (one forward and backward pass) and ``--hvps`` products,
   by double backward or (``-forward``) forward-over-reverse; the time per product;
+* ``hvp-all-checkpoint``: ``hvp-all`` under transformers' non-reentrant activation checkpointing (in training mode,
+  where transformers checkpoints; SmolLM2 has no dropout), to see whether it lowers the peak (it does not: the first
+  backward keeps the recomputed activations in the graph, docs/measures.md#memory-over-the-whole-model);
 * ``trace-{head,all}``: Hutchinson ``hessian_trace`` with ``--probes`` probes (memory ``O(n·block)``);
 * ``eig{1,5}-{head,all}``: ``top_eigenvalues`` with ``k`` = 1 or 5, ``tol=--tol``: ARPACK keeping ``k + 2`` vectors
   on the LM head, the streaming Lanczos (no basis) on all parameters;
@@ -48,7 +51,7 @@ from benchmarks.report import machine, write_section  # noqa: E402
 
 JOBS = (
     "step", "step-all",
-    "hvp-head", "hvp-head-forward", "hvp-all", "hvp-all-forward",
+    "hvp-head", "hvp-head-forward", "hvp-all", "hvp-all-forward", "hvp-all-checkpoint",
     "trace-head", "gn-head", "eig1-head", "eig5-head",
     "trace-all", "gn-all", "eig1-all", "eig5-all",
 )  # fmt: skip
@@ -78,7 +81,7 @@ def run_job(job: str, args) -> dict:
     quiet()
     from fam_hf.measures import LossHessian, estimate_top_eigenpairs, estimate_trace, gauss_newton_trace
 
-    whole = job.endswith("-all") or job.endswith("-all-forward")  # step-all: a step on the whole-model batch
+    whole = "-all" in job  # step-all: a step on the whole-model batch
     batch_size = (args.all_batch_size or args.batch_size) if whole else args.batch_size
     case = dataclasses.replace(build_cases(False, "cpu")["smollm2-full-head"], batch_size=batch_size,
                                seq_len=args.seq_len)  # fmt: skip
@@ -101,6 +104,9 @@ def run_job(job: str, args) -> dict:
             result.update(step_cpu=statistics.median(c for _, c in times), step_wall=statistics.median(w for w, _ in times))
         else:
             model.eval()
+            if job.endswith("-checkpoint"):
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                model.train()  # transformers checkpoints only in training mode
             hvp = "forward_over_reverse" if job.endswith("-forward") else "double_backward"
             hessian = LossHessian(model, batch, wrt, hvp=hvp)
             result.update(build_cpu=time.process_time() - start_cpu, n=hessian.dim, hvp=hvp)
@@ -171,6 +177,7 @@ LABELS = {
     "step": "plain training step (forward, backward, AdamW)",
     "hvp": "one Hessian-vector product (double backward)",
     "hvp-forward": "one Hessian-vector product (forward-over-reverse)",
+    "hvp-checkpoint": "one Hessian-vector product (double backward, activation checkpointing)",
     "trace": "`hessian_trace`, Hutchinson, {probes} probes",
     "gn": "`gauss_newton_trace`, {probes} probes",
     "eig1": "`top_eigenvalues`, k = 1",
@@ -197,7 +204,8 @@ def render(results: dict[str, dict], args, info: dict) -> str:
         step = results.get("step-all" if "-all" in job else "step") or results.get("step")
         step_cpu, step_peak = (step["step_cpu"], step["peak"]) if step else (None, None)
         kind, wrt = job.split("-")[0], "LM head" if "-head" in job else "all"
-        label = LABELS[kind + ("-forward" if job.endswith("-forward") else "")].format(probes=args.probes)
+        variant = next((v for v in ("-forward", "-checkpoint") if job.endswith(v)), "")
+        label = LABELS[kind + variant].format(probes=args.probes)
         if r.get("method") == "streaming":
             label += " (streaming Lanczos)"
         elif kind.startswith("eig"):

@@ -270,12 +270,15 @@ class LossHessian(SymmetricOperator):
         subset: the resolved :class:`Subset`; ``subset.unflatten(v)`` shapes an ``(n,)`` vector like it.
         dim: ``n``.
         loss: ``L(w)``, detached.
-        gradient: ``∇L(w)``, ``(n,)``, detached.
+        gradient: ``∇L(w)``, ``(n,)``, detached (flattened anew on each access).
         matvecs: Hessian-vector products computed so far.
 
-    Cost: building it is one forward and one backward pass (keeping the graph for double backward, so
-    about twice a training step's activation memory); each :meth:`matvec` is one double-backward pass,
-    about the cost of a backward pass. Units: loss units per squared parameter unit.
+    Cost: building it is one forward and one backward pass, keeping the gradient and the graph of that backward
+    pass for the double backward (several times a training step's activations); each :meth:`matvec` is one
+    double-backward pass, about the cost of a backward pass, and holds ``v`` and ``H v`` besides. No copy of the
+    parameters is made: over a whole model an HVP holds four vectors of ``n`` (weights, gradient, ``v``, ``H v``)
+    and the graph (docs/measures.md#memory-over-the-whole-model). Valid for the weights it was built at: once they
+    change in place, a product raises autograd's in-place error. Units: loss units per squared parameter unit.
     """
 
     def __init__(

@@ -79,7 +79,7 @@ def lanczos(
             if _shares_storage(w, q):  # updated in place below
                 w = w.clone()
         else:
-            # w = H q − β·previous − α·q in Paige's order (1976), the product added into −β·previous in place (a copy
+            # w = H q − β·previous − α·q in Paige's order (1972), the product added into −β·previous in place (a copy
             # of it when the basis keeps it): the HVP runs beside two vectors of n, q and w, not three.
             w = operator.add_matvec(q, previous.mul_(-beta_prev) if basis is None else previous * -beta_prev)
         if bar is not None:
