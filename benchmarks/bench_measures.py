@@ -23,7 +23,8 @@ resident memory (``VmHWM``, reset right before the job's work, after the model a
 * ``gn-{head,all}``: ``gauss_newton_trace`` with ``--probes`` probes (forward-mode products, no backward).
 
 ``head`` is the LM head's own use of the tied matrix (``W: 49,152 × 576``, n = 28.3M); ``all`` every parameter
-(n = 134.5M) on ``--all-batch-size`` sequences.
+(n = 134.5M) on ``--all-batch-size`` sequences, with ``--micro-batches`` > 1 as a ``MicroBatchedHessian`` (each product
+one part of the batch at a time).
 """
 
 from __future__ import annotations
@@ -68,6 +69,8 @@ def parse_args(argv=None):
     parser.add_argument("--probes", type=int, default=8, help="probes of the trace jobs (default: 8)")
     parser.add_argument("--tol", type=float, default=1e-3, help="eigsh's relative tolerance (default: 1e-3)")
     parser.add_argument("--maxiter", type=int, default=300, help="streaming Lanczos steps at most (default: 300)")
+    parser.add_argument("--micro-batches", type=int, default=1,
+                        help="whole-model jobs: products over this many parts of the batch, one at a time (default: 1)")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default: 1)")
     parser.add_argument("--json", help="write the raw results here")
     parser.add_argument("--out", help="write the table into this markdown file (section bench:measures)")
@@ -79,7 +82,13 @@ def run_job(job: str, args) -> dict:
     """One job, in this (fresh) process: load, reset the peak, run, read the counters."""
     torch.set_num_threads(args.threads)
     quiet()
-    from fam_hf.measures import LossHessian, estimate_top_eigenpairs, estimate_trace, gauss_newton_trace
+    from fam_hf.measures import (
+        LossHessian,
+        MicroBatchedHessian,
+        estimate_top_eigenpairs,
+        estimate_trace,
+        gauss_newton_trace,
+    )
 
     whole = "-all" in job  # step-all: a step on the whole-model batch
     batch_size = (args.all_batch_size or args.batch_size) if whole else args.batch_size
@@ -108,7 +117,11 @@ def run_job(job: str, args) -> dict:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
                 model.train()  # transformers checkpoints only in training mode
             hvp = "forward_over_reverse" if job.endswith("-forward") else "double_backward"
-            hessian = LossHessian(model, batch, wrt, hvp=hvp)
+            if whole and args.micro_batches > 1 and not job.startswith("gn") and hvp == "double_backward":
+                hessian = MicroBatchedHessian(model, batch, wrt, micro_batches=args.micro_batches)
+                result["micro_batches"] = args.micro_batches
+            else:
+                hessian = LossHessian(model, batch, wrt, hvp=hvp)
             result.update(build_cpu=time.process_time() - start_cpu, n=hessian.dim, hvp=hvp)
             work_cpu = time.process_time()
             if job.startswith("hvp"):
@@ -208,6 +221,8 @@ def render(results: dict[str, dict], args, info: dict) -> str:
         label = LABELS[kind + variant].format(probes=args.probes)
         if r.get("method") == "streaming":
             label += " (streaming Lanczos)"
+        if r.get("micro_batches"):
+            label += f", {r['micro_batches']} parts of the batch"
         elif kind.startswith("eig"):
             label += f" (ARPACK, {int(kind[3]) + 2} vectors)"
         per = r.get("per_matvec_cpu")

@@ -19,6 +19,7 @@ from fam_hf import RelativeFlatness
 from fam_hf.curvature import rademacher
 from fam_hf.measures import (
     LossHessian,
+    MicroBatchedHessian,
     activity_weight_duality,
     dual_weight_change,
     estimate_top_eigenpairs,
@@ -29,6 +30,7 @@ from fam_hf.measures import (
     layerwise_flatness,
     resolve_subset,
     sam_sharpness,
+    split_batch,
     top_eigenvalues,
 )
 from fam_hf.measures.hessian import DenseOperator
@@ -627,3 +629,42 @@ def test_loss_hessian_over_parameters_refuses_a_product_once_the_weights_moved()
             p.mul_(1.5)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         operator @ v
+
+
+def test_micro_batched_hessian_is_the_whole_batchs():
+    """``H v = Σ_c (N_c/N) H_c v`` over parts of the rows, weighted by the targets each part counts: the whole batch's
+    product, gradient and loss (float64), for a causal LM with ignored labels (parts counting different numbers of
+    targets, one counting none), a layer of GPT-2, and a sequence classifier."""
+    llama = tiny_llama()
+    ids = torch.randint(0, 64, (5, 8), generator=torch.Generator().manual_seed(3))
+    labels = ids.clone()
+    labels[0, 3:] = -100
+    labels[3:, 1:] = -100  # the last part counts no target (the first label is shifted away)
+    cases = [
+        (llama, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}, None, 3),
+        (tiny_gpt2(), gpt2_batch(), "auto", 2),
+        (tiny_bert(), bert_batch(), None, 4),
+    ]
+    for model, batch, wrt, parts in cases:
+        whole = LossHessian(model, batch, wrt)
+        split = MicroBatchedHessian(model, batch, wrt, micro_batches=parts)
+        v = torch.randn(whole.dim, generator=torch.Generator().manual_seed(1), dtype=F64)
+        torch.testing.assert_close(split @ v, whole @ v, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(split.gradient, whole.gradient, rtol=1e-10, atol=1e-13)
+        # transformers' causal-LM loss value is computed in float32 (logits.float()): summed parts agree to its rounding
+        torch.testing.assert_close(split.loss, whole.loss, rtol=1e-6, atol=0)
+        columns = torch.stack([v, -v], dim=1)
+        torch.testing.assert_close(split @ columns, whole @ columns, rtol=1e-10, atol=1e-12)
+        assert split.matvecs == 3
+    assert len(split_batch(llama, cases[0][1], 3)) == 2  # the part with no target is left out
+    batch = cases[0][1]
+    truth = top_eigenvalues(llama, batch, None, k=2, method="streaming", tol=1e-10)
+    parts = top_eigenvalues(llama, batch, None, k=2, method="streaming", tol=1e-10, micro_batches=2)
+    torch.testing.assert_close(parts.values, truth.values, rtol=1e-9, atol=0)
+    with pytest.raises(ValueError, match="micro_batches splits the model's own loss"):
+        top_eigenvalues(llama, batch, None, micro_batches=2, loss_fn=lambda m, b: m(**b).loss)
+    with pytest.raises(ValueError, match="is not one fam_hf recognises"):
+        MicroBatchedHessian(MLP().double(), {"x": torch.randn(4, 6, dtype=F64), "labels": torch.zeros(4)}, None,
+                            micro_batches=2)  # fmt: skip
+    with pytest.raises(ValueError, match="micro_batches=6 must be between 1 and the batch's 5 rows"):
+        MicroBatchedHessian(llama, batch, None, micro_batches=6)
