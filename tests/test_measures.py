@@ -657,6 +657,10 @@ def test_micro_batched_hessian_is_the_whole_batchs():
         torch.testing.assert_close(split @ columns, whole @ columns, rtol=1e-10, atol=1e-12)
         assert split.matvecs == 3
     assert len(split_batch(llama, cases[0][1], 3)) == 2  # the part with no target is left out
+    given = {**cases[0][1], "num_items_in_batch": 7}  # the model divides each part's summed loss by it already
+    v = torch.randn(LossHessian(llama, given, None).dim, generator=torch.Generator().manual_seed(1), dtype=F64)
+    torch.testing.assert_close(MicroBatchedHessian(llama, given, None, micro_batches=2) @ v,
+                               LossHessian(llama, given, None) @ v, rtol=1e-10, atol=1e-12)  # fmt: skip
     batch = cases[0][1]
     truth = top_eigenvalues(llama, batch, None, k=2, method="streaming", tol=1e-10)
     parts = top_eigenvalues(llama, batch, None, k=2, method="streaming", tol=1e-10, micro_batches=2)

@@ -8,7 +8,8 @@ weighted mean over counted targets (transformers' losses), so
     L = Σ_c (N_c / N) L_c,        H v = Σ_c (N_c / N) H_c v,
 
 with ``N_c`` the targets part ``c`` counts (labels that are not ``-100``, after the causal-LM shift; every element
-for a regression or multi-label loss) and ``N = Σ_c N_c``. :class:`MicroBatchedHessian` computes each product as
+for a regression or multi-label loss) and ``N = Σ_c N_c`` (or every part weighing 1 when the batch gives the
+model its ``num_items_in_batch``, by which each part's loss is then divided already). :class:`MicroBatchedHessian` computes each product as
 that sum, building each part's graph, adding its product into the output and freeing it before the next part:
 memory of one part's graph, time of one extra forward and backward pass per part and product.
 """
@@ -53,9 +54,12 @@ def split_batch(model: nn.Module, batch: Mapping[str, Any], parts: int) -> list[
     else:  # MSE and BCE average over every element
         counts = torch.full((rows,), float(labels[0].numel()), dtype=torch.float64)
     total = float(counts.sum())
+    # a batch that names the denominator (the Trainer's num_items_in_batch): every part's loss is already divided by it
+    given = head_loss.honours_num_items and batch.get("num_items_in_batch") is not None
     split = []
     for index in torch.arange(rows).chunk(parts):
         weight = float(counts[index].sum()) / total if total else 0.0
+        weight = float(weight > 0) if given else weight
         if weight:
             part = {k: v[index] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == rows else v
                     for k, v in batch.items()}  # fmt: skip
