@@ -574,7 +574,8 @@ def _hvp_through_a_zero_perturbation(model, batch, wrt, vector):
     with second_order_kernels():
         grads = torch.autograd.grad(perturbed_loss(model, batch, subset, zeros), zeros, create_graph=True)
         hv = torch.autograd.grad(grads, zeros, grad_outputs=subset.unflatten(vector), allow_unused=True)
-    return subset.flatten(grads).detach(), subset.flatten([h if h is not None else torch.zeros_like(z) for h, z in zip(hv, zeros)])
+    hv = [h if h is not None else torch.zeros_like(z) for h, z in zip(hv, zeros)]
+    return subset.flatten(grads).detach(), subset.flatten(hv)
 
 
 def tiny_llama(dtype=F64):

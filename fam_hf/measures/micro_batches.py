@@ -9,9 +9,10 @@ weighted mean over counted targets (transformers' losses), so
 
 with ``N_c`` the targets part ``c`` counts (labels that are not ``-100``, after the causal-LM shift; every element
 for a regression or multi-label loss) and ``N = Σ_c N_c`` (or every part weighing 1 when the batch gives the
-model its ``num_items_in_batch``, by which each part's loss is then divided already). :class:`MicroBatchedHessian` computes each product as
-that sum, building each part's graph, adding its product into the output and freeing it before the next part:
-memory of one part's graph, time of one extra forward and backward pass per part and product.
+model its ``num_items_in_batch``, by which each part's loss is then divided already). :class:`MicroBatchedHessian`
+computes each product as that sum, building each part's graph, adding its product into the output and freeing it
+before the next part: memory of one part's graph, time of one extra forward and backward pass per part and
+product.
 """
 
 from __future__ import annotations
@@ -81,10 +82,10 @@ class MicroBatchedHessian(SymmetricOperator):
             summed over the parts).
 
     Cost: building it is one forward and backward pass per part (no graph kept); each product one forward pass, one
-    backward pass with ``create_graph`` and one double-backward pass per part: about 1.5× a
+    backward pass with ``create_graph`` and one double-backward pass per part: 1.3–1.4× a
     :class:`~fam_hf.measures.LossHessian` product over the whole batch (SmolLM2-135M, 8 × 128 tokens in 4 parts),
-    holding the graph of one part, not of the batch. The result equals the whole batch's up to float rounding
-    (the parts' losses are summed after weighting).
+    holding the graph of one part, not of the batch, and the batch's gradient (``n``). The result equals the whole
+    batch's up to float rounding (the parts' losses are summed after weighting).
     """
 
     def __init__(self, model: nn.Module, batch: Mapping[str, Any], wrt: Wrt = "auto", *, micro_batches: int) -> None:
