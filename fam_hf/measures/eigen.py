@@ -200,7 +200,7 @@ def top_eigenvalues(
         method, which, tol, generator, block, disable_tqdm: see :func:`estimate_top_eigenpairs`.
         loss_fn: ``loss_fn(model, batch) -> loss`` for models that do not compute their own loss.
         micro_batches: compute each product over this many parts of the batch, one part's graph at a time
-            (:class:`~fam_hf.measures.MicroBatchedHessian`: the memory of one part's graph, about 1.3–1.4× the time per
+            (:class:`~fam_hf.measures.MicroBatchedHessian`: the memory of one part's graph, about 1.3–1.7× the time per
             product); the model's own loss only (no ``loss_fn``). Default 1: the whole batch's graph, kept.
 
     Returns:

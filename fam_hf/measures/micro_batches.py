@@ -82,7 +82,7 @@ class MicroBatchedHessian(SymmetricOperator):
             summed over the parts).
 
     Cost: building it is one forward and backward pass per part (no graph kept); each product one forward pass, one
-    backward pass with ``create_graph`` and one double-backward pass per part: 1.3–1.4× a
+    backward pass with ``create_graph`` and one double-backward pass per part: 1.3–1.7× a
     :class:`~fam_hf.measures.LossHessian` product over the whole batch (SmolLM2-135M, 8 × 128 tokens in 4 parts),
     holding the graph of one part, not of the batch, and the batch's gradient (``n``). The result equals the whole
     batch's up to float rounding (the parts' losses are summed after weighting).
