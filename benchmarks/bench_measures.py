@@ -14,6 +14,9 @@ resident memory (``VmHWM``, reset right before the job's work, after the model a
   timed, median, on the batch of the LM-head jobs and of the whole-model jobs (the reference of each row);
 * ``hvp-{head,all}[-forward]``: ``LossHessian`` built (one forward and backward pass) and ``--hvps`` products,
   by double backward or (``-forward``) forward-over-reverse; the time per product;
+* ``hvp-all-checkpoint``: ``hvp-all`` under transformers' non-reentrant activation checkpointing (in training mode,
+  where transformers checkpoints; SmolLM2 has no dropout), to see whether it lowers the peak (it does not: the first
+  backward keeps the recomputed activations in the graph, docs/measures.md#memory-over-the-whole-model);
 * ``trace-{head,all}``: Hutchinson ``hessian_trace`` with ``--probes`` probes (memory ``O(n·block)``);
 * ``eig{1,5}-{head,all}``: ``top_eigenvalues`` with ``k`` = 1 or 5, ``tol=--tol``: ARPACK keeping ``k + 2`` vectors
   on the LM head, the streaming Lanczos (no basis) on all parameters;
@@ -22,7 +25,8 @@ resident memory (``VmHWM``, reset right before the job's work, after the model a
   HVP; its row's time over the step's is the whole measure's, not a product's).
 
 ``head`` is the LM head's own use of the tied matrix (``W: 49,152 × 576``, n = 28.3M); ``all`` every parameter
-(n = 134.5M) on ``--all-batch-size`` sequences.
+(n = 134.5M) on ``--all-batch-size`` sequences, with ``--micro-batches`` > 1 as a ``MicroBatchedHessian`` (each product
+one part of the batch at a time).
 """
 
 from __future__ import annotations
@@ -50,7 +54,7 @@ from benchmarks.report import machine, write_section  # noqa: E402
 
 JOBS = (
     "step", "step-all",
-    "hvp-head", "hvp-head-forward", "hvp-all", "hvp-all-forward",
+    "hvp-head", "hvp-head-forward", "hvp-all", "hvp-all-forward", "hvp-all-checkpoint",
     "trace-head", "gn-head", "closed-head", "eig1-head", "eig5-head",
     "trace-all", "gn-all", "eig1-all", "eig5-all",
 )  # fmt: skip
@@ -67,6 +71,8 @@ def parse_args(argv=None):
     parser.add_argument("--probes", type=int, default=8, help="probes of the trace jobs (default: 8)")
     parser.add_argument("--tol", type=float, default=1e-3, help="eigsh's relative tolerance (default: 1e-3)")
     parser.add_argument("--maxiter", type=int, default=300, help="streaming Lanczos steps at most (default: 300)")
+    parser.add_argument("--micro-batches", type=int, default=1,
+                        help="whole-model jobs: products over this many parts of the batch, one at a time (default: 1)")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default: 1)")
     parser.add_argument("--json", help="write the raw results here")
     parser.add_argument("--out", help="write the table into this markdown file (section bench:measures)")
@@ -78,9 +84,16 @@ def run_job(job: str, args) -> dict:
     """One job, in this (fresh) process: load, reset the peak, run, read the counters."""
     torch.set_num_threads(args.threads)
     quiet()
-    from fam_hf.measures import LossHessian, estimate_top_eigenpairs, estimate_trace, gauss_newton_trace, hessian_trace
+    from fam_hf.measures import (
+        LossHessian,
+        MicroBatchedHessian,
+        estimate_top_eigenpairs,
+        estimate_trace,
+        gauss_newton_trace,
+        hessian_trace,
+    )
 
-    whole = job.endswith("-all") or job.endswith("-all-forward")  # step-all: a step on the whole-model batch
+    whole = "-all" in job  # step-all: a step on the whole-model batch
     batch_size = (args.all_batch_size or args.batch_size) if whole else args.batch_size
     case = dataclasses.replace(build_cases(False, "cpu")["smollm2-full-head"], batch_size=batch_size,
                                seq_len=args.seq_len)  # fmt: skip
@@ -107,8 +120,15 @@ def run_job(job: str, args) -> dict:
             result.update(value=float(trace.value), std_error=None, matvecs=0, n=trace.dim, build_cpu=0.0)
         else:
             model.eval()
+            if job.endswith("-checkpoint"):
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                model.train()  # transformers checkpoints only in training mode
             hvp = "forward_over_reverse" if job.endswith("-forward") else "double_backward"
-            hessian = LossHessian(model, batch, wrt, hvp=hvp)
+            if whole and args.micro_batches > 1 and not job.startswith("gn") and hvp == "double_backward":
+                hessian = MicroBatchedHessian(model, batch, wrt, micro_batches=args.micro_batches)
+                result["micro_batches"] = args.micro_batches
+            else:
+                hessian = LossHessian(model, batch, wrt, hvp=hvp)
             result.update(build_cpu=time.process_time() - start_cpu, n=hessian.dim, hvp=hvp)
             work_cpu = time.process_time()
             if job.startswith("hvp"):
@@ -177,6 +197,7 @@ LABELS = {
     "step": "plain training step (forward, backward, AdamW)",
     "hvp": "one Hessian-vector product (double backward)",
     "hvp-forward": "one Hessian-vector product (forward-over-reverse)",
+    "hvp-checkpoint": "one Hessian-vector product (double backward, activation checkpointing)",
     "trace": "`hessian_trace`, Hutchinson, {probes} probes",
     "gn": "`gauss_newton_trace`, {probes} probes",
     "closed": "`hessian_trace`, closed form (exact, one forward pass)",
@@ -204,9 +225,12 @@ def render(results: dict[str, dict], args, info: dict) -> str:
         step = results.get("step-all" if "-all" in job else "step") or results.get("step")
         step_cpu, step_peak = (step["step_cpu"], step["peak"]) if step else (None, None)
         kind, wrt = job.split("-")[0], "LM head" if "-head" in job else "all"
-        label = LABELS[kind + ("-forward" if job.endswith("-forward") else "")].format(probes=args.probes)
+        variant = next((v for v in ("-forward", "-checkpoint") if job.endswith(v)), "")
+        label = LABELS[kind + variant].format(probes=args.probes)
         if r.get("method") == "streaming":
             label += " (streaming Lanczos)"
+        if r.get("micro_batches"):
+            label += f", {r['micro_batches']} parts of the batch"
         elif kind.startswith("eig"):
             label += f" (ARPACK, {int(kind[3]) + 2} vectors)"
         per = r.get("per_matvec_cpu")

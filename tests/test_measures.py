@@ -19,6 +19,7 @@ from fam_hf import RelativeFlatness
 from fam_hf.curvature import rademacher
 from fam_hf.measures import (
     LossHessian,
+    MicroBatchedHessian,
     activity_weight_duality,
     dual_weight_change,
     estimate_top_eigenpairs,
@@ -29,6 +30,7 @@ from fam_hf.measures import (
     layerwise_flatness,
     resolve_subset,
     sam_sharpness,
+    split_batch,
     top_eigenvalues,
 )
 from fam_hf.measures.hessian import DenseOperator
@@ -559,3 +561,115 @@ def test_forward_over_reverse_products_equal_double_backward_ones():
         torch.testing.assert_close(forward @ v, reverse @ v, rtol=1e-6, atol=1e-7 * float((reverse @ v).abs().max()))
     with pytest.raises(ValueError, match="hvp='forward' is not one of 'double_backward', 'forward_over_reverse'"):
         LossHessian(llama, {"input_ids": ids, "labels": ids}, hvp="forward")
+
+
+def _hvp_through_a_zero_perturbation(model, batch, wrt, vector):
+    """The products as LossHessian took them before it differentiated by the parameters themselves: the loss at
+    ``w + δ`` for a zero leaf ``δ``, the gradient with ``create_graph``, then ``torch.autograd.grad`` of ``g·v``."""
+    from fam_hf.curvature import second_order_kernels
+    from fam_hf.measures import perturbed_loss
+
+    subset = resolve_subset(model, wrt)
+    zeros = [torch.zeros_like(w, requires_grad=True) for w in subset.values]
+    with second_order_kernels():
+        grads = torch.autograd.grad(perturbed_loss(model, batch, subset, zeros), zeros, create_graph=True)
+        hv = torch.autograd.grad(grads, zeros, grad_outputs=subset.unflatten(vector), allow_unused=True)
+    hv = [h if h is not None else torch.zeros_like(z) for h, z in zip(hv, zeros)]
+    return subset.flatten(grads).detach(), subset.flatten(hv)
+
+
+def tiny_llama(dtype=F64):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)  # fmt: skip
+    return LlamaForCausalLM(config).to(dtype).eval()
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+def test_loss_hessian_by_the_parameters_themselves_equals_the_zero_perturbation_form_bit_for_bit(dtype):
+    """Differentiating by detached aliases of the parameters (no copy of the model) and adding the product into
+    views of one output vector give the very numbers of ``w + δ`` at ``δ = 0`` and ``autograd.grad``."""
+    llama, ids = tiny_llama(dtype), torch.randint(0, 64, (2, 8))
+    bert = tiny_bert().to(dtype)
+    frozen = bert.bert.embeddings.word_embeddings.weight
+    frozen.requires_grad_(False)
+    cases = [
+        (llama, {"input_ids": ids, "labels": ids}, None),  # a tied matrix, in both its uses
+        (tiny_gpt2().to(dtype), gpt2_batch(), "auto"),  # a layer: Conv1D's weight.T, not contiguous
+        (bert, bert_batch(), [frozen, bert.classifier.weight]),  # a frozen parameter included
+    ]
+    for model, batch, wrt in cases:
+        before = copy.deepcopy(model.state_dict())
+        operator = LossHessian(model, batch, wrt)
+        v = torch.randn(operator.dim, generator=torch.Generator().manual_seed(1), dtype=dtype)
+        gradient, hv = _hvp_through_a_zero_perturbation(model, batch, wrt, v)
+        assert torch.equal(operator.gradient, gradient)
+        assert torch.equal(operator @ v, hv)
+        assert torch.equal(operator @ v, hv)  # again: nothing left behind in the variables' .grad
+        out = torch.randn(operator.dim, generator=torch.Generator().manual_seed(2), dtype=dtype)
+        assert torch.equal(operator.add_matvec(v, out.clone()), out + hv)  # added into out as it is computed
+        columns = torch.stack([v, -2 * v, v.flip(0)], dim=1)
+        assert torch.equal(operator @ columns, torch.stack([operator @ c for c in columns.T], dim=1))
+        if wrt is None:  # the variables are the parameters' own storage
+            assert [x.data_ptr() for x in operator._variables] == [p.data_ptr() for p in model.parameters()]
+        assert_same_model(before, model)
+        assert frozen.requires_grad is False
+
+
+def test_loss_hessian_over_parameters_refuses_a_product_once_the_weights_moved():
+    """The operator differentiates by the parameters' own storage: after an optimizer step (in place) its graph is
+    stale, and autograd says so rather than mixing old and new weights."""
+    model, ids = tiny_llama(), torch.randint(0, 64, (2, 8))
+    operator = LossHessian(model, {"input_ids": ids, "labels": ids}, None)
+    v = torch.randn(operator.dim, dtype=F64)
+    operator @ v
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.5)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        operator @ v
+
+
+def test_micro_batched_hessian_is_the_whole_batchs():
+    """``H v = Σ_c (N_c/N) H_c v`` over parts of the rows, weighted by the targets each part counts: the whole batch's
+    product, gradient and loss (float64), for a causal LM with ignored labels (parts counting different numbers of
+    targets, one counting none), a layer of GPT-2, and a sequence classifier."""
+    llama = tiny_llama()
+    ids = torch.randint(0, 64, (5, 8), generator=torch.Generator().manual_seed(3))
+    labels = ids.clone()
+    labels[0, 3:] = -100
+    labels[3:, 1:] = -100  # the last part counts no target (the first label is shifted away)
+    cases = [
+        (llama, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}, None, 3),
+        (tiny_gpt2(), gpt2_batch(), "auto", 2),
+        (tiny_bert(), bert_batch(), None, 4),
+    ]
+    for model, batch, wrt, parts in cases:
+        whole = LossHessian(model, batch, wrt)
+        split = MicroBatchedHessian(model, batch, wrt, micro_batches=parts)
+        v = torch.randn(whole.dim, generator=torch.Generator().manual_seed(1), dtype=F64)
+        torch.testing.assert_close(split @ v, whole @ v, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(split.gradient, whole.gradient, rtol=1e-10, atol=1e-13)
+        # transformers' causal-LM loss value is computed in float32 (logits.float()): summed parts agree to its rounding
+        torch.testing.assert_close(split.loss, whole.loss, rtol=1e-6, atol=0)
+        columns = torch.stack([v, -v], dim=1)
+        torch.testing.assert_close(split @ columns, whole @ columns, rtol=1e-10, atol=1e-12)
+        assert split.matvecs == 3
+    assert len(split_batch(llama, cases[0][1], 3)) == 2  # the part with no target is left out
+    given = {**cases[0][1], "num_items_in_batch": 7}  # the model divides each part's summed loss by it already
+    v = torch.randn(LossHessian(llama, given, None).dim, generator=torch.Generator().manual_seed(1), dtype=F64)
+    torch.testing.assert_close(MicroBatchedHessian(llama, given, None, micro_batches=2) @ v,
+                               LossHessian(llama, given, None) @ v, rtol=1e-10, atol=1e-12)  # fmt: skip
+    batch = cases[0][1]
+    truth = top_eigenvalues(llama, batch, None, k=2, method="streaming", tol=1e-10)
+    parts = top_eigenvalues(llama, batch, None, k=2, method="streaming", tol=1e-10, micro_batches=2)
+    torch.testing.assert_close(parts.values, truth.values, rtol=1e-9, atol=0)
+    with pytest.raises(ValueError, match="micro_batches splits the model's own loss"):
+        top_eigenvalues(llama, batch, None, micro_batches=2, loss_fn=lambda m, b: m(**b).loss)
+    with pytest.raises(ValueError, match="is not one fam_hf recognises"):
+        MicroBatchedHessian(MLP().double(), {"x": torch.randn(4, 6, dtype=F64), "labels": torch.zeros(4)}, None,
+                            micro_batches=2)  # fmt: skip
+    with pytest.raises(ValueError, match="micro_batches=6 must be between 1 and the batch's 5 rows"):
+        MicroBatchedHessian(llama, batch, None, micro_batches=6)

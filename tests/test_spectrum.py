@@ -3,6 +3,8 @@ dense Hessian (brute force, tests/test_measures.py's ``params_hessian``) and aga
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from test_measures import MLP, mlp_batch, mlp_loss, params_hessian
@@ -10,7 +12,7 @@ from test_measures import MLP, mlp_batch, mlp_loss, params_hessian
 from fam_hf.curvature import rademacher
 from fam_hf.measures import estimate_spectrum, hessian_spectrum
 from fam_hf.measures.hessian import DenseOperator
-from fam_hf.measures.spectrum import lanczos, smoothed_density
+from fam_hf.measures.spectrum import _dot64, lanczos, smoothed_density
 
 F64 = torch.float64
 
@@ -139,3 +141,40 @@ def test_streaming_lanczos_in_float32_merges_the_ghosts_within_its_precision():
     torch.testing.assert_close(good, spectrum[:5], rtol=1e-4, atol=0)
     found = estimate_top_eigenpairs(a, 5, method="streaming", tol=1e-4)
     torch.testing.assert_close(found.values.double(), spectrum[:5], rtol=1e-3, atol=0)  # float32 arithmetic
+
+
+def _out_of_place_lanczos(a, start, steps):
+    """The recurrence out of place, in Paige's order (``w = (−β·previous + A q) − α·q``), the same float64 dots."""
+    q = start / math.sqrt(_dot64(start, start))
+    previous, beta_prev, alpha, beta = None, 0.0, [], []
+    for _ in range(steps):
+        w = a @ q if previous is None else previous * -beta_prev + a @ q
+        alpha.append(_dot64(q, w))
+        w = w - alpha[-1] * q
+        beta.append(math.sqrt(_dot64(w, w)))
+        previous, q, beta_prev = q, w / beta[-1], beta[-1]
+    return torch.tensor(alpha, dtype=F64), torch.tensor(beta[: steps - 1], dtype=F64)
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+def test_lanczos_updates_in_place_with_the_roundings_of_the_out_of_place_recurrence(dtype):
+    a = symmetric(300, seed=3).to(dtype)
+    start = torch.randn(300, generator=torch.Generator().manual_seed(2), dtype=dtype)
+    kept = start.clone()
+    t = lanczos(DenseOperator(a), start, 12)
+    alpha, beta = _out_of_place_lanczos(a, start, 12)
+    assert torch.equal(t.alpha, alpha) and torch.equal(t.beta, beta)
+    assert torch.equal(start, kept)  # the caller's start is not written
+    reorthogonalized = lanczos(DenseOperator(a), start, 12, reorthogonalize=True)  # the basis is not written either
+    torch.testing.assert_close(reorthogonalized.alpha, alpha, rtol=1e-4 if dtype == torch.float32 else 1e-10, atol=0)
+
+
+def test_lanczos_copes_with_an_operator_that_returns_its_input():
+    class Identity(DenseOperator):
+        def matvec(self, vector):
+            self.matvecs += 1
+            return vector
+
+    start = torch.randn(10, generator=torch.Generator().manual_seed(0), dtype=F64)
+    t = lanczos(Identity(torch.eye(10, dtype=F64)), start, 5)
+    torch.testing.assert_close(t.alpha, torch.ones(1, dtype=F64), rtol=1e-14, atol=0)  # invariant after one step

@@ -15,7 +15,8 @@ never modifies the model, and returns a small dataclass (value, and standard err
   decomposition of the train→test loss change over Hessian eigendirections (Feng, Zhang, Tu 2023).
 
 :class:`LossHessian` is the Hessian as a matrix-free operator, for anything else (one forward and backward
-pass, then one double-backward pass per Hessian-vector product). The relative flatness κ itself is
+pass, then one double-backward pass per Hessian-vector product); :class:`MicroBatchedHessian` the same operator
+computed one part of the batch at a time (the memory of one part's graph, for whole models on large batches). The relative flatness κ itself is
 :func:`fam_hf.relative_flatness`.
 """
 
@@ -33,6 +34,7 @@ from .gauss_newton import gauss_newton_trace
 from .hessian import LossHessian, Subset, perturbed_loss, resolve_subset
 from .jacobian import JacobianNorm, jacobian_norm
 from .layerwise import LayerwiseFlatness, layerwise_flatness
+from .micro_batches import MicroBatchedHessian, split_batch
 from .sam import SAMSharpness, sam_sharpness
 from .spectrum import HessianSpectrum, estimate_spectrum, hessian_spectrum
 from .trace import HessianTrace, estimate_trace, hessian_trace
@@ -45,6 +47,7 @@ __all__ = [
     "JacobianNorm",
     "LayerwiseFlatness",
     "LossHessian",
+    "MicroBatchedHessian",
     "SAMSharpness",
     "Subset",
     "activity_weight_duality",
@@ -62,5 +65,6 @@ __all__ = [
     "perturbed_loss",
     "resolve_subset",
     "sam_sharpness",
+    "split_batch",
     "top_eigenvalues",
 ]

@@ -24,6 +24,7 @@ from torch import nn
 
 from ..curvature import default_generator
 from .hessian import LossFn, LossHessian, Operator, Wrt, as_operator
+from .micro_batches import MicroBatchedHessian
 from .progress import progress
 
 EIGEN_METHODS = ("lanczos", "streaming", "exact")
@@ -155,9 +156,11 @@ def _streaming_top(operator, k: int, tol: float, maxiter: int | None, generator,
         return True
 
     start = operator.matvecs
-    v0 = torch.randn(n, generator=default_generator(generator), dtype=torch.float64).to(operator.dtype)
     with progress(steps, f"top {k} eigenvalue{'s' if k > 1 else ''} (streaming Lanczos)", disable_tqdm) as bar:
-        t = lanczos(operator, v0, steps, bar=bar, stop=converged)
+        # the start drawn in the call: lanczos then holds its only reference, and frees it once normalised
+        draw = default_generator(generator)
+        t = lanczos(operator, torch.randn(n, generator=draw, dtype=torch.float64).to(operator.dtype), steps, bar=bar,
+                    stop=converged)  # fmt: skip
     if not state["converged"]:
         warnings.warn(
             f"the streaming Lanczos stopped after {t.alpha.numel()} steps (maxiter) before the top {k} residuals fell "
@@ -183,6 +186,7 @@ def top_eigenvalues(
     loss_fn: LossFn | None = None,
     generator: torch.Generator | None = None,
     block: int | None = None,
+    micro_batches: int = 1,
     disable_tqdm: bool | None = None,
 ) -> HessianEigenpairs:
     """Top ``k`` eigenvalues and eigenvectors of ``∇²L`` on ``batch`` w.r.t. a layer's weight or parameters.
@@ -195,6 +199,9 @@ def top_eigenvalues(
         k: how many eigenpairs.
         method, which, tol, generator, block, disable_tqdm: see :func:`estimate_top_eigenpairs`.
         loss_fn: ``loss_fn(model, batch) -> loss`` for models that do not compute their own loss.
+        micro_batches: compute each product over this many parts of the batch, one part's graph at a time
+            (:class:`~fam_hf.measures.MicroBatchedHessian`: the memory of one part's graph, about 1.3–1.7× the time per
+            product); the model's own loss only (no ``loss_fn``). Default 1: the whole batch's graph, kept.
 
     Returns:
         :class:`HessianEigenpairs`, largest first; ``.sharpness`` is ``λ_max``.
@@ -207,7 +214,12 @@ def top_eigenvalues(
         eig.values                                          # tensor([λ1, λ2, λ3])
         eig.vectors[:, 0].reshape(model.classifier.weight.shape)  # top direction as a (d, m) matrix
     """
-    hessian = LossHessian(model, batch, wrt, loss_fn=loss_fn)
+    if micro_batches == 1:
+        hessian = LossHessian(model, batch, wrt, loss_fn=loss_fn)
+    elif loss_fn is not None:
+        raise ValueError("micro_batches splits the model's own loss; with loss_fn= measure on the whole batch")
+    else:
+        hessian = MicroBatchedHessian(model, batch, wrt, micro_batches=micro_batches)
     return estimate_top_eigenpairs(
         hessian, k, method=method, which=which, tol=tol, generator=generator, block=block, disable_tqdm=disable_tqdm
     )

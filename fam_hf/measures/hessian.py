@@ -2,9 +2,10 @@
 
 Every Hessian-based measure in :mod:`fam_hf.measures` works through :class:`LossHessian`: one forward pass
 and one first-order backward pass with ``create_graph=True`` when it is built, then one double-backward
-(a Hessian-vector product, HVP) per :meth:`LossHessian.matvec`. Nothing is written to the model: the
-loss is evaluated at ``w + δ`` for a zero perturbation ``δ`` that requires grad, so parameters, their
-``.grad`` and the optimizer state are untouched.
+(a Hessian-vector product, HVP) per :meth:`LossHessian.matvec`. Nothing is written to the model: a layer's
+loss is evaluated at ``W + δ`` for a zero perturbation ``δ`` that requires grad, and parameters are swapped, for
+the call only, for detached aliases of themselves that require grad (the same storage: no copy), so
+parameters, their ``.grad`` and the optimizer state are untouched.
 
 What the Hessian is taken with respect to (``wrt``):
 
@@ -137,8 +138,21 @@ def perturbed_loss(
             return loss_fn(model, batch)
         finally:
             handle.remove()
-    moved = {f"model.{name}": w + delta for name, w, delta in zip(subset.names, subset.values, perturbations)}
-    return torch.func.functional_call(_LossOf(model, loss_fn), moved, args=(batch,))
+    moved = [w + delta for w, delta in zip(subset.values, perturbations)]
+    return loss_with(model, batch, subset, moved, loss_fn)
+
+
+def loss_with(
+    model: nn.Module,
+    batch: Mapping[str, Any],
+    subset: Subset,
+    tensors: Sequence[torch.Tensor],
+    loss_fn: LossFn | None = None,
+) -> torch.Tensor:
+    """The loss with the subset's parameters replaced by ``tensors`` (shaped like ``subset.values``) for this one
+    call (``torch.func.functional_call``; a tied matrix in all its uses). Parameter subsets only."""
+    swapped = {f"model.{name}": t for name, t in zip(subset.names, tensors)}
+    return torch.func.functional_call(_LossOf(model, loss_fn or model_loss), swapped, args=(batch,))
 
 
 class SymmetricOperator:
@@ -173,6 +187,11 @@ class SymmetricOperator:
     def matvec(self, vector: torch.Tensor) -> torch.Tensor:
         """``A v`` for ``v: (n,)``."""
         return self.matmat(vector.reshape(-1, 1)).reshape(-1)
+
+    def add_matvec(self, vector: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """``out ← out + A v`` in place, for ``v, out: (n,)``; returns ``out``. An operator that adds its product
+        straight into ``out`` (:class:`LossHessian`) holds no other vector of ``n`` beside it."""
+        return out.add_(self.matvec(vector).to(out.dtype))
 
     def __matmul__(self, other: torch.Tensor) -> torch.Tensor:
         return self.matvec(other) if other.dim() == 1 else self.matmat(other)
@@ -251,12 +270,15 @@ class LossHessian(SymmetricOperator):
         subset: the resolved :class:`Subset`; ``subset.unflatten(v)`` shapes an ``(n,)`` vector like it.
         dim: ``n``.
         loss: ``L(w)``, detached.
-        gradient: ``∇L(w)``, ``(n,)``, detached.
+        gradient: ``∇L(w)``, ``(n,)``, detached (flattened anew on each access).
         matvecs: Hessian-vector products computed so far.
 
-    Cost: building it is one forward and one backward pass (keeping the graph for double backward, so
-    about twice a training step's activation memory); each :meth:`matvec` is one double-backward pass,
-    about the cost of a backward pass. Units: loss units per squared parameter unit.
+    Cost: building it is one forward and one backward pass, keeping the gradient and the graph of that backward
+    pass for the double backward (several times a training step's activations); each :meth:`matvec` is one
+    double-backward pass, about the cost of a backward pass, and holds ``v`` and ``H v`` besides. No copy of the
+    parameters is made: over a whole model an HVP holds four vectors of ``n`` (weights, gradient, ``v``, ``H v``)
+    and the graph (docs/measures.md#memory-over-the-whole-model). Valid for the weights it was built at: once they
+    change in place, a product raises autograd's in-place error. Units: loss units per squared parameter unit.
     """
 
     def __init__(
@@ -275,57 +297,97 @@ class LossHessian(SymmetricOperator):
         self.matvecs = 0
         self.hvp = hvp
         forward_mode = hvp == "forward_over_reverse"
-        self._zeros = [torch.zeros_like(v, requires_grad=True) for v in self.subset.values]
+        # What the loss is differentiated by: a layer's zero perturbation δ, or the parameters themselves as detached
+        # aliases (their storage: a copy ``w + δ`` of every parameter would add the model's size again, twice with
+        # δ, to what an HVP over the whole model holds).
+        if self.subset.layer is not None:
+            self._variables = [torch.zeros_like(v, requires_grad=True) for v in self.subset.values]
+        else:
+            self._variables = [v.detach().requires_grad_(True) for v in self.subset.values]
         with torch.enable_grad(), second_order_kernels(), explain_missing_double_backward():
-            loss = perturbed_loss(model, batch, self.subset, self._zeros, loss_fn)
-            grads = torch.autograd.grad(loss, self._zeros, create_graph=not forward_mode, allow_unused=True)
+            loss = self._loss_at(model, batch, self._variables, loss_fn)
+            grads = torch.autograd.grad(loss, self._variables, create_graph=not forward_mode, allow_unused=True)
         self.loss = loss.detach()
         if forward_mode:
 
-            def loss_of(*deltas: torch.Tensor) -> torch.Tensor:
-                return perturbed_loss(model, batch, self.subset, deltas, loss_fn)
+            def loss_of(*variables: torch.Tensor) -> torch.Tensor:
+                return self._loss_at(model, batch, variables, loss_fn)
 
-            self._gradient_of = torch.func.grad(loss_of, argnums=tuple(range(len(self._zeros))))
-        self._grads = [g if g is not None else torch.zeros_like(z) for g, z in zip(grads, self._zeros)]
-        self.gradient = self._like = self.subset.flatten(self._grads).detach()
+            self._gradient_of = torch.func.grad(loss_of, argnums=tuple(range(len(self._variables))))
+        self._grads = [g if g is not None else torch.zeros_like(v) for g, v in zip(grads, self._variables)]
+        self._like = torch.cat([g.detach().reshape(-1)[:0] for g in self._grads])  # empty: the gradient's dtype
         # the probes held at a time cost no more than the model's gradient
         self.default_block = max(1, sum(p.numel() for p in model.parameters()) // self.dim)
-        # Gradients that do not depend on δ (the loss is linear in that tensor) have zero curvature.
+        # Gradients that do not depend on the variables (the loss is linear in that tensor) have zero curvature.
         self._curved = [i for i, g in enumerate(self._grads) if g.requires_grad]
+
+    def _loss_at(self, model, batch, variables, loss_fn) -> torch.Tensor:
+        if self.subset.layer is not None:
+            return perturbed_loss(model, batch, self.subset, variables, loss_fn)
+        return loss_with(model, batch, self.subset, variables, loss_fn)
 
     @property
     def shape(self) -> tuple[int, int]:
         return (self.dim, self.dim)
 
+    @property
+    def gradient(self) -> torch.Tensor:
+        """``∇L(w)``, ``(n,)``, detached: a new vector on each call (the operator holds only the graph's own copy)."""
+        with torch.no_grad():
+            return self.subset.flatten([g.detach() for g in self._grads])
+
     def matvec(self, vector: torch.Tensor) -> torch.Tensor:
         """``H v`` for ``v: (n,)``, one double-backward pass (or one forward-over-reverse pass); returns ``(n,)`` in
         :attr:`dtype`."""
-        self.matvecs += 1
-        parts = self.subset.unflatten(vector.to(device=self.device, dtype=self.dtype))
-        out = [torch.zeros_like(z) for z in self._zeros]
         if self.hvp == "forward_over_reverse":
-            zeros = tuple(z.detach() for z in self._zeros)
+            self.matvecs += 1
+            parts = self.subset.unflatten(vector.to(device=self.device, dtype=self.dtype))
+            primals = tuple(v.detach() for v in self._variables)
             with torch.no_grad(), second_order_kernels(), explain_missing_double_backward():
-                _, tangents = torch.func.jvp(self._gradient_of, zeros, tuple(parts))
+                _, tangents = torch.func.jvp(self._gradient_of, primals, tuple(parts))
             return self.subset.flatten(tangents)
-        if self._curved:
+        return self.add_matvec(vector, torch.zeros(self.dim, dtype=self.dtype, device=self.device))
+
+    def add_matvec(self, vector: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """``out ← out + H v`` in place, for ``v, out: (n,)``, one double-backward pass; returns ``out``. The product
+        is added into ``out`` as autograd computes it, so it is never held apart from it."""
+        if self.hvp == "forward_over_reverse" or out.dtype != self.dtype or not out.is_contiguous():
+            return super().add_matvec(vector, out)
+        self.matvecs += 1
+        if not self._curved:
+            return out
+        parts = self.subset.unflatten(vector.to(device=self.device, dtype=self.dtype))
+        roots, directions = [self._grads[i] for i in self._curved], [parts[i] for i in self._curved]
+        views = self.subset.unflatten(out)
+        if any(v.dtype != self.dtype or not v.is_contiguous() for v in self._variables):
+            # a .grad must have its variable's dtype, and its strides to be added into as it is (Conv1D's weight.T)
             with torch.enable_grad(), second_order_kernels(), explain_missing_double_backward():
-                hv = torch.autograd.grad(
-                    [self._grads[i] for i in self._curved],
-                    self._zeros,
-                    grad_outputs=[parts[i] for i in self._curved],
-                    retain_graph=True,
-                    allow_unused=True,
-                )
-            out = [h if h is not None else o for h, o in zip(hv, out)]
-        return self.subset.flatten(out)
+                hv = torch.autograd.grad(roots, self._variables, directions, retain_graph=True, allow_unused=True)
+            for view, h in zip(views, hv):
+                if h is not None:
+                    view.add_(h)
+            return out
+        # Each variable's .grad is a view of ``out``, and autograd adds into a .grad that exists: the product is
+        # never held apart from ``out`` (as autograd's per-tensor results, then concatenated): on a whole model, the
+        # model's size less at the peak.
+        for variable, view in zip(self._variables, views):
+            variable.grad = view
+        try:
+            with torch.enable_grad(), second_order_kernels(), explain_missing_double_backward():
+                torch.autograd.backward(roots, directions, retain_graph=True, inputs=self._variables)
+        finally:
+            for variable in self._variables:
+                variable.grad = None
+        return out
 
     def matmat(self, vectors: torch.Tensor) -> torch.Tensor:
         """``H V`` for ``V: (n, k)``: ``k`` double-backward passes; returns ``(n, k)``."""
-        if vectors.shape[1] == 0:
-            return vectors.new_zeros(self.dim, 0, dtype=self.dtype)
-        return torch.stack([self.matvec(v) for v in vectors.T], dim=1)
-
+        if vectors.shape[1] == 1:
+            return self.matvec(vectors[:, 0]).reshape(-1, 1)
+        out = torch.empty(self.dim, vectors.shape[1], dtype=self.dtype, device=self.device)
+        for j in range(vectors.shape[1]):  # one column at a time: no list of k products beside the (n, k) result
+            out[:, j] = self.matvec(vectors[:, j])
+        return out
 
 
 Operator = SymmetricOperator | torch.Tensor

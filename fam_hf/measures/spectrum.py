@@ -57,7 +57,8 @@ def lanczos(
     """``steps`` steps of the symmetric Lanczos recurrence from ``start: (n,)``; returns ``T_m`` (``m ≤ steps``: it
     stops early when the Krylov space is invariant).
 
-    Without ``reorthogonalize`` it holds three vectors (``O(n)`` memory): the basis loses orthogonality once Ritz
+    Without ``reorthogonalize`` it holds three vectors (``O(n)`` memory; the product is added into the oldest, in
+    place, so a Hessian-vector product runs beside two): the basis loses orthogonality once Ritz
     values converge, which duplicates converged extreme eigenvalues ("ghosts") but leaves the quadrature's
     moments, and so the density, as they are (Paige 1976; Ghorbani et al. 2019). ``reorthogonalize=True`` keeps
     the whole basis (``n × m``) and orthogonalises each new vector against it twice: exact to rounding, for small ``n``.
@@ -67,19 +68,25 @@ def lanczos(
     """
     n, dtype = operator.shape[0], operator.dtype
     q = start.to(operator.device, dtype)
+    del start  # a caller that passes a new vector does not hold it beside q (CPython frees it with the last name)
     q = q / math.sqrt(_dot64(q, q))
     basis = [q] if reorthogonalize else None
     previous, beta_prev = None, 0.0
     alpha, beta = [], []
     for step in range(min(steps, n)):
-        w = operator.matvec(q)
+        if previous is None:
+            w = operator.matvec(q)
+            if _shares_storage(w, q):  # updated in place below
+                w = w.clone()
+        else:
+            # w = H q − β·previous − α·q in Paige's order (1972), the product added into −β·previous in place (a copy
+            # of it when the basis keeps it): the HVP runs beside two vectors of n, q and w, not three.
+            w = operator.add_matvec(q, previous.mul_(-beta_prev) if basis is None else previous * -beta_prev)
         if bar is not None:
             bar.update(1)
         a = _dot64(q, w)
         alpha.append(a)
-        w = w - a * q
-        if previous is not None:
-            w = w - beta_prev * previous
+        _subtract_scaled(w, q, a)  # in place, a chunk at a time
         if basis is not None:
             stacked = torch.stack(basis, dim=1)
             for _ in range(2):  # twice is enough (Kahan–Parlett)
@@ -90,10 +97,20 @@ def lanczos(
         if stop is not None and stop(_tridiagonal(alpha, beta), b):
             break
         beta.append(b)
-        previous, q, beta_prev = q, w / b, b
+        previous, q, beta_prev = q, w.div_(b), b
         if basis is not None:
             basis.append(q)
     return _tridiagonal(alpha, beta)
+
+
+def _subtract_scaled(w: torch.Tensor, x: torch.Tensor, scale: float, chunk: int = 1 << 20) -> None:
+    """``w ← w − scale·x`` in place, a chunk at a time (no second vector of n)."""
+    for w_part, x_part in zip(w.split(chunk), x.split(chunk)):
+        w_part.sub_(x_part * scale)
+
+
+def _shares_storage(w: torch.Tensor, other: torch.Tensor) -> bool:
+    return w.untyped_storage().data_ptr() == other.untyped_storage().data_ptr()
 
 
 def _dot64(a: torch.Tensor, b: torch.Tensor, chunk: int = 1 << 20) -> float:
@@ -250,8 +267,10 @@ def estimate_spectrum(
     runs_nodes, runs_weights = [], []
     with progress(runs * min(steps, n), "Hessian spectrum (SLQ)", disable_tqdm) as bar:
         for _ in range(runs):
-            v = rademacher(n, generator=generator, dtype=operator.dtype, device=operator.device)
-            nodes, weights = lanczos(operator, v, steps, reorthogonalize=reorthogonalize, bar=bar).quadrature()
+            # drawn in the call: lanczos then holds the start's only reference, and frees it once normalised
+            run = lanczos(operator, rademacher(n, generator=generator, dtype=operator.dtype, device=operator.device),
+                          steps, reorthogonalize=reorthogonalize, bar=bar)  # fmt: skip
+            nodes, weights = run.quadrature()
             runs_nodes.append(nodes)
             runs_weights.append(weights)
     m = max(x.numel() for x in runs_nodes)
