@@ -24,6 +24,7 @@ from fam_hf.measures import (
     dual_weight_change,
     estimate_top_eigenpairs,
     estimate_trace,
+    hessian_spectrum,
     hessian_trace,
     jacobian_norm,
     layer_inputs,
@@ -666,6 +667,11 @@ def test_micro_batched_hessian_is_the_whole_batchs():
     truth = top_eigenvalues(llama, batch, None, k=2, method="streaming", tol=1e-10)
     parts = top_eigenvalues(llama, batch, None, k=2, method="streaming", tol=1e-10, micro_batches=2)
     torch.testing.assert_close(parts.values, truth.values, rtol=1e-9, atol=0)
+    # the trace and the spectrum take the option too: the same probes, the same numbers
+    torch.testing.assert_close(hessian_trace(llama, batch, None, probes=4, micro_batches=3).value,
+                               hessian_trace(llama, batch, None, probes=4).value, rtol=1e-9, atol=0)  # fmt: skip
+    spectra = [hessian_spectrum(llama, batch, None, runs=1, steps=6, micro_batches=m) for m in (1, 2)]
+    torch.testing.assert_close(spectra[1].nodes, spectra[0].nodes, rtol=1e-8, atol=1e-10)
     with pytest.raises(ValueError, match="micro_batches splits the model's own loss"):
         top_eigenvalues(llama, batch, None, micro_batches=2, loss_fn=lambda m, b: m(**b).loss)
     with pytest.raises(ValueError, match="is not one fam_hf recognises"):

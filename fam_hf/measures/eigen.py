@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from ..curvature import default_generator
-from .hessian import LossFn, LossHessian, Operator, Wrt, as_operator
-from .micro_batches import MicroBatchedHessian
+from .hessian import LossFn, Operator, Wrt, as_operator
+from .micro_batches import batch_hessian
 from .progress import progress
 
 EIGEN_METHODS = ("lanczos", "streaming", "exact")
@@ -214,12 +214,7 @@ def top_eigenvalues(
         eig.values                                          # tensor([λ1, λ2, λ3])
         eig.vectors[:, 0].reshape(model.classifier.weight.shape)  # top direction as a (d, m) matrix
     """
-    if micro_batches == 1:
-        hessian = LossHessian(model, batch, wrt, loss_fn=loss_fn)
-    elif loss_fn is not None:
-        raise ValueError("micro_batches splits the model's own loss; with loss_fn= measure on the whole batch")
-    else:
-        hessian = MicroBatchedHessian(model, batch, wrt, micro_batches=micro_batches)
+    hessian = batch_hessian(model, batch, wrt, loss_fn=loss_fn, micro_batches=micro_batches)
     return estimate_top_eigenpairs(
         hessian, k, method=method, which=which, tol=tol, generator=generator, block=block, disable_tqdm=disable_tqdm
     )

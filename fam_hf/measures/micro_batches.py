@@ -156,3 +156,15 @@ def _first_order(model, part, weight, subset) -> tuple[torch.Tensor, torch.Tenso
         grads = torch.autograd.grad(loss, variables, allow_unused=True)
     grads = [g if g is not None else torch.zeros_like(v) for g, v in zip(grads, variables)]
     return loss.detach(), subset.flatten(grads).detach()
+
+
+def batch_hessian(
+    model: nn.Module, batch: Mapping[str, Any], wrt: Wrt = "auto", *, loss_fn=None, micro_batches: int = 1
+) -> SymmetricOperator:
+    """The loss Hessian on ``batch`` as the measures take it: a :class:`LossHessian` of the whole batch, or with
+    ``micro_batches > 1`` a :class:`MicroBatchedHessian` (the model's own loss only)."""
+    if micro_batches == 1:
+        return LossHessian(model, batch, wrt, loss_fn=loss_fn)
+    if loss_fn is not None:
+        raise ValueError("micro_batches splits the model's own loss; with loss_fn= measure on the whole batch")
+    return MicroBatchedHessian(model, batch, wrt, micro_batches=micro_batches)

@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from ..curvature import default_generator, rademacher
-from .hessian import LossFn, LossHessian, Operator, SymmetricOperator, Wrt, as_operator
+from .hessian import LossFn, Operator, SymmetricOperator, Wrt, as_operator
+from .micro_batches import batch_hessian
 from .progress import progress
 
 
@@ -301,6 +302,7 @@ def hessian_spectrum(
     reorthogonalize: bool | None = None,
     loss_fn: LossFn | None = None,
     generator: torch.Generator | None = None,
+    micro_batches: int = 1,
     disable_tqdm: bool | None = None,
 ) -> HessianSpectrum:
     """The eigenvalue density of ``∇²L`` on ``batch`` w.r.t. a layer's weight (default: the output head) or
@@ -312,6 +314,8 @@ def hessian_spectrum(
         wrt: a layer spec, a parameter, a sequence of parameters, or None (every trainable parameter).
         runs, steps, grid, sigma, reorthogonalize, generator, disable_tqdm: see :func:`estimate_spectrum`.
         loss_fn: ``loss_fn(model, batch) -> loss`` for models that do not compute their own loss.
+        micro_batches: each product over this many parts of the batch, one part's graph at a time
+            (:class:`~fam_hf.measures.MicroBatchedHessian`; the model's own loss).
 
     Returns:
         :class:`HessianSpectrum`: the density on a grid, and each run's Ritz values and weights.
@@ -323,7 +327,7 @@ def hessian_spectrum(
         spectrum = hessian_spectrum(model.eval(), batch, "classifier", runs=8, steps=40)
         plt.semilogy(spectrum.grid, spectrum.density)
     """
-    hessian = LossHessian(model, batch, wrt, loss_fn=loss_fn)
+    hessian = batch_hessian(model, batch, wrt, loss_fn=loss_fn, micro_batches=micro_batches)
     return estimate_spectrum(
         hessian, runs=runs, steps=steps, grid=grid, sigma=sigma, reorthogonalize=reorthogonalize,
         generator=generator, disable_tqdm=disable_tqdm,

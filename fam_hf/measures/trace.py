@@ -33,7 +33,8 @@ from torch import nn
 from ..curvature import default_generator, rademacher
 from ..head_loss import HeadLoss
 from .head_trace import closed_form_head_trace, closed_form_refusal
-from .hessian import LossFn, LossHessian, Operator, SymmetricOperator, Wrt, as_operator
+from .hessian import LossFn, Operator, SymmetricOperator, Wrt, as_operator
+from .micro_batches import batch_hessian
 from .progress import progress
 
 TRACE_METHODS = ("hutchinson", "hutch++", "exact")
@@ -170,6 +171,7 @@ def hessian_trace(
     head_loss: HeadLoss | str | None = None,
     generator: torch.Generator | None = None,
     block: int | None = None,
+    micro_batches: int = 1,
     disable_tqdm: bool | None = None,
 ) -> HessianTrace:
     """``Tr(∇²L)`` of the loss on ``batch`` w.r.t. a layer's weight (default: the output head) or parameters.
@@ -195,6 +197,9 @@ def hessian_trace(
         generator: RNG for the probes; default seeded with 0.
         block: probes multiplied at a time (memory ``O(n·block)``; default: as many as fit in the size of the
             model's gradient); the result does not depend on it.
+        micro_batches: compute each product over this many parts of the batch, one part's graph at a time
+            (:class:`~fam_hf.measures.MicroBatchedHessian`: the model's own loss; the same trace, a fraction of the
+            memory over a whole model at the cost of one more forward and backward pass per part and product).
         disable_tqdm: hide the progress bar (shown by default for a measurement of more than a few seconds).
 
     Returns:
@@ -212,7 +217,7 @@ def hessian_trace(
     if method == "closed_form":
         value, n = closed_form_head_trace(model, batch, wrt, head_loss=head_loss, loss_fn=loss_fn)
         return HessianTrace(value, None, "closed_form", 0, n)
-    hessian = LossHessian(model, batch, wrt, loss_fn=loss_fn)
+    hessian = batch_hessian(model, batch, wrt, loss_fn=loss_fn, micro_batches=micro_batches)
     return estimate_trace(
         hessian, probes=probes, method=method, generator=generator, block=block, disable_tqdm=disable_tqdm
     )
