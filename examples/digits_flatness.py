@@ -16,7 +16,7 @@ generalization gap of networks trained to interpolation. This example checks bot
 
     pip install -e ".[examples]"
     python examples/digits_flatness.py                 # the grid, about 7 CPU minutes; records and results in studies/digits
-    python examples/digits_flatness.py --quick         # 4 networks, to see it run
+    python examples/digits_flatness.py --quick         # 4 networks, to see it run (outputs/digits-quick)
 
 Each network's record is a JSON file in ``--out``/runs (rerunning skips the finished ones); ``results.md`` and
 ``kappa_vs_gap.png`` are rebuilt from the records. docs/measures.md says what each measure is.
@@ -248,6 +248,7 @@ def granulated_tau(records: list[dict], measure: str, target: str = "gap") -> di
 
 def report(records: list[dict], rescaling: list[dict] | None, out: Path, command: str) -> str:
     fitted = [r for r in records if r["interpolated"]]
+    grid = {choice: sorted({r["run"][choice] for r in fitted}) for choice in GRID}  # the values the runs took
     lines = [
         f"{len(fitted)} of {len(records)} networks fitted their training labels (train loss < target, every label "
         f"right); the correlations are over those. Command: `{command}`.",
@@ -256,12 +257,12 @@ def report(records: list[dict], rescaling: list[dict] | None, out: Path, command
         "granulated τ per training choice (the networks that differ in that choice alone), and their mean ψ:",
         "",
         "| measure | τ with gap [95% CI] | τ with error gap | "
-        + " | ".join(f"τ, label noise {v}" for v in GRID["label_noise"])
+        + " | ".join(f"τ, label noise {v}" for v in grid["label_noise"])
         + " | "
         + " | ".join(GRID)
         + " | ψ |",
         "| --- | --- | --- | "
-        + " | ".join("---" for _ in GRID["label_noise"])
+        + " | ".join("---" for _ in grid["label_noise"])
         + " | "
         + " | ".join("---:" for _ in GRID)
         + " | ---: |",
@@ -271,12 +272,13 @@ def report(records: list[dict], rescaling: list[dict] | None, out: Path, command
         values = np.array([r[name] for r in fitted])
         tau, low, high = kendall_with_interval(values, gaps)
         within = []  # label noise separates the gaps in two clusters; τ inside each says more than across them
-        for noise in GRID["label_noise"]:
+        for noise in grid["label_noise"]:
             rows = np.array([r["run"]["label_noise"] == noise for r in fitted])
             within.append("{:+.2f} [{:+.2f}, {:+.2f}]".format(*kendall_with_interval(values[rows], gaps[rows])))
         by_choice = granulated_tau(fitted, name)
         cells = " | ".join(f"{by_choice[c]:+.2f}" for c in GRID)
-        psi = np.nanmean(list(by_choice.values()))
+        finite = [t for t in by_choice.values() if not math.isnan(t)]
+        psi = float(np.mean(finite)) if finite else float("nan")
         lines.append(
             f"| {name} | {tau:+.2f} [{low:+.2f}, {high:+.2f}] | {kendalltau(values, error_gaps).statistic:+.2f} | "
             f"{' | '.join(within)} | {cells} | {psi:+.2f} |"
@@ -287,7 +289,7 @@ def report(records: list[dict], rescaling: list[dict] | None, out: Path, command
         for name in MEASURES[1:]
     )
     lines += ["", "τ(κ_fc3, gap) − τ(measure, gap), paired bootstrap interval: " + "; ".join(differences) + "."]
-    gap_by_choice = {c: {v: np.mean([r["gap"] for r in fitted if r["run"][c] == v]) for v in GRID[c]} for c in GRID}
+    gap_by_choice = {c: {v: np.mean([r["gap"] for r in fitted if r["run"][c] == v]) for v in grid[c]} for c in GRID}
     lines += ["", "Mean gap by training choice: " + "; ".join(
         f"{c} " + " / ".join(f"{v}: {g:.3f}" for v, g in gaps_.items()) for c, gaps_ in gap_by_choice.items()
     ) + "."]  # fmt: skip
@@ -319,7 +321,7 @@ def plot(records: list[dict], path: Path) -> None:
     shown = ("kappa_fc3", "kappa_fc2", "kappa_fc3_normalized", "hessian_trace", "top_eigenvalue", "weight_norm")
     fig, axes = plt.subplots(2, 3, figsize=(12, 7), constrained_layout=True)
     for ax, name in zip(axes.flat, shown):
-        for noise, marker in zip(GRID["label_noise"], "os"):
+        for noise, marker in zip(sorted({r["run"]["label_noise"] for r in records}), "os"):
             chosen = [r for r in records if r["run"]["label_noise"] == noise]
             ax.scatter(
                 [r[name] for r in chosen], [r["gap"] for r in chosen], marker=marker, alpha=0.7,
@@ -333,18 +335,18 @@ def plot(records: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="studies/digits", help="records and results (default: %(default)s)")
+    parser.add_argument("--out", help="records and results (default: studies/digits; --quick: outputs/digits-quick)")
     parser.add_argument("--seeds", type=int, default=2, help="seeds per grid point (default: %(default)s)")
     parser.add_argument("--probes", type=int, default=64, help="probes for κ of fc2 and the trace")
     parser.add_argument("--target_loss", type=float, default=0.02, help="train until the training loss is below")
     parser.add_argument("--max_epochs", type=int, default=10000)
     parser.add_argument("--quick", action="store_true", help="4 networks of one seed, to see it run")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     grid, seeds = (QUICK_GRID, 1) if args.quick else (GRID, args.seeds)
     torch.set_num_threads(1)  # the same numbers on any machine, and the runs are too small to share cores
-    out = Path(args.out)
+    out = Path(args.out or ("outputs/digits-quick" if args.quick else "studies/digits"))
     (out / "runs").mkdir(parents=True, exist_ok=True)
     train_set, test_set = load_digits_split()
     records = []

@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
@@ -76,3 +77,13 @@ def test_training_stops_when_every_label_is_fitted():
     assert fit["interpolated"] and fit["epochs"] < 2000
     with torch.no_grad():
         assert bool((model(data["x"]).argmax(-1) == labelled["y"]).all())
+
+
+def test_the_quick_run_writes_its_records_results_and_figure(tmp_path, capsys):
+    pytest.importorskip("sklearn", reason="the digits come with scikit-learn (the examples extra)")
+    example.main(["--quick", "--out", str(tmp_path), "--probes", "4"])
+    assert len(list((tmp_path / "runs").glob("*.json"))) == 4
+    results = (tmp_path / "results.md").read_text()
+    assert capsys.readouterr().out.endswith(results + "\n")  # printed after each network's line
+    assert "| kappa_fc3 |" in results and "| fc2 → fc3 | neuron-wise |" in results
+    assert (tmp_path / "kappa_vs_gap.png").stat().st_size > 10_000
