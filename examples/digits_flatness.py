@@ -29,6 +29,7 @@ import copy
 import itertools
 import json
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -41,6 +42,9 @@ from torch.nn import functional as F
 
 from fam_hf import HeadLoss, relative_flatness
 from fam_hf.measures import hessian_trace, sam_sharpness, top_eigenvalues
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's study/ (Kendall τ with intervals)
+from study.stats import bootstrap_tau  # noqa: E402
 
 GRID = {
     "lr": [0.005, 0.02],
@@ -211,11 +215,10 @@ def rescaling_control(model: MLP, train_set: dict, *, probes: int) -> list[dict]
 
 
 def kendall_with_interval(x: np.ndarray, y: np.ndarray, *, resamples: int = 2000, seed: int = 0) -> tuple:
-    """Kendall's τ of ``x`` and ``y`` and its 95% percentile bootstrap interval (resampling the networks)."""
-    rng = np.random.default_rng(seed)
-    draws = [kendalltau(x[i], y[i]).statistic for i in (rng.integers(0, len(x), len(x)) for _ in range(resamples))]
-    low, high = np.nanpercentile(draws, [2.5, 97.5])
-    return kendalltau(x, y).statistic, low, high
+    """Kendall's τ of ``x`` and ``y`` and its 95% percentile bootstrap interval, resampling the networks (the
+    study's :func:`study.stats.bootstrap_tau`)."""
+    result = bootstrap_tau(x, y, resamples=resamples, seed=seed)
+    return result["tau"], result["lo"], result["hi"]
 
 
 def tau_difference(a: np.ndarray, b: np.ndarray, y: np.ndarray, *, resamples: int = 2000, seed: int = 0) -> tuple:

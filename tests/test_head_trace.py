@@ -9,6 +9,7 @@ import pytest
 import torch
 from brute_force import functional_loss
 from models import tiny_bert, tiny_gpt2
+from test_measures import MLP, mlp_loss
 from torch import nn
 from torch.autograd.functional import hessian
 from torch.nn import functional as F
@@ -214,19 +215,6 @@ def test_equals_hutchinson_within_its_standard_error():
 
 
 # -- any model, with HeadLoss -----------------------------------------------------------------------------------------
-
-
-class MLP(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc1, self.fc2, self.head = nn.Linear(6, 8), nn.Linear(8, 5), nn.Linear(5, 3)
-
-    def forward(self, x):
-        return self.head(torch.tanh(self.fc2(torch.tanh(self.fc1(x)))))
-
-
-def mlp_loss(model, batch):
-    return F.cross_entropy(model(batch["x"]), batch["y"])
 
 
 def test_plain_torch_head_with_head_loss():
