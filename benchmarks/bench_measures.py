@@ -21,6 +21,7 @@ resident memory (``VmHWM``, reset right before the job's work, after the model a
 * ``eig{1,5}-{head,all}``: ``top_eigenvalues`` with ``k`` = 1 or 5, ``tol=--tol``: ARPACK keeping ``k + 2`` vectors
   on the LM head, the streaming Lanczos (no basis) on all parameters;
 * ``gn-{head,all}``: ``gauss_newton_trace`` with ``--probes`` probes (forward-mode products, no backward);
+* ``sam-{head,all}``: ``sam_sharpness`` at ρ = 0.05 (a gradient, then a forward pass at ``w + ε̂``);
 * ``closed-head``: ``hessian_trace(method="closed_form")``, the exact trace of the head from one forward pass (no
   HVP; its row's time over the step's is the whole measure's, not a product's).
 
@@ -56,7 +57,7 @@ JOBS = (
     "step", "step-all",
     "hvp-head", "hvp-head-forward", "hvp-all", "hvp-all-forward", "hvp-all-checkpoint",
     "trace-head", "gn-head", "closed-head", "eig1-head", "eig5-head",
-    "trace-all", "gn-all", "eig1-all", "eig5-all",
+    "trace-all", "gn-all", "eig1-all", "eig5-all", "sam-head", "sam-all",
 )  # fmt: skip
 
 
@@ -91,6 +92,8 @@ def run_job(job: str, args) -> dict:
         estimate_trace,
         gauss_newton_trace,
         hessian_trace,
+        resolve_subset,
+        sam_sharpness,
     )
 
     whole = "-all" in job  # step-all: a step on the whole-model batch
@@ -118,6 +121,17 @@ def run_job(job: str, args) -> dict:
             model.eval()
             trace = hessian_trace(model, batch, wrt, method="closed_form")
             result.update(value=float(trace.value), std_error=None, matvecs=0, n=trace.dim, build_cpu=0.0)
+        elif job.startswith("gn"):  # no Hessian: forward-mode products of the logits
+            model.eval()
+            trace = gauss_newton_trace(model, batch, wrt, probes=args.probes, disable_tqdm=True)
+            result.update(value=float(trace.value), std_error=float(trace.std_error), matvecs=trace.matvecs,
+                          n=trace.dim, build_cpu=0.0)  # fmt: skip
+            result["per_matvec_cpu"] = (time.process_time() - start_cpu) / trace.matvecs
+        elif job.startswith("sam"):  # no Hessian: a gradient and a second forward pass at w + ε̂
+            model.eval()
+            sharpness = sam_sharpness(model, batch, wrt, rho=0.05)
+            result.update(value=float(sharpness.value), std_error=None, matvecs=0, build_cpu=0.0,
+                          n=resolve_subset(model, wrt).dim)  # fmt: skip
         else:
             model.eval()
             if job.endswith("-checkpoint"):
@@ -149,14 +163,6 @@ def run_job(job: str, args) -> dict:
                 else:
                     eig = estimate_top_eigenpairs(hessian, k, tol=args.tol, block=k + 2, disable_tqdm=True)
                 result.update(values=eig.values.tolist(), matvecs=eig.matvecs, method=eig.method)
-            elif job.startswith("gn"):
-                del hessian  # the Gauss–Newton trace needs no Hessian: forward-mode products of the logits
-                gc.collect()
-                _reset_peak("cpu")
-                work_cpu = start_cpu = time.process_time()
-                trace = gauss_newton_trace(model, batch, wrt, probes=args.probes, disable_tqdm=True)
-                result.update(value=float(trace.value), std_error=float(trace.std_error), matvecs=trace.matvecs,
-                              build_cpu=0.0)  # fmt: skip
             result["per_matvec_cpu"] = (time.process_time() - work_cpu) / max(result.get("matvecs", 1), 1)
         result.update(cpu=time.process_time() - start_cpu, wall=time.perf_counter() - start)
         current, peak = _rss()
@@ -200,6 +206,7 @@ LABELS = {
     "hvp-checkpoint": "one Hessian-vector product (double backward, activation checkpointing)",
     "trace": "`hessian_trace`, Hutchinson, {probes} probes",
     "gn": "`gauss_newton_trace`, {probes} probes",
+    "sam": "`sam_sharpness`, ρ = 0.05",
     "closed": "`hessian_trace`, closed form (exact, one forward pass)",
     "eig1": "`top_eigenvalues`, k = 1",
     "eig5": "`top_eigenvalues`, k = 5",
@@ -236,7 +243,8 @@ def render(results: dict[str, dict], args, info: dict) -> str:
         per = r.get("per_matvec_cpu")
         value = ""
         if "value" in r:
-            value = f"{r['value']:.4g}" + (f" ± {r['std_error']:.2g}" if r.get("std_error") is not None else " (exact)")
+            value = f"{r['value']:.4g}" + (f" ± {r['std_error']:.2g}" if r.get("std_error") is not None else "")
+            value += " (exact)" if kind == "closed" else ""
         if per is None:  # no products: the whole measure's time against the step's
             lines.append(
                 f"| {label} | {wrt}{batch} | {r['n'] / 1e6:.1f}M | 0 | {r['cpu']:.1f} | – | "

@@ -24,6 +24,7 @@ from fam_hf.measures import (
     dual_weight_change,
     estimate_top_eigenpairs,
     estimate_trace,
+    gauss_newton_trace,
     hessian_spectrum,
     hessian_trace,
     jacobian_norm,
@@ -617,6 +618,61 @@ def test_loss_hessian_by_the_parameters_themselves_equals_the_zero_perturbation_
             assert [x.data_ptr() for x in operator._variables] == [p.data_ptr() for p in model.parameters()]
         assert_same_model(before, model)
         assert frozen.requires_grad is False
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_sam_sharpness_over_parameters_equals_the_copying_form_bit_for_bit(adaptive):
+    """SAM sharpness takes the gradient at aliases of the parameters and turns it into ``w + ε̂`` in its own buffer: the
+    very numbers of the form that evaluated ``L(w + δ)`` at a zero ``δ`` and then ``L(w + ε̂)`` from new tensors."""
+    from fam_hf.measures import perturbed_loss
+    from fam_hf.measures.sam import ascent_direction, ascent_norm
+
+    llama, ids = tiny_llama(torch.float32), torch.randint(0, 64, (2, 8))
+    bert = tiny_bert().to(torch.float32)
+    bert.bert.embeddings.word_embeddings.weight.requires_grad_(False)
+    for model, batch in [(llama, {"input_ids": ids, "labels": ids}), (bert, bert_batch())]:
+        before = copy.deepcopy(model.state_dict())
+        result = sam_sharpness(model, batch, rho=0.05, adaptive=adaptive, eta=0.01)
+        subset = resolve_subset(model, None)
+        zeros = [torch.zeros_like(w, requires_grad=True) for w in subset.values]
+        loss = perturbed_loss(model, batch, subset, zeros)
+        grads = torch.autograd.grad(loss, zeros)
+        norm = ascent_norm(zip(grads, subset.values), adaptive=adaptive, eta=0.01)
+        epsilon = [ascent_direction(g, w, adaptive=adaptive, eta=0.01) * (0.05 / norm) for g, w in zip(grads, subset.values)]
+        with torch.no_grad():
+            perturbed = perturbed_loss(model, batch, subset, epsilon)
+        assert torch.equal(result.loss, loss.detach()) and torch.equal(result.gradient_norm, norm)
+        assert torch.equal(result.perturbed_loss, perturbed)
+        assert_same_model(before, model)
+
+
+def test_gauss_newton_trace_over_parameters_equals_the_zero_perturbation_form():
+    """The forward-mode products differentiate the parameters themselves: the same ``vᵀ G v`` as the tangent of a zero
+    perturbation ``w + δ`` (the form before, which held two more copies of the model)."""
+    from fam_hf.curvature import gauss_newton_forms, second_order_kernels
+    from fam_hf.head_loss import head_loss_for
+
+    model, ids = tiny_llama(), torch.randint(0, 64, (2, 8))
+    batch = {"input_ids": ids, "labels": ids}
+    trace = gauss_newton_trace(model, batch, None, probes=3, generator=torch.Generator().manual_seed(4))
+    subset = resolve_subset(model, None)
+    generator = torch.Generator().manual_seed(4)
+    probes = rademacher(3, subset.dim, generator=generator, dtype=F64).T  # the draws gauss_newton_trace makes
+    loss = head_loss_for(model)
+    labels, loss = loss.aligned(ids, batch)
+
+    def logits_at(*deltas):
+        moved = {name: w + d for name, w, d in zip(subset.names, subset.values, deltas)}
+        return torch.func.functional_call(model, moved, kwargs={"input_ids": ids}).logits
+
+    forms = []
+    for v in probes.T:
+        zeros = tuple(torch.zeros_like(w) for w in subset.values)
+        with second_order_kernels():  # the math attention kernel, which has forward-mode derivatives
+            logits, tangent = torch.func.jvp(logits_at, zeros, tuple(subset.unflatten(v)))
+        positions, stacked, weights = loss.positions(logits, tangent, labels, input_ids=ids, num_items_in_batch=None)
+        forms.append(gauss_newton_forms(positions, stacked.reshape(positions.shape[0], 1, -1), weights, loss.loss_type))
+    torch.testing.assert_close(trace.value, torch.cat(forms).mean(), rtol=1e-12, atol=0)
 
 
 def test_loss_hessian_over_parameters_refuses_a_product_once_the_weights_moved():

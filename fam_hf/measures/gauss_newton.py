@@ -142,11 +142,13 @@ class _LogitsOf:
                     "taken w.r.t. parameters"
                 )
 
-    def __call__(self, perturbations: Sequence[torch.Tensor]) -> torch.Tensor:
+    def __call__(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The logits with a layer's output moved by ``δ φ`` (``tensors = (δ,)``), or with the parameters replaced by
+        ``tensors`` for this one call."""
         captured: list[torch.Tensor] = []
         handles = []
         if self.subset.layer is not None:
-            (delta,) = perturbations
+            (delta,) = tensors
 
             def add(module, inputs, output):
                 return output + F.linear(inputs[0], delta.to(output.dtype))
@@ -158,8 +160,8 @@ class _LogitsOf:
             if self.subset.layer is not None:
                 _, logits = call_model(self.model, self.batch)
             else:
-                moved = {f"model.{name}": w + d for name, w, d in zip(self.subset.names, self.subset.values, perturbations)}
-                _, logits = torch.func.functional_call(_LogitsModule(self.model), moved, args=(self.batch,))
+                swapped = {f"model.{name}": t for name, t in zip(self.subset.names, tensors)}
+                _, logits = torch.func.functional_call(_LogitsModule(self.model), swapped, args=(self.batch,))
         finally:
             for handle in handles:
                 handle.remove()
@@ -172,8 +174,14 @@ class _LogitsOf:
         return logits
 
     def jvp(self, direction: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        zeros = tuple(torch.zeros_like(v) for v in self.subset.values)
-        return torch.func.jvp(lambda *deltas: self(deltas), zeros, tuple(d.to(z.dtype) for d, z in zip(direction, zeros)))
+        """The logits and their derivative along ``direction`` (shaped like the subset): ``(z, J v)``."""
+        # A layer is differentiated through a zero perturbation at its output; parameters at their own values, so
+        # no copy ``w + 0`` of the model (nor the zeros) is made over a whole model.
+        primals = (
+            tuple(torch.zeros_like(v) for v in self.subset.values) if self.subset.layer is not None
+            else tuple(self.subset.values)
+        )  # fmt: skip
+        return torch.func.jvp(lambda *tensors: self(tensors), primals, tuple(d.to(p.dtype) for d, p in zip(direction, primals)))
 
 
 class _LogitsModule(_LossOf):

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .hessian import LossFn, Wrt, perturbed_loss, resolve_subset
+from .hessian import LossFn, Wrt, loss_with, perturbed_loss, resolve_subset
 
 
 @dataclass
@@ -73,23 +73,38 @@ def sam_sharpness(
 
     The weights are never written: ``L(w + ε̂)`` is evaluated through ``torch.func.functional_call``
     (or a forward hook for a layer), so the model, its ``.grad`` and any optimizer state are bit-identical
-    afterwards. Cost: two forward passes and one backward pass.
+    afterwards. Cost: two forward passes and one backward pass; besides the model, one buffer of the subset's
+    size (the gradient, turned into ``w + ε̂`` in place).
     """
     if rho < 0:
         raise ValueError(f"rho={rho} must be non-negative")
     subset = resolve_subset(model, wrt)
-    zeros = [torch.zeros_like(w, requires_grad=True) for w in subset.values]
+    if subset.layer is not None:  # a layer: a zero perturbation of its output, δ φ
+        variables = [torch.zeros_like(w, requires_grad=True) for w in subset.values]
+
+        def loss_at(tensors):
+            return perturbed_loss(model, batch, subset, tensors, loss_fn)
+
+    else:  # parameters: detached aliases of themselves (their storage, no copy), then w + ε̂ in ε̂'s own buffer
+        variables = [w.detach().requires_grad_(True) for w in subset.values]
+
+        def loss_at(tensors):
+            return loss_with(model, batch, subset, tensors, loss_fn)
+
     with torch.enable_grad():
-        loss = perturbed_loss(model, batch, subset, zeros, loss_fn)
-        grads = torch.autograd.grad(loss, zeros, allow_unused=True)
-    grads = [torch.zeros_like(z) if g is None else g for g, z in zip(grads, zeros)]
+        loss = loss_at(variables)
+        grads = torch.autograd.grad(loss, variables, allow_unused=True)
+    del variables
+    grads = [torch.zeros_like(w) if g is None else g.contiguous() for g, w in zip(grads, subset.values)]
     norm = ascent_norm(zip(grads, subset.values), adaptive=adaptive, eta=eta)
     if norm > 0:
-        epsilon = [
-            ascent_direction(g, w, adaptive=adaptive, eta=eta) * (rho / norm) for g, w in zip(grads, subset.values)
-        ]
         with torch.no_grad():
-            perturbed = perturbed_loss(model, batch, subset, epsilon, loss_fn).detach()
+            moved = []
+            while grads:  # each gradient becomes ε̂ (and w + ε̂) in place: one model-sized buffer in all
+                g, w = grads.pop(0), subset.values[len(moved)]
+                epsilon = ascent_direction(g, w, adaptive=adaptive, eta=eta).mul_(rho / norm)
+                moved.append(epsilon if subset.layer is not None else epsilon.add_(w))
+            perturbed = loss_at(moved).detach()
     else:  # a stationary point of the subset: the first-order ascent has no direction
         perturbed = loss.detach()
     loss = loss.detach()
