@@ -259,8 +259,9 @@ def main(argv: list[str] | None = None) -> int:
     plot.add_argument("--names", nargs="+", help="legend names for the runs (default: their folder names)")
     plot.add_argument(
         "--quantities",
-        help="comma-separated subset of kappa,hessian_trace,top_eigenvalue,sam_sharpness,jacobian_norm,gap,loss "
-        "(default: every one logged)",
+        help="comma-separated subset of kappa,hessian_trace,top_eigenvalue,sam_sharpness,jacobian_norm,spectrum_top,"
+        "gap,loss, and spectrum (each run's last spectrum saved by FlatnessCallback, overlaid per split) "
+        "(default: every one there is)",
     )
     plot.add_argument("--log-y", action="store_true", help="logarithmic y axis (except the gap)")
     plot.set_defaults(run=_plot)

@@ -1,14 +1,17 @@
 """Plots of flatness over training from the ``trainer_state.json`` that ``Trainer`` saves.
 
 :func:`plot_runs` draws one PNG per quantity found in any run's ``log_history`` (κ, Hessian trace, top
-eigenvalue, SAM sharpness, Jacobian norm, generalization gap, loss) against the optimizer step, one colour
-per run and one line style per series (train / eval probe batches, FAM's own κ), so that a FAM run and a
-plain run overlay on the same axes. ``fam-hf plot`` is the command-line form.
+eigenvalue, SAM sharpness, Jacobian norm, the spectrum's largest Ritz values, generalization gap, loss) against the
+optimizer step, one colour per run and one line style per series (train / eval probe batches, FAM's own κ), so that a
+FAM run and a plain run overlay on the same axes; and, where the runs' folders hold the spectra that
+:class:`~fam_hf.FlatnessCallback` saved, each run's last one overlaid per split (:func:`plot_spectra`). ``fam-hf
+plot`` is the command-line form.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -46,6 +49,11 @@ QUANTITIES: dict[str, tuple[str, str, list[tuple[str, str]]]] = {
         "Input–output Jacobian norm",
         "mean ‖∂z/∂x‖²_F per position",
         [("flatness/train/jacobian_norm", "train probe batch"), ("flatness/eval/jacobian_norm", "eval probe batch")],
+    ),
+    "spectrum_top": (  # the largest only: the next ones are in the spectra themselves (spectrum-{split}.png)
+        "Largest Ritz value of the Hessian spectrum",
+        "eigenvalue",
+        [("flatness/train/spectrum_top1", "train probe batch"), ("flatness/eval/spectrum_top1", "eval probe batch")],
     ),
     "gap": ("Generalization gap (probe batches)", "eval loss − train loss", [("flatness/gap", "gap")]),
     "loss": ("Loss", "loss", [("loss", "train (logged)"), ("eval_loss", "eval")]),
@@ -121,8 +129,9 @@ def plot_spectra(
     *,
     names: Sequence[str] | None = None,
     log_y: bool = True,
+    filename: str = "spectrum.png",
 ) -> Path:
-    """Overlay the Hessian eigenvalue densities saved in ``files`` (one line each) in ``out_dir/spectrum.png``.
+    """Overlay the Hessian eigenvalue densities saved in ``files`` (one line each) in ``out_dir/filename``.
 
     Args:
         files: JSON files written by :meth:`fam_hf.measures.HessianSpectrum.save`.
@@ -158,10 +167,29 @@ def plot_spectra(
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize="small")
     fig.tight_layout()
-    path = out / "spectrum.png"
+    path = out / filename
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def last_spectra(run_dir: str | Path) -> dict[str, Path]:
+    """The last spectrum per split that :class:`~fam_hf.FlatnessCallback` saved in a run's folder
+    (``spectrum-step{N}-{split}.json``, the highest ``N``; a split measured on several batches gives its first,
+    ``…-batch0.json``): ``{split: path}``, empty if none. ``run_dir`` may also be its ``trainer_state.json``."""
+    folder = Path(run_dir)
+    folder = folder.parent if folder.is_file() else folder
+    found: dict[str, tuple[int, Path]] = {}
+    for path in folder.glob("spectrum-step*.json"):
+        match = _SPECTRUM_NAME.fullmatch(path.name)
+        if match and match["batch"] in (None, "0"):
+            step, split = int(match["step"]), match["split"]
+            if split not in found or step > found[split][0]:
+                found[split] = (step, path)
+    return {split: path for split, (_, path) in sorted(found.items())}
+
+
+_SPECTRUM_NAME = re.compile(r"spectrum-step(?P<step>\d+)-(?P<split>[^-]+)(?:-batch(?P<batch>\d+))?\.json")
 
 
 def plot_runs(
@@ -182,7 +210,9 @@ def plot_runs(
         log_y: logarithmic y axis (not for the gap, which can be negative).
 
     Returns:
-        the paths written, in :data:`QUANTITIES` order.
+        the paths written, in :data:`QUANTITIES` order, then ``spectrum-{split}.png`` for each split of which some
+        run's folder holds a saved spectrum (each run's last, :func:`last_spectra`; only with ``quantities`` unset or
+        naming ``"spectrum"``).
     """
     plt = pyplot("fam-hf plot")
     from matplotlib.ticker import MaxNLocator
@@ -192,14 +222,16 @@ def plot_runs(
     names = list(names) if names is not None else _run_names(paths)
     if len(names) != len(paths):
         raise ValueError(f"{len(names)} names for {len(paths)} runs")
-    unknown = set(quantities or ()) - set(QUANTITIES)
+    unknown = set(quantities or ()) - set(QUANTITIES) - {"spectrum"}
     if unknown:
-        raise ValueError(f"unknown quantities {sorted(unknown)}; choose from {', '.join(QUANTITIES)}")
+        raise ValueError(f"unknown quantities {sorted(unknown)}; choose from {', '.join(QUANTITIES)}, spectrum")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     written = []
     for quantity in quantities or QUANTITIES:
+        if quantity == "spectrum":
+            continue
         title, ylabel, keys = QUANTITIES[quantity]
         lines = [
             (run, key, label, *series(history, key))
@@ -237,4 +269,10 @@ def plot_runs(
         fig.savefig(path)
         plt.close(fig)
         written.append(path)
+    if quantities is None or "spectrum" in quantities:
+        spectra = [last_spectra(p) for p in paths]
+        for split in sorted({split for found in spectra for split in found}):
+            runs = [(name, found[split]) for name, found in zip(names, spectra) if split in found]
+            labels = [f"{name}: {json.loads(path.read_text()).get('name', split)}" for name, path in runs]
+            written.append(plot_spectra([path for _, path in runs], out, names=labels, filename=f"spectrum-{split}.png"))
     return written

@@ -13,7 +13,7 @@ from transformers import Trainer, TrainingArguments
 from fam_hf import relative_flatness
 from fam_hf.callback import MEASURES, FlatnessCallback, logged_names
 from fam_hf.measures import hessian_spectrum, hessian_trace
-from fam_hf.plots import is_spectrum_file, plot_spectra
+from fam_hf.plots import is_spectrum_file, last_spectra, plot_runs, plot_spectra
 
 SMALL_SPECTRUM = dict(spectrum_runs=2, spectrum_steps=8)  # every measure runs in the tests below: keep it cheap
 
@@ -149,6 +149,23 @@ def test_hessian_spectrum_logs_its_top_ritz_values_and_saves_each_spectrum(tmp_p
             assert row == pytest.approx(expected_row, rel=1e-6)
     assert all(is_spectrum_file(f) for f in files)
     assert plot_spectra([f for f in files if f.name.endswith("train.json")], tmp_path / "plots").is_file()
+    # the run's folder: the Ritz values against the step, and its last spectrum per split
+    trainer.save_state()
+    written = plot_runs([tmp_path], tmp_path / "run-plots", names=["plain"])
+    assert {p.name for p in written} >= {"spectrum_top.png", "spectrum-eval.png", "spectrum-train.png"}
+    assert last_spectra(tmp_path) == {s: tmp_path / f"spectrum-step2-{s}.json" for s in ("eval", "train")}
+
+
+def test_last_spectra_takes_the_highest_step_and_a_split_s_first_batch(tmp_path):
+    for name in ("spectrum-step9-train.json", "spectrum-step10-train.json", "spectrum-step10-eval-batch1.json",
+                 "spectrum-step10-eval-batch0.json", "spectrum-step12-eval-batch1.json", "notes.json"):  # fmt: skip
+        (tmp_path / name).write_text("{}")
+    assert last_spectra(tmp_path) == {
+        "eval": tmp_path / "spectrum-step10-eval-batch0.json",
+        "train": tmp_path / "spectrum-step10-train.json",
+    }
+    (tmp_path / "trainer_state.json").write_text("{}")
+    assert last_spectra(tmp_path / "trainer_state.json") == last_spectra(tmp_path)
 
 
 def test_spectra_of_several_batches_are_saved_one_file_each(tmp_path):
