@@ -68,6 +68,22 @@ class Subset:
         """Split an ``(n,)`` vector into tensors shaped like the subset (``[(d, m)]`` for a layer)."""
         return [part.reshape(shape) for part, shape in zip(vector.split([v.numel() for v in self.values]), self.shapes)]
 
+    def variables(self) -> list[torch.Tensor]:
+        """What a loss over the subset is differentiated by, as leaves that require grad: a layer's zero perturbation
+        ``δ`` (it enters at the layer's output), or the parameters themselves as detached aliases (their storage: a
+        copy ``w + δ`` of every parameter would add the model's size again, twice with ``δ``)."""
+        if self.layer is not None:
+            return [torch.zeros_like(v, requires_grad=True) for v in self.values]
+        return [v.detach().requires_grad_(True) for v in self.values]
+
+    def loss(self, model: nn.Module, batch: Mapping[str, Any], variables: Sequence[torch.Tensor],
+             loss_fn: LossFn | None = None) -> torch.Tensor:  # fmt: skip
+        """The loss at ``variables`` (shaped like :meth:`variables`): a layer's output moved by ``δ φ``
+        (:func:`perturbed_loss`), or the parameters replaced by them (:func:`loss_with`)."""
+        if self.layer is not None:
+            return perturbed_loss(model, batch, self, variables, loss_fn)
+        return loss_with(model, batch, self, variables, loss_fn)
+
 
 def resolve_subset(model: nn.Module, wrt: Wrt = "auto") -> Subset:
     """Resolve ``wrt`` (a layer spec, a parameter, a sequence of parameters, or None for every trainable
@@ -297,21 +313,15 @@ class LossHessian(SymmetricOperator):
         self.matvecs = 0
         self.hvp = hvp
         forward_mode = hvp == "forward_over_reverse"
-        # What the loss is differentiated by: a layer's zero perturbation δ, or the parameters themselves as detached
-        # aliases (their storage: a copy ``w + δ`` of every parameter would add the model's size again, twice with
-        # δ, to what an HVP over the whole model holds).
-        if self.subset.layer is not None:
-            self._variables = [torch.zeros_like(v, requires_grad=True) for v in self.subset.values]
-        else:
-            self._variables = [v.detach().requires_grad_(True) for v in self.subset.values]
+        self._variables = self.subset.variables()
         with torch.enable_grad(), second_order_kernels(), explain_missing_double_backward():
-            loss = self._loss_at(model, batch, self._variables, loss_fn)
+            loss = self.subset.loss(model, batch, self._variables, loss_fn)
             grads = torch.autograd.grad(loss, self._variables, create_graph=not forward_mode, allow_unused=True)
         self.loss = loss.detach()
         if forward_mode:
 
             def loss_of(*variables: torch.Tensor) -> torch.Tensor:
-                return self._loss_at(model, batch, variables, loss_fn)
+                return self.subset.loss(model, batch, variables, loss_fn)
 
             self._gradient_of = torch.func.grad(loss_of, argnums=tuple(range(len(self._variables))))
         self._grads = [g if g is not None else torch.zeros_like(v) for g, v in zip(grads, self._variables)]
@@ -320,11 +330,6 @@ class LossHessian(SymmetricOperator):
         self.default_block = max(1, sum(p.numel() for p in model.parameters()) // self.dim)
         # Gradients that do not depend on the variables (the loss is linear in that tensor) have zero curvature.
         self._curved = [i for i, g in enumerate(self._grads) if g.requires_grad]
-
-    def _loss_at(self, model, batch, variables, loss_fn) -> torch.Tensor:
-        if self.subset.layer is not None:
-            return perturbed_loss(model, batch, self.subset, variables, loss_fn)
-        return loss_with(model, batch, self.subset, variables, loss_fn)
 
     @property
     def shape(self) -> tuple[int, int]:

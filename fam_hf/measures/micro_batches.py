@@ -25,7 +25,7 @@ from torch import nn
 
 from ..curvature import explain_missing_double_backward, second_order_kernels
 from ..head_loss import IGNORE_INDEX, head_loss_for, model_loss
-from .hessian import LossHessian, SymmetricOperator, Wrt, loss_with, perturbed_loss, resolve_subset
+from .hessian import LossHessian, SymmetricOperator, Wrt, resolve_subset
 
 
 def split_batch(model: nn.Module, batch: Mapping[str, Any], parts: int) -> list[tuple[dict[str, Any], float]]:
@@ -144,15 +144,9 @@ def _weighted(weight: float):
 
 def _first_order(model, part, weight, subset) -> tuple[torch.Tensor, torch.Tensor]:
     """``(N_c/N) L_c`` and its gradient ``(n,)``, both detached; no graph kept."""
-    if subset.layer is not None:
-        variables = [torch.zeros_like(v, requires_grad=True) for v in subset.values]
-    else:
-        variables = [v.detach().requires_grad_(True) for v in subset.values]
+    variables = subset.variables()
     with torch.enable_grad(), second_order_kernels(), explain_missing_double_backward():
-        if subset.layer is not None:
-            loss = perturbed_loss(model, part, subset, variables, _weighted(weight))
-        else:
-            loss = loss_with(model, part, subset, variables, _weighted(weight))
+        loss = subset.loss(model, part, variables, _weighted(weight))
         grads = torch.autograd.grad(loss, variables, allow_unused=True)
     grads = [g if g is not None else torch.zeros_like(v) for g, v in zip(grads, variables)]
     return loss.detach(), subset.flatten(grads).detach()

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .hessian import LossFn, Wrt, loss_with, perturbed_loss, resolve_subset
+from .hessian import LossFn, Wrt, resolve_subset
 
 
 @dataclass
@@ -79,32 +79,21 @@ def sam_sharpness(
     if rho < 0:
         raise ValueError(f"rho={rho} must be non-negative")
     subset = resolve_subset(model, wrt)
-    if subset.layer is not None:  # a layer: a zero perturbation of its output, δ φ
-        variables = [torch.zeros_like(w, requires_grad=True) for w in subset.values]
-
-        def loss_at(tensors):
-            return perturbed_loss(model, batch, subset, tensors, loss_fn)
-
-    else:  # parameters: detached aliases of themselves (their storage, no copy), then w + ε̂ in ε̂'s own buffer
-        variables = [w.detach().requires_grad_(True) for w in subset.values]
-
-        def loss_at(tensors):
-            return loss_with(model, batch, subset, tensors, loss_fn)
-
+    variables = subset.variables()  # a layer's zero δ, or the parameters' own storage (no copy)
     with torch.enable_grad():
-        loss = loss_at(variables)
+        loss = subset.loss(model, batch, variables, loss_fn)
         grads = torch.autograd.grad(loss, variables, allow_unused=True)
     del variables
     grads = [torch.zeros_like(w) if g is None else g.contiguous() for g, w in zip(grads, subset.values)]
     norm = ascent_norm(zip(grads, subset.values), adaptive=adaptive, eta=eta)
     if norm > 0:
         with torch.no_grad():
-            moved = []
-            while grads:  # each gradient becomes ε̂ (and w + ε̂) in place: one model-sized buffer in all
-                g, w = grads.pop(0), subset.values[len(moved)]
-                epsilon = ascent_direction(g, w, adaptive=adaptive, eta=eta).mul_(rho / norm)
-                moved.append(epsilon if subset.layer is not None else epsilon.add_(w))
-            perturbed = loss_at(moved).detach()
+            # Each gradient becomes ε̂ in place, and for parameters w + ε̂ (what the variables stand for): one buffer
+            # of the subset's size in all.
+            for i, w in enumerate(subset.values):
+                epsilon = ascent_direction(grads[i], w, adaptive=adaptive, eta=eta).mul_(rho / norm)
+                grads[i] = epsilon if subset.layer is not None else epsilon.add_(w)
+            perturbed = subset.loss(model, batch, grads, loss_fn).detach()
     else:  # a stationary point of the subset: the first-order ascent has no direction
         perturbed = loss.detach()
     loss = loss.detach()
