@@ -22,7 +22,8 @@ STUDY_TASK_CONFIGS ?= configs/study_minilm_rt.yaml configs/study_minilm_rt_gauss
 	configs/study_minilm_conventions_fam_body.yaml configs/study_smollm2_shakespeare.yaml \
 	configs/study_smollm2_shakespeare_lr2e-3.yaml configs/study_minilm_rt_flatness_sets.yaml \
 	configs/study_minilm_debates_flatness_sets.yaml configs/study_minilm_debates_fam_multi_last_block.yaml \
-	configs/study_smollm2_shakespeare_lr2e-3_flatness_sets.yaml
+	configs/study_smollm2_shakespeare_lr2e-3_flatness_sets.yaml \
+	configs/study_smollm2_shakespeare_lr2e-3_measures.yaml
 
 .PHONY: study-quick study study-tables
 
