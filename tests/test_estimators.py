@@ -567,7 +567,7 @@ def test_gauss_newton_on_the_head_is_the_probe_with_the_same_probes():
 
 
 def test_gauss_newton_refusals_name_the_fix():
-    with pytest.raises(ValueError, match="estimator='gauss_newton'.*MLP's loss is not one it recognises.*head_loss=.*'probe'"):
+    with pytest.raises(ValueError, match="estimator='gauss_newton'.*MLP's loss is not one fam_hf recognises.*head_loss=.*'probe'"):
         RelativeFlatness(MLP(), "fc2", "gauss_newton")
     with pytest.raises(ValueError, match="hessian_grad='detached' is for the probe.*'full'"):
         RelativeFlatness(tiny_bert(), "bert.pooler.dense", "gauss_newton", hessian_grad="detached")

@@ -241,7 +241,7 @@ def test_refusals_name_the_problem_and_the_fix():
     model = MLP().double().eval()
     batch = {"x": torch.randn(10, 6, dtype=F64), "y": torch.randint(0, 3, (10,))}
     spec = HeadLoss("cross_entropy", head="head", labels="y")
-    with pytest.raises(ValueError, match=r"loss_fn= computes the loss outside the model.*head_loss=HeadLoss"):
+    with pytest.raises(ValueError, match=r"the loss is computed outside the model .*measurement's loss_fn=.*head_loss=HeadLoss"):
         hessian_trace(model, batch, "head", method="closed_form", loss_fn=mlp_loss)
     with pytest.raises(ValueError, match="'fc2' is not the output layer that head_loss names"):
         hessian_trace(model, batch, "fc2", method="closed_form", loss_fn=mlp_loss, head_loss=spec)
@@ -253,5 +253,5 @@ def test_refusals_name_the_problem_and_the_fix():
     assert hessian_trace(gpt2, lm, "transformer.h.0.mlp.c_fc", method="auto", probes=2).method == "hutchinson"
     assert gauss_newton_trace(gpt2, lm, "transformer.h.0.mlp.c_fc", method="auto", probes=2).method == "gauss_newton"
     gpt2.config.final_logit_softcapping = 30.0  # logits transformed before the loss: not mirrored
-    with pytest.raises(ValueError, match="loss is not one it mirrors"):
+    with pytest.raises(ValueError, match="loss is not one fam_hf recognises"):
         hessian_trace(gpt2, lm, "lm_head", method="closed_form")

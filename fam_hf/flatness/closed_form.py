@@ -23,27 +23,58 @@ from .base import Recording, RelativeFlatness
 MIRRORED_LOSSES = "causal-LM or sequence-classification cross-entropy, MSE, BCE, on logits that are not soft-capped"
 
 
-def custom_loss_refusal(estimator: str) -> str:
-    """Why an estimator that mirrors the model's own loss cannot apply under a loss computed outside the model."""
-    return (
-        f"estimator='{estimator}' mirrors the model's own loss, but the loss is computed outside the model (a "
-        "Trainer's compute_loss_func or label smoothing, or a measurement's loss_fn=); use estimator='probe' (or "
-        "'auto'), or, to measure, say which layer's output the loss reads and which loss it is: "
-        "head_loss=HeadLoss('cross_entropy', head=NAME, labels=KEY)"
-    )
+def loss_refusal(
+    model: nn.Module,
+    layer: Layer,
+    head_loss: HeadLoss | str | None = None,
+    *,
+    custom_loss: bool = False,
+    output_head: bool = True,
+) -> str | None:
+    """Why no loss that fam_hf can mirror in the logits is known for ``layer`` of ``model`` (None: one is), for the
+    estimators and measures that need the loss's curvature in the logits: the closed forms (``output_head=True``:
+    ``layer`` must also be the output layer) and Gauss–Newton (any layer). The caller says what fails and what to
+    use instead; the reason says what to tell fam_hf.
+
+    The loss is the user's ``head_loss`` where given (for the closed forms, of ``layer`` itself when it names a
+    layer), or else the model's own (:func:`~fam_hf.head_loss.head_loss_for`), which ``custom_loss`` (a loss
+    computed outside the model) rules out.
+    """
+    spec = as_head_loss(head_loss)
+    if spec is not None:
+        if not output_head or spec.head is None or resolve_layer(model, spec.head).name == layer.name:
+            return None
+        return (
+            f"'{layer.name}' is not the output layer that head_loss names ('{spec.head}'), and inside the network "
+            f"the Hessian has terms the closed form does not; measure '{spec.head}'"
+        )
+    if custom_loss:
+        return (
+            "it mirrors the model's own loss, but the loss is computed outside the model (a Trainer's "
+            "compute_loss_func or label smoothing, or a measurement's loss_fn=); to measure, say which layer's output "
+            "the loss reads and which loss it is: head_loss=HeadLoss('cross_entropy' | 'mse' | 'bce', head=NAME, "
+            "labels=KEY)"
+        )
+    if output_head and not layer.is_output_head:
+        return (
+            f"'{layer.name}' is not the model's output head (fam_hf recognises transformers' heads; if it is this "
+            f"model's output layer, say so and name its loss: head_loss=HeadLoss('cross_entropy', head='{layer.name}', "
+            "labels=KEY))"
+        )
+    if head_loss_for(model) is None:
+        return (
+            f"{type(model).__name__}'s loss is not one fam_hf recognises ({MIRRORED_LOSSES}); if it is one of them, "
+            "name it and the output layer: head_loss=HeadLoss('cross_entropy' | 'mse' | 'bce', head=NAME, labels=KEY) "
+            f"(or head_loss='cross_entropy' when '{layer.name}' is the output layer and batch['labels'] its targets)"
+        )
+    return None
 
 
-def head_loss_refusal(estimator: str, layer: Layer, head_loss: HeadLoss | str | None, model: nn.Module) -> str | None:
-    """Why ``estimator``, which needs the curvature of the loss in the logits, has no loss to mirror (None: it has
-    one: the user's ``head_loss`` or the model's own)."""
-    if head_loss is not None or head_loss_for(model) is not None:
+def estimator_refusal(estimator: str, reason: str | None) -> str | None:
+    """``reason`` (from :func:`loss_refusal`) as an estimator's refusal, with the estimator that always applies."""
+    if reason is None:
         return None
-    return (
-        f"estimator='{estimator}' needs the curvature of the loss in the logits, and {type(model).__name__}'s loss "
-        f"is not one it recognises ({MIRRORED_LOSSES}); name the output layer and its loss, e.g. "
-        f"head_loss=HeadLoss('cross_entropy', head=NAME, labels=KEY) (or head_loss='cross_entropy' when "
-        f"'{layer.name}' is the output layer and batch['labels'] its targets), or use estimator='probe'"
-    )
+    return f"estimator='{estimator}' cannot apply: {reason}; or use estimator='probe' (or 'auto')"
 
 
 class ClosedFormFlatness(RelativeFlatness):
@@ -55,30 +86,8 @@ class ClosedFormFlatness(RelativeFlatness):
 
     @classmethod
     def refusal(cls, model: nn.Module, layer: Layer, *, loss: str = "model", **options: Any) -> str | None:
-        head_loss = as_head_loss(options.get("head_loss"))
-        if head_loss is not None:
-            if head_loss.head is None or resolve_layer(model, head_loss.head).name == layer.name:
-                return None
-            return (
-                f"estimator='closed_form' cannot apply: '{layer.name}' is not the output layer that head_loss names "
-                f"('{head_loss.head}'); measure that layer, or use estimator='probe' (or 'auto') here"
-            )
-        if loss == "custom":
-            return custom_loss_refusal(cls.estimator)
-        if not layer.is_output_head:
-            why = (
-                f"'{layer.name}' is not the model's output head (fam_hf recognises transformers' heads; if it is this "
-                "model's output layer, say so and name its loss: head_loss=HeadLoss('cross_entropy', head="
-                f"'{layer.name}', labels=KEY))"
-            )
-        elif head_loss_for(model) is None:
-            why = (
-                f"{type(model).__name__}'s loss is not one the closed form recognises ({MIRRORED_LOSSES}); if it is "
-                "one of them, say so: head_loss=HeadLoss('cross_entropy' | 'mse' | 'bce', labels=KEY)"
-            )
-        else:
-            return None
-        return f"estimator='closed_form' cannot apply: {why}; or use estimator='probe' (or 'auto')"
+        reason = loss_refusal(model, layer, options.get("head_loss"), custom_loss=loss == "custom")
+        return estimator_refusal(cls.estimator, reason)
 
     class Recording(Recording):
         def capture(self, features, output, weight, first_call):

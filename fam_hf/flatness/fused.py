@@ -18,7 +18,7 @@ from torch import nn
 from ..curvature import FUSED_CHUNK_ELEMENTS, FusedHead, compute_dtype, fused_head_loss, sample_positions
 from ..head_loss import IGNORE_INDEX
 from ..layers import Layer, unwrap_model
-from .closed_form import HeadInputFlatness, custom_loss_refusal, lm_head_positions
+from .closed_form import HeadInputFlatness, estimator_refusal, lm_head_positions, loss_refusal
 
 
 class FusedHeadFlatness(HeadInputFlatness):
@@ -51,7 +51,7 @@ class FusedHeadFlatness(HeadInputFlatness):
         if reason is not None:
             return reason
         if loss == "custom":
-            return custom_loss_refusal("closed_form")
+            return estimator_refusal("closed_form", loss_refusal(model, layer, custom_loss=True))
         base = unwrap_model(model)
         if "logits_to_keep" not in inspect.signature(base.forward).parameters:
             return (

@@ -26,7 +26,7 @@ from ..curvature import (
 )
 from ..layers import Layer
 from .base import NO_LOSS, Recording, RelativeFlatness
-from .closed_form import custom_loss_refusal, head_loss_refusal
+from .closed_form import estimator_refusal, loss_refusal
 
 
 class ProbeFlatness(RelativeFlatness):
@@ -101,11 +101,9 @@ class GaussNewtonFlatness(ProbeFlatness):
 
     @classmethod
     def refusal(cls, model: nn.Module, layer: Layer, *, loss: str = "model", **options: Any) -> str | None:
-        if loss == "custom" and options.get("head_loss") is None:
-            return custom_loss_refusal(cls.estimator)
-        reason = head_loss_refusal(cls.estimator, layer, options.get("head_loss"), model)
+        reason = loss_refusal(model, layer, options.get("head_loss"), custom_loss=loss == "custom", output_head=False)
         if reason is not None:
-            return reason
+            return estimator_refusal(cls.estimator, reason)
         if options.get("hessian_grad", "full") == "detached":
             return (
                 "estimator='gauss_newton' differentiates its curvature in full; hessian_grad='detached' is for "

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..curvature import head_hessian_trace
-from ..flatness.closed_form import MIRRORED_LOSSES
+from ..flatness.closed_form import loss_refusal
 from ..head_loss import HeadLoss, LossFn, as_head_loss, call_model, head_loss_for, head_loss_value
 from ..layers import Layer, resolve_layer
 from .hessian import Wrt
@@ -46,35 +46,8 @@ def closed_form_refusal(
             "all of them), which can reach the loss through the network; name the head as a layer (wrt='auto' or "
             f"its module name, e.g. 'lm_head'), {instead}"
         )
-    layer = resolve_layer(model, wrt)
-    spec = as_head_loss(head_loss)
-    if spec is not None:
-        if spec.head is None or resolve_layer(model, spec.head).name == layer.name:
-            return None
-        return (
-            f"method='closed_form' cannot apply: '{layer.name}' is not the output layer that head_loss names "
-            f"('{spec.head}'), and inside the network the Hessian has terms the closed form does not; measure "
-            f"'{spec.head}', {instead}"
-        )
-    if loss_fn is not None:
-        return (
-            "method='closed_form' mirrors the model's own loss, but loss_fn= computes the loss outside the model; say "
-            "which loss it is and which layer's output it reads: head_loss=HeadLoss('cross_entropy' | 'mse' | 'bce', "
-            f"head=NAME, labels=KEY), {instead}"
-        )
-    if not layer.is_output_head:
-        return (
-            f"method='closed_form' cannot apply: '{layer.name}' is not the model's output head (fam_hf recognises "
-            "transformers' heads; if it is this model's output layer, say so and name its loss: "
-            f"head_loss=HeadLoss('cross_entropy', head='{layer.name}', labels=KEY)), {instead}"
-        )
-    if head_loss_for(model) is None:
-        return (
-            f"method='closed_form' cannot apply: {type(model).__name__}'s loss is not one it mirrors "
-            f"({MIRRORED_LOSSES}); if it is one of them, say so: head_loss=HeadLoss('cross_entropy' | 'mse' | 'bce', "
-            f"labels=KEY), {instead}"
-        )
-    return None
+    reason = loss_refusal(model, resolve_layer(model, wrt), head_loss, custom_loss=loss_fn is not None)
+    return None if reason is None else f"method='closed_form' cannot apply: {reason}; {instead}"
 
 
 def closed_form_head_trace(
