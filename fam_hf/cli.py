@@ -6,8 +6,8 @@ fam-hf measure --model DIR --data FILE.jsonl|csv [--measures kappa,hessian_trace
     flatness measures of a saved model on a few batches of a small local data file
 fam-hf plot RUN_DIR [RUN_DIR ...] --out DIR
     κ, Hessian trace, top eigenvalue, gap, … against the step, from each run's trainer_state.json
-fam-hf plot SPECTRUM.json [SPECTRUM.json ...] --out DIR
-    Hessian eigenvalue densities (fam_hf.hessian_spectrum(...).save(path)) overlaid in spectrum.png
+fam-hf plot SPECTRUM.json [SPECTRUM.json ...] --out DIR | FILE.png
+    Hessian eigenvalue densities (fam_hf.hessian_spectrum(...).save(path)) overlaid in DIR/spectrum.png or FILE.png
 fam-hf publish RUN_DIR --repo-id OWNER/NAME [--private] [--token-env VAR] [--revision BRANCH]
     push a finished run (model or adapter, tokenizer, metrics, the FAM model card) to the Hugging Face Hub
 """
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 _TASKS = {"sequence-classification": "AutoModelForSequenceClassification", "causal-lm": "AutoModelForCausalLM"}
 
@@ -168,7 +169,11 @@ def _plot(args: argparse.Namespace) -> int:
                 "fam-hf plot draws either runs (folders with trainer_state.json) or spectra (JSON files written by "
                 "HessianSpectrum.save), not both at once"
             )
-        print(plot_spectra(spectra, args.out, names=args.names))
+        out = Path(args.out)
+        if out.suffix.lower() == ".png":  # one picture: the file itself
+            print(plot_spectra(spectra, out.parent, names=args.names, filename=out.name))
+        else:
+            print(plot_spectra(spectra, out, names=args.names))
         return 0
     quantities = args.quantities.split(",") if args.quantities else None
     written = plot_runs(args.runs, args.out, names=args.names, quantities=quantities, log_y=args.log_y)
@@ -255,7 +260,11 @@ def main(argv: list[str] | None = None) -> int:
         metavar="RUN_DIR",
         help="Trainer output folders (or trainer_state.json); or spectra saved by HessianSpectrum.save (*.json)",
     )
-    plot.add_argument("--out", required=True, help="folder for the PNGs (created if missing)")
+    plot.add_argument(
+        "--out",
+        required=True,
+        help="folder for the PNGs (created if missing); for spectra also a file name ending in .png",
+    )
     plot.add_argument("--names", nargs="+", help="legend names for the runs (default: their folder names)")
     plot.add_argument(
         "--quantities",

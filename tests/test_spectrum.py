@@ -92,6 +92,8 @@ def test_fam_hf_plot_overlays_saved_spectra(tmp_path, capsys):
     png = out / "spectrum.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     assert str(png) in capsys.readouterr().out
+    assert main(["plot", *map(str, paths), "--out", str(out / "plain_vs_fam.png")]) == 0  # a file name: that file
+    assert (out / "plain_vs_fam.png").read_bytes() == png.read_bytes()
     (tmp_path / "run").mkdir()
     with pytest.raises(SystemExit, match="either runs .* or spectra"):
         main(["plot", str(paths[0]), str(tmp_path / "run"), "--out", str(out)])
