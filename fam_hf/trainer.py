@@ -284,8 +284,14 @@ class FAMMixin(HubCardMixin):
     _fam_fused_mirrors = Trainer  # the trainer whose compute_loss _fam_fused_loss reproduces
 
     def _fam_fused_applies(self, inputs: dict[str, Any]) -> bool:
-        """Whether this micro-batch's loss is the fused kernel's (the model's own cross-entropy on its labels)."""
-        return inputs.get("labels") is not None or inputs.get("shift_labels") is not None
+        """Whether this micro-batch's loss is the fused kernel's: the model's own cross-entropy on its labels and
+        nothing else. Not with a mixture of experts' router auxiliary loss (``config.output_router_logits``), which
+        the model adds only when it computes the loss itself."""
+        if inputs.get("labels") is None and inputs.get("shift_labels") is None:
+            return False
+        config = getattr(self.accelerator.unwrap_model(self.model), "config", None)
+        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        return not getattr(text_config, "output_router_logits", False)
 
     def _fam_fused_compute_loss(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch) -> torch.Tensor:
         """``L + λ·κ`` of a micro-batch from one pass of the fused LM-head kernel: the model runs to its last hidden

@@ -95,10 +95,10 @@ class FAMSFTTrainer(FAMMixin, SFTTrainer):
     _fam_fused_mirrors = SFTTrainer
 
     def _fam_fused_applies(self, inputs):
-        # SFTTrainer's own fused path only: not MoE auxiliary losses, not DeepSpeed sequence parallelism
+        # SFTTrainer's own fused path only: not with MoE auxiliary losses (super()), not DeepSpeed sequence parallelism
         parallelism = getattr(self.accelerator, "parallelism_config", None)
         parallel = parallelism is not None and parallelism.sp_backend == "deepspeed" and parallelism.sp_enabled
-        return super()._fam_fused_applies(inputs) and not self.aux_loss_enabled and not parallel
+        return super()._fam_fused_applies(inputs) and not parallel
 
     def _fam_fused_forward_kwargs(self):
         return {**super()._fam_fused_forward_kwargs(), "use_cache": False}  # as SFTTrainer.compute_loss sets it

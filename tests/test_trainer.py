@@ -370,3 +370,38 @@ def test_the_fused_kernel_trains_as_the_penalty_beside_the_loss_and_never_forms_
     for a, b in zip(logs_fused, logs_beside):
         for key in ("loss", "fam/kappa", "fam/penalty", "fam/lambda"):
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key
+
+
+def test_a_router_auxiliary_loss_keeps_the_penalty_beside_the_models_own_loss(tmp_path):
+    """A mixture of experts with ``output_router_logits`` adds its load-balancing loss only when it computes the loss
+    itself: the fused kernel (which runs the model without labels) must not take that micro-batch, or the router's
+    loss is silently dropped. Trained as with κ beside the loss, and as plain Trainer at λ = 0."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    def moe():
+        torch.manual_seed(0)
+        config = AutoConfig.for_model(
+            "qwen3_moe", vocab_size=32, hidden_size=16, intermediate_size=32, moe_intermediate_size=16, num_experts=4,
+            num_experts_per_tok=2, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+            output_router_logits=True, router_aux_loss_coef=0.5, tie_word_embeddings=False,
+        )  # fmt: skip
+        return AutoModelForCausalLM.from_config(config)
+
+    runs = {}
+    for fused in (True, False):
+        model = moe()
+        trainer = fam_trainer(model, lm_data(16), tmp_path / str(fused), max_steps=2, per_device_train_batch_size=8,
+                              fam_lambda=0.3)  # fmt: skip
+        trainer.fam_fused = trainer.fam_fused if fused else None
+        trainer.train()
+        runs[fused] = params(model), [h["loss"] for h in fam_logs(trainer)]
+    for name, value in runs[False][0].items():
+        torch.testing.assert_close(runs[True][0][name], value, rtol=0, atol=1e-6, msg=name)
+    assert runs[True][1] == pytest.approx(runs[False][1], rel=1e-6)
+    plain = moe()
+    Trainer(model=plain, args=TrainingArguments(output_dir=str(tmp_path / "p"), **COMMON, max_steps=2,
+                                                per_device_train_batch_size=8), train_dataset=lm_data(16)).train()  # fmt: skip
+    off = moe()
+    fam_trainer(off, lm_data(16), tmp_path / "off", max_steps=2, per_device_train_batch_size=8, fam_lambda=0.0).train()
+    for name, value in params(plain).items():
+        torch.testing.assert_close(params(off)[name], value, rtol=0, atol=1e-7, msg=name)
