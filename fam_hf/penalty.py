@@ -39,6 +39,7 @@ class FAMPenalty:
         self.base_lambda: float | None = fields.fam_lambda if fields.fam_lambda_relative is None else None
         self.sums = MetricSums(("kappa", "penalty", "stderr", "skipped"))
         self.steps = 0  # optimizer steps with a penalty since the last log
+        self.interval_start: int | None = None  # the first optimizer step since the last log (penalised or not)
         self.current_lambda = 0.0
         self.skipped = 0  # penalties dropped because κ was not finite, as of the last log
         self.micro_batches = 0  # penalised micro-batches in this process since the start
@@ -63,6 +64,12 @@ class FAMPenalty:
         if warmup:
             lam *= min(1.0, (step + 1) / warmup)
         return lam, float(every)
+
+    def seen(self, step: int) -> None:
+        """Note a training micro-batch of optimizer step ``step``, penalised or not: the logged ``loss`` averages
+        over every optimizer step since the last log, and so does ``fam/penalty``."""
+        if self.interval_start is None:
+            self.interval_start = step
 
     def add(self, loss: torch.Tensor, result: FlatnessResult, step: int, norm: LossNorm, accelerator) -> torch.Tensor:
         """``loss + multiplier · λ_t · κ`` for a micro-batch of optimizer step ``step`` (which :meth:`at` runs),
@@ -113,15 +120,20 @@ class FAMPenalty:
         kappa, stderr = kappa.float() * share, stderr.float() * share
         self.sums.add(kappa=kappa, penalty=lam * multiplier * kappa, stderr=stderr, skipped=skipped.float())
 
-    def log(self, logs: dict[str, float], accelerator) -> None:
-        """Add the ``fam/*`` metrics to ``logs`` (which holds ``loss``) when the penalty ran since the last log:
-        ``fam/kappa``, ``fam/penalty``, ``fam/task_loss``, ``fam/lambda``, ``fam/skipped`` and, for the probe,
-        ``fam/kappa_stderr``, averaged as ``loss`` is. One collective: every process must call it at the same
-        steps (as ``Trainer`` logs)."""
-        if "loss" not in logs or not self.sums:
+    def log(self, logs: dict[str, float], accelerator, step: int) -> None:
+        """Add the ``fam/*`` metrics to ``logs`` (which holds ``loss``, logged at optimizer step ``step``) when the
+        penalty ran since the last log: ``fam/kappa`` (and, for the probe, ``fam/kappa_stderr``) averaged over the
+        penalised steps, ``fam/penalty`` (what the penalty added to ``loss``) and ``fam/task_loss`` averaged as
+        ``loss`` is, over every optimizer step since the last log, ``fam/lambda`` and ``fam/skipped``. One
+        collective: every process must call it at the same steps (as ``Trainer`` logs)."""
+        if "loss" not in logs:
+            return
+        start, self.interval_start = self.interval_start, step  # the next interval starts at this step
+        if not self.sums:
             return
         steps = self.steps
-        sums = self.sums.reduce(accelerator, divide={"kappa": steps, "penalty": steps, "stderr": steps})
+        interval = steps if start is None else max(step - start, steps)
+        sums = self.sums.reduce(accelerator, divide={"kappa": steps, "penalty": interval, "stderr": steps})
         means = {k: v / accelerator.num_processes for k, v in sums.items()}
         skipped = int(sums["skipped"])
         logs["fam/kappa"], logs["fam/penalty"] = means["kappa"], means["penalty"]
@@ -160,7 +172,7 @@ class FAMPenalty:
         than ``logging_steps`` says it too. One collective, which every process reaches (as ``Trainer`` logs)."""
         pending = self.sums.reduce(accelerator)["skipped"] if self.sums else 0.0
         self.skipped += int(pending)
-        self.steps = 0
+        self.steps, self.interval_start = 0, None
         logs["fam/skipped"] = self.skipped
         if self.skipped:
             logger.warning(

@@ -231,6 +231,8 @@ class FAMMixin(HubCardMixin):
         num_items_in_batch: torch.Tensor | int | None = None,
     ):
         step = self.state.global_step
+        if model.training:
+            self.fam_penalty.seen(step)
         schedule = self.fam_penalty.at(step) if model.training else None
         if schedule is None:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -346,7 +348,7 @@ class FAMMixin(HubCardMixin):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         # Every rank logs at the same steps, so the mean over processes is safe here (as for `loss`).
-        self.fam_penalty.log(logs, self.accelerator)
+        self.fam_penalty.log(logs, self.accelerator, self.state.global_step)
         if "train_runtime" in logs:  # Trainer's last log of a train() call
             self.fam_penalty.finish(logs, self.accelerator)
         super().log(logs, start_time)

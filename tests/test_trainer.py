@@ -164,6 +164,36 @@ def test_lazy_schedule_and_warmup(tmp_path):
         assert h["fam/task_loss"] == pytest.approx(h["loss"] - h["fam/penalty"], rel=1e-9)
 
 
+@pytest.mark.parametrize("logging_steps", [2, 3])
+def test_logged_penalty_and_task_loss_average_over_every_step_as_the_loss_does(tmp_path, logging_steps):
+    """With fam_every_n_steps=2 a log spans penalised and unpenalised steps: ``loss`` is the mean over all of them,
+    so ``fam/penalty`` is what the penalty added to it and ``fam/task_loss`` the mean of the model's own loss, while
+    ``fam/kappa`` is the mean over the steps that measured it."""
+    trainer = fam_trainer(gpt2(), lm_data(48), tmp_path, max_steps=6, per_device_train_batch_size=8, fam_lambda=0.5,
+                          fam_every_n_steps=2, logging_steps=logging_steps)  # fmt: skip
+    penalties, kappas, losses = {}, {}, []
+    add, training_step = trainer.fam_penalty.add, trainer.training_step
+
+    def recording_add(loss, result, step, norm, accelerator):
+        total = add(loss, result, step, norm, accelerator)
+        penalties[step], kappas[step] = float(total.detach() - loss.detach()), float(result.value.detach())
+        return total
+
+    trainer.fam_penalty.add = recording_add
+    trainer.training_step = lambda *args, **kw: losses.append(float(training_step(*args, **kw))) or torch.tensor(losses[-1])
+    trainer.train()
+    logs = fam_logs(trainer)
+    assert [h["step"] for h in logs] == list(range(logging_steps, 7, logging_steps))
+    for h in logs:
+        steps = range(h["step"] - logging_steps, h["step"])
+        assert h["loss"] == pytest.approx(sum(losses[s] for s in steps) / logging_steps, rel=1e-6)
+        assert h["fam/penalty"] == pytest.approx(sum(penalties.get(s, 0) for s in steps) / logging_steps, rel=1e-5)
+        task = sum(losses[s] - penalties.get(s, 0) for s in steps) / logging_steps
+        assert h["fam/task_loss"] == pytest.approx(task, rel=1e-6)
+        measured = [kappas[s] for s in steps if s in kappas]
+        assert h["fam/kappa"] == pytest.approx(sum(measured) / len(measured), rel=1e-6)
+
+
 def test_evaluation_is_untouched(tmp_path):
     eval_data = lm_data(16)
     plain = Trainer(
