@@ -7,6 +7,8 @@ dataclass can mix in without re-declaring (and so resetting) the other's fields:
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
@@ -106,11 +108,14 @@ class FAMFields:
 
     def check_fam_fields(self) -> None:
         """Raise ValueError naming the field and its allowed values when a ``fam_*`` value is out of range."""
+        if not math.isfinite(self.fam_lambda):
+            raise ValueError(f"fam_lambda={self.fam_lambda} is not a finite number; the penalty weight must be ≥ 0")
         if self.fam_lambda < 0:
             raise ValueError(f"fam_lambda={self.fam_lambda} is negative; the penalty weight must be ≥ 0")
-        if self.fam_lambda_relative is not None and not self.fam_lambda_relative > 0:
+        relative = self.fam_lambda_relative
+        if relative is not None and not (math.isfinite(relative) and relative > 0):
             raise ValueError(
-                f"fam_lambda_relative={self.fam_lambda_relative} must be > 0 (the penalty's share of the loss at the "
+                f"fam_lambda_relative={relative} must be a finite number > 0 (the penalty's share of the loss at the "
                 "first step, e.g. 0.02); use null to set fam_lambda directly"
             )
         for name, choices in (
@@ -122,8 +127,11 @@ class FAMFields:
         if not 0 < self.fam_token_fraction <= 1:
             raise ValueError(f"fam_token_fraction={self.fam_token_fraction} must be in (0, 1] (1: every position)")
         for name, minimum in (("fam_probes", 1), ("fam_every_n_steps", 1), ("fam_warmup_steps", 0)):
-            if getattr(self, name) < minimum:
-                raise ValueError(f"{name}={getattr(self, name)} must be ≥ {minimum}")
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise ValueError(f"{name}={value!r} must be a whole number ≥ {minimum}")
+            if value < minimum:
+                raise ValueError(f"{name}={value} must be ≥ {minimum}")
 
 
 @dataclass

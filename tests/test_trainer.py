@@ -229,6 +229,13 @@ def test_non_finite_kappa_skips_the_penalty_and_never_writes_nan(tmp_path, monke
 def test_config_errors_name_the_fix(tmp_path):
     with pytest.raises(ValueError, match="fam_lambda=-1.0 is negative"):
         FAMConfig(output_dir=str(tmp_path), fam_lambda=-1.0)
+    for value in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=f"fam_lambda={value} is not a finite number"):
+            FAMConfig(output_dir=str(tmp_path), fam_lambda=value)
+        with pytest.raises(ValueError, match=f"fam_lambda_relative={value} must be a finite number > 0"):
+            FAMConfig(output_dir=str(tmp_path), fam_lambda_relative=value)
+    with pytest.raises(ValueError, match="fam_probes=1.5 must be a whole number ≥ 1"):
+        FAMConfig(output_dir=str(tmp_path), fam_probes=1.5)
     with pytest.raises(ValueError, match="fam_estimator='hessian' is not one of 'auto'"):
         FAMConfig(output_dir=str(tmp_path), fam_estimator="hessian")
     with pytest.raises(ValueError, match="fam_every_n_steps=0 must be ≥ 1"):
@@ -361,7 +368,7 @@ def test_lambda_relative_sets_lambda_from_the_first_steps_loss_and_kappa(tmp_pat
     for (name, p), g in zip(reference.named_parameters(), grads):
         torch.testing.assert_close(first.model.state_dict()[name], p.detach() - lr * g, rtol=0, atol=1e-6, msg=name)
     assert fam_logs(first)[0]["fam/penalty"] == pytest.approx(share * loss.item(), rel=1e-5)
-    with pytest.raises(ValueError, match=r"fam_lambda_relative=0 must be > 0"):
+    with pytest.raises(ValueError, match=r"fam_lambda_relative=0 must be a finite number > 0"):
         FAMConfig(output_dir=str(tmp_path), fam_lambda_relative=0)
 
 
