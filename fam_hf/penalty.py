@@ -93,10 +93,13 @@ class FAMPenalty:
 
     def calibrate(self, loss: torch.Tensor, kappa: torch.Tensor, accelerator) -> float:
         """``fam_lambda_relative``: ``λ = share · L₀ / κ₀`` from this micro-batch's loss and κ, averaged over the
-        processes (every rank reaches its first penalised step together). One host synchronisation, once."""
+        processes (every rank reaches its first penalised step together), or 0 and λ left unset when the
+        micro-batch counts no target on any process (both 0). One host synchronisation per call, until λ is set."""
         share = self.fields.fam_lambda_relative
         both = accelerator.reduce(torch.stack([loss.float(), kappa.float()]), reduction="mean")
         loss_0, kappa_0 = both.tolist()
+        if loss_0 == 0 and kappa_0 == 0:  # a micro-batch that counts no target (all -100): the next one sets λ
+            return 0.0
         if not (kappa_0 > 0 and loss_0 > 0 and math.isfinite(kappa_0 / loss_0)):
             raise ValueError(
                 f"fam_lambda_relative={share:g} sets λ = share · L₀ / κ₀ at the first penalised step, but there "

@@ -372,6 +372,16 @@ def test_lambda_relative_sets_lambda_from_the_first_steps_loss_and_kappa(tmp_pat
         FAMConfig(output_dir=str(tmp_path), fam_lambda_relative=0)
 
 
+def test_lambda_relative_waits_for_a_micro_batch_that_counts_a_target(tmp_path):
+    # under accumulation the first micro-batch may be all prompt (labels -100): L₀ = κ₀ = 0 there, and λ comes from
+    # the next one instead of stopping the run
+    trainer = fam_trainer(gpt2(), lm_data(16), tmp_path, max_steps=1, fam_lambda_relative=0.1)
+    penalty, zero = trainer.fam_penalty, torch.zeros(())
+    assert penalty.calibrate(zero, zero, trainer.accelerator) == 0.0 and penalty.base_lambda is None
+    assert penalty.calibrate(torch.tensor(2.0), torch.tensor(4.0), trainer.accelerator) == pytest.approx(0.05)
+    assert penalty.base_lambda == pytest.approx(0.05)
+
+
 def test_lambda_relative_refuses_a_first_kappa_that_is_not_positive(tmp_path):
     trainer = fam_trainer(bert(), cls_data(16), tmp_path, max_steps=1, fam_lambda_relative=0.1)
     with pytest.raises(ValueError, match=r"L₀ = 0.5 and κ₀ = -1 on 'classifier' \(both must be > 0\); set fam_lambda"):
