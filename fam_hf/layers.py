@@ -108,8 +108,8 @@ def _lora_weight(module: LoraLayer) -> torch.Tensor:
             continue
         if module.use_dora.get(adapter, False):
             raise ValueError(
-                "relative flatness of a DoRA layer is not supported (its effective weight is normalised "
-                "per column); use plain LoRA, or put FAM on another layer such as the output head"
+                "relative flatness of a DoRA layer is not supported (its effective weight is normalised per column); "
+                "use plain LoRA on it (LoraConfig(use_dora=False)), or put FAM on a layer that DoRA does not adapt"
             )
         # get_delta_weight already applies fan_in_fan_out, so the delta has the base weight's layout
         delta = module.get_delta_weight(adapter)
