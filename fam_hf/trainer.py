@@ -330,7 +330,8 @@ class FAMMixin(HubCardMixin):
         # The probe RNG travels with Trainer's own RNG states so a resumed run draws the same probes.
         super()._save_rng_state(output_dir)
         if self.args.should_save:
-            state = {"probe_rng": self.flatness.generator.get_state(), "base_lambda": self.fam_penalty.base_lambda}
+            state = {"probe_rng": self.flatness.generator.get_state(), "base_lambda": self.fam_penalty.base_lambda,
+                     "skipped": self.fam_penalty.skipped}  # fmt: skip
             torch.save(state, os.path.join(output_dir, FAM_STATE_NAME))
 
     def _load_rng_state(self, checkpoint: str | None) -> None:
@@ -341,6 +342,7 @@ class FAMMixin(HubCardMixin):
             self.flatness.generator.set_state(state["probe_rng"])
             if self.args.fam_lambda_relative is not None and state.get("base_lambda") is not None:
                 self.fam_penalty.base_lambda = state["base_lambda"]  # as calibrated at the run's first step
+            self.fam_penalty.skipped = state.get("skipped", 0)  # the run's count as of its last log before saving
         elif path is not None and self.flatness.draws_probes:
             logger.warning("FAM: %s has no %s; the resumed run draws different probes", checkpoint, FAM_STATE_NAME)
 

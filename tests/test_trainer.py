@@ -226,6 +226,20 @@ def test_non_finite_kappa_skips_the_penalty_and_never_writes_nan(tmp_path, monke
     assert all(h["fam/kappa"] == 0 and h["fam/penalty"] == 0 for h in fam_logs(trainer))
 
 
+def test_the_skipped_count_survives_a_resume(tmp_path, monkeypatch):
+    monkeypatch.setattr(fam_hf.flatness.closed_form, "closed_form", lambda *a, **k: torch.tensor(float("nan")))
+    monkeypatch.setattr(FAMTrainer, "fam_fuse_head", False)
+    kw = dict(max_steps=4, per_device_train_batch_size=8, fam_lambda=1.0, save_strategy="steps", save_steps=2)
+    straight = fam_trainer(gpt2(), lm_data(), tmp_path / "straight", **kw)
+    straight.train()
+    fam_trainer(gpt2(), lm_data(), tmp_path / "interrupted", **{**kw, "max_steps": 2}).train()
+    resumed = fam_trainer(gpt2(), lm_data(), tmp_path / "interrupted", **kw)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "interrupted" / "checkpoint-2"))
+    assert [h["fam/skipped"] for h in fam_logs(straight)] == [1, 2, 3, 4]
+    assert [h["fam/skipped"] for h in fam_logs(resumed)] == [1, 2, 3, 4]  # the first two from the checkpoint
+    assert straight.state.log_history[-1]["fam/skipped"] == resumed.state.log_history[-1]["fam/skipped"] == 4
+
+
 def test_config_errors_name_the_fix(tmp_path):
     with pytest.raises(ValueError, match="fam_lambda=-1.0 is negative"):
         FAMConfig(output_dir=str(tmp_path), fam_lambda=-1.0)
