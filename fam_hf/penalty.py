@@ -37,7 +37,8 @@ class FAMPenalty:
         self.layer = layer
         self.logs_stderr = logs_stderr
         self.base_lambda: float | None = fields.fam_lambda if fields.fam_lambda_relative is None else None
-        self.sums = MetricSums(("kappa", "penalty", "stderr", "skipped"))
+        self.sums = MetricSums(("kappa", "penalty", "skipped"))
+        self.step_samples: list[torch.Tensor] = []  # per penalised step since the last log: its per-probe κ (P,)
         self.steps = 0  # optimizer steps with a penalty since the last log
         self.interval_start: int | None = None  # the first optimizer step since the last log (penalised or not)
         self.current_lambda = 0.0
@@ -88,7 +89,7 @@ class FAMPenalty:
             lam *= self.calibrate(loss.detach(), kappa.detach(), accelerator)
         if lam > 0:
             loss = loss + (lam * multiplier * kappa).to(loss.dtype)
-        self._record(kappa.detach(), result.std_error, lam, multiplier, step, norm, skipped=~finite)
+        self._record(kappa.detach(), result.samples, lam, multiplier, step, norm, skipped=~finite)
         return loss
 
     def calibrate(self, loss: torch.Tensor, kappa: torch.Tensor, accelerator) -> float:
@@ -111,24 +112,33 @@ class FAMPenalty:
                     self.base_lambda)  # fmt: skip
         return self.base_lambda
 
-    def _record(self, kappa, std_error, lam, multiplier, step, norm: LossNorm, skipped) -> None:
-        if step != self._last_step:
+    def _record(self, kappa, samples, lam, multiplier, step, norm: LossNorm, skipped) -> None:
+        new_step = step != self._last_step
+        if new_step:
             self.steps += 1
             self._last_step = step
         self.micro_batches += 1
         self.current_lambda = lam
         # mirror what training_step does to the loss before it is summed into the logged loss
         share = norm.accumulation_share
-        stderr = torch.zeros_like(kappa) if std_error is None else torch.where(skipped, 0, std_error.to(kappa))
-        kappa, stderr = kappa.float() * share, stderr.float() * share
-        self.sums.add(kappa=kappa, penalty=lam * multiplier * kappa, stderr=stderr, skipped=skipped.float())
+        kappa = kappa.float() * share
+        self.sums.add(kappa=kappa, penalty=lam * multiplier * kappa, skipped=skipped.float())
+        if self.logs_stderr and samples is not None:
+            # the step's micro-batches share its probes: its per-probe values add up, and its standard error is
+            # theirs (adding the micro-batches' standard errors would overstate it)
+            samples = torch.where(skipped, 0, samples.float()) * share
+            if new_step or not self.step_samples:
+                self.step_samples.append(samples)
+            else:
+                self.step_samples[-1] = self.step_samples[-1] + samples
 
     def log(self, logs: dict[str, float], accelerator, step: int) -> None:
         """Add the ``fam/*`` metrics to ``logs`` (which holds ``loss``, logged at optimizer step ``step``) when the
         penalty ran since the last log: ``fam/kappa`` (and, for the probe, ``fam/kappa_stderr``) averaged over the
         penalised steps, ``fam/penalty`` (what the penalty added to ``loss``) and ``fam/task_loss`` averaged as
         ``loss`` is, over every optimizer step since the last log, ``fam/lambda`` and ``fam/skipped``. One
-        collective: every process must call it at the same steps (as ``Trainer`` logs)."""
+        collective (two with ``fam/kappa_stderr``): every process must call it at the same steps (as ``Trainer``
+        logs)."""
         if "loss" not in logs:
             return
         start, self.interval_start = self.interval_start, step  # the next interval starts at this step
@@ -136,13 +146,13 @@ class FAMPenalty:
             return
         steps = self.steps
         interval = steps if start is None else max(step - start, steps)
-        sums = self.sums.reduce(accelerator, divide={"kappa": steps, "penalty": interval, "stderr": steps})
+        sums = self.sums.reduce(accelerator, divide={"kappa": steps, "penalty": interval})
         means = {k: v / accelerator.num_processes for k, v in sums.items()}
         skipped = int(sums["skipped"])
         logs["fam/kappa"], logs["fam/penalty"] = means["kappa"], means["penalty"]
         logs["fam/task_loss"] = logs["loss"] - means["penalty"]  # the model's own loss, comparable across λ
-        if self.logs_stderr:
-            logs["fam/kappa_stderr"] = means["stderr"]
+        if self.logs_stderr and self.step_samples:
+            logs["fam/kappa_stderr"] = self._step_std_error(accelerator)
         logs["fam/lambda"] = self.current_lambda
         if skipped:
             self.skipped += skipped
@@ -169,13 +179,22 @@ class FAMPenalty:
             )
         self.steps = 0
 
+    def _step_std_error(self, accelerator) -> float:
+        """The probe's standard error of one step's κ (over the processes and micro-batches that share the step's
+        probes: the std of the summed per-probe values / √P), averaged over the steps since the last log. A second
+        collective, at the same steps as the first."""
+        samples = torch.stack(self.step_samples)  # (steps, P)
+        self.step_samples = []
+        samples = accelerator.reduce(samples, reduction="sum") / accelerator.num_processes
+        return (samples.std(dim=1) / math.sqrt(samples.shape[1])).mean().item()
+
     def finish(self, logs: dict[str, float], accelerator) -> None:
         """At the end of training (``logs`` holds ``train_runtime``): add ``fam/skipped``, the penalties dropped in
         the whole run (the last log's count plus any since), and warn when there were any, so that a run shorter
         than ``logging_steps`` says it too. One collective, which every process reaches (as ``Trainer`` logs)."""
         pending = self.sums.reduce(accelerator)["skipped"] if self.sums else 0.0
         self.skipped += int(pending)
-        self.steps, self.interval_start = 0, None
+        self.steps, self.interval_start, self.step_samples = 0, None, []
         logs["fam/skipped"] = self.skipped
         if self.skipped:
             logger.warning(

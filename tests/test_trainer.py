@@ -114,6 +114,21 @@ def test_probe_penalty_on_a_body_layer_logs_its_std_error(tmp_path):
     assert not torch.equal(before["transformer.h.0.mlp.c_fc.weight"], model.transformer.h[0].mlp.c_fc.weight)
 
 
+def test_the_probe_std_error_under_accumulation_is_the_one_big_batchs(tmp_path):
+    # the micro-batches of a step share its probes: the step's per-probe values add up, and their spread (not the sum
+    # of the micro-batches' standard errors, which grew ×1.6 at 2 × 8 and ×3 at 4 × 4) is κ's standard error
+    logged = []
+    for batch, accumulation in ((16, 1), (8, 2), (4, 4)):
+        trainer = fam_trainer(gpt2(), lm_data(16), tmp_path / str(batch), max_steps=1, fam_lambda=0.0, fam_probes=4,
+                              per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation,
+                              fam_layer="transformer.h.0.mlp.c_fc", fam_estimator="probe")  # fmt: skip
+        trainer.train()
+        logged.append(fam_logs(trainer)[0])
+    for h in logged[1:]:
+        assert h["fam/kappa"] == pytest.approx(logged[0]["fam/kappa"], rel=1e-5)
+        assert h["fam/kappa_stderr"] == pytest.approx(logged[0]["fam/kappa_stderr"], rel=1e-5)
+
+
 def test_gauss_newton_penalty_on_a_body_layer_one_step_equals_hand_computed_sgd(tmp_path):
     """The Gauss–Newton κ of GPT-2's c_fc (LayerNorms after it: their third derivatives must be right), the
     loss's num_items_in_batch denominator, the trainer's probe draw: one SGD step on loss + λκ_GN by hand."""
@@ -348,7 +363,7 @@ def test_a_negative_kappa_is_reported_once_naming_the_layer_and_the_fix(tmp_path
     for kappa in (-2.0, -3.0):
         trainer.fam_penalty.steps = 1
         zero = torch.zeros(())
-        trainer.fam_penalty.sums.add(kappa=torch.tensor(kappa), penalty=zero, stderr=zero, skipped=zero)
+        trainer.fam_penalty.sums.add(kappa=torch.tensor(kappa), penalty=zero, skipped=zero)
         with caplog.at_level("WARNING", logger="fam_hf.penalty"):
             trainer.log({"loss": 1.0})
     warned = [r.getMessage() for r in caplog.records if "not positive semi-definite" in r.getMessage()]

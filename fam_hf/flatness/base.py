@@ -11,6 +11,7 @@ that pass's loss (or logits) into a :class:`FlatnessResult`, already in the loss
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
@@ -43,6 +44,8 @@ class FlatnessResult:
             ``"exact"``.
         layer: the layer's module name.
         probes: number of probes (probe and Gauss–Newton estimators only).
+        samples: the per-probe values ``(probes,)`` whose mean is ``value``, detached (probe estimators only): what
+            the standard error of κ summed over micro-batches that share the probes is computed from.
     """
 
     value: torch.Tensor
@@ -50,6 +53,7 @@ class FlatnessResult:
     estimator: str
     layer: str
     probes: int | None = None
+    samples: torch.Tensor | None = None
 
     def __float__(self) -> float:
         return float(self.value)
@@ -395,7 +399,8 @@ class Recording:
     def value(
         self, loss: torch.Tensor | None, logits: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(κ, standard error or None)`` for the recorded pass, in the loss's normalisation."""
+        """``(κ, per-probe values (P,) or None)`` for the recorded pass, in the loss's normalisation (κ the values'
+        mean for a probe estimator)."""
         raise NotImplementedError
 
     def check(self) -> None:
@@ -429,14 +434,17 @@ class Recording:
         if fam.head_loss is not None:
             logits = self.head_output
             self.check_head_loss(loss)
-        value, std_error = self.value(loss, logits)
+        value, samples = self.value(loss, logits)
         scale = 1.0 / self.fan_in if fam.scale == "reference" else 1.0
+        samples = None if samples is None else samples.detach() * scale
+        std_error = None if samples is None or samples.numel() < 2 else samples.std() / math.sqrt(samples.numel())
         return FlatnessResult(
             value=value * scale,
-            std_error=None if std_error is None else std_error * scale,
+            std_error=std_error,
             estimator=fam.estimator,
             layer=fam.layer.name,
             probes=fam.probes if fam.draws_probes else None,
+            samples=samples,
         )
 
     def labels(self) -> torch.Tensor:

@@ -8,7 +8,6 @@ the Gauss–Newton quadratic form there (κ ≥ 0 on any layer; the model's own 
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -70,8 +69,7 @@ class ProbeFlatness(RelativeFlatness):
             # checkpointed blocks are recomputed here
             with self.flatness.kernels(self.differentiable), explain_missing_double_backward():
                 values = self.forms(loss, logits)
-            std_error = values.detach().std() / math.sqrt(values.numel()) if values.numel() > 1 else None
-            return values.mean(), std_error
+            return values.mean(), values
 
         def forms(self, loss: torch.Tensor, logits: torch.Tensor | None) -> torch.Tensor:
             """The per-probe quadratic forms ``(P,)``."""
