@@ -74,6 +74,11 @@ def lanczos(
     basis = [q] if reorthogonalize else None
     previous, beta_prev = None, 0.0
     alpha, beta = [], []
+    # Below a few hundred roundings of ‖T‖ (an estimate of ‖H‖ from below) the next residual is rounding, not a new
+    # direction: the Krylov space is invariant (a low-rank Hessian, e.g. a classifier head's, rank ≤ N·(C − 1)).
+    # Dividing by it would make the basis noise, and Ritz values leave the spectrum (10⁵ × λ_max on a float32 head).
+    noise = 100 * torch.finfo(dtype).eps
+    norm = 0.0
     for step in range(min(steps, n)):
         if previous is None:
             w = operator.matvec(q)
@@ -93,7 +98,8 @@ def lanczos(
             for _ in range(2):  # twice is enough (Kahan–Parlett)
                 w = w - stacked @ (stacked.T @ w)
         b = math.sqrt(_dot64(w, w))
-        if step == min(steps, n) - 1 or b <= 1e-10 * max(abs(a), beta_prev, 1e-300):
+        norm = max(norm, abs(a), beta_prev)
+        if step == min(steps, n) - 1 or b <= max(1e-10 * max(abs(a), beta_prev), noise * norm, 1e-300):
             break
         if stop is not None and stop(_tridiagonal(alpha, beta), b):
             break
