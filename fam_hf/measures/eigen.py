@@ -78,7 +78,8 @@ def estimate_top_eigenpairs(
         method: ``"lanczos"`` (``eigsh`` on matrix-vector products; needs ``k < n``, and falls back to
             ``"exact"`` otherwise), ``"streaming"`` (Lanczos that keeps no basis: three vectors, ``O(n)`` memory,
             eigenvalues only, ghosts removed by Cullum–Willoughby's test, stopping on ARPACK's residual criterion;
-            for subsets too large for ARPACK's float64 basis) or ``"exact"`` (the dense matrix from ``n`` products,
+            for subsets too large for ARPACK's float64 basis; the *distinct* top ``k``: one Krylov sequence sees a
+            repeated eigenvalue once, so ``λ₁ = λ₂`` gives ``λ₁, λ₃, …``) or ``"exact"`` (the dense matrix from ``n`` products,
             then ``eigh``).
         which: ``"LA"`` largest algebraic (default: sharpness; a Hessian away from a minimum has negative
             eigenvalues too) or ``"LM"`` largest magnitude.
