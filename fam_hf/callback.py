@@ -83,9 +83,9 @@ def measure_batches(
     ``log`` (e.g. ``print``) is told what is being measured as it starts, with how long the last one took.
     ``on_spectrum(batch_index, spectrum)`` is handed each measured :class:`~fam_hf.measures.HessianSpectrum`.
 
-    The model is run in eval mode and put back in its mode afterwards; batches are moved to its device;
-    each measure draws its probes from a generator seeded with ``seed`` and the global torch RNG state is
-    restored, so measuring does not change what a training run does next. See :class:`FlatnessCallback`
+    The model is run in eval mode and each module put back in its mode afterwards; batches are moved to its
+    device; each measure draws its probes from a generator seeded with ``seed + i`` for the ``i``-th batch and
+    the global torch RNG state is restored, so measuring does not change what a training run does next. See :class:`FlatnessCallback`
     for the measures and options.
     """
     check_measures(measures)
@@ -93,7 +93,9 @@ def measure_batches(
         raise ValueError(f"spectrum_top={spectrum_top} must be at least 1 (the largest Ritz values logged)")
 
     def value(name: str, batch: Batch, index: int) -> dict[str, torch.Tensor]:
-        generator = torch.Generator().manual_seed(seed)
+        # the same probes for a batch at every measurement (comparable over training), other probes for each batch
+        # (their estimation errors average out over the batches instead of being shared)
+        generator = torch.Generator().manual_seed(seed + index)
         if name == "kappa":
             return {name: relative_flatness(
                 model, batch, layer, estimator, probes=probes, scale=scale, generator=generator
@@ -115,7 +117,7 @@ def measure_batches(
         return {name: jacobian_norm(model, batch, probes=probes, generator=generator).value}
 
     device = next(model.parameters()).device
-    was_training = model.training
+    modes = {module: module.training for module in model.modules()}
     values: dict[str, list[float]] = {name: [] for name in ("loss", *logged_names(measures, spectrum_top))}
     try:
         model.eval()
@@ -136,7 +138,8 @@ def measure_batches(
                         shown = ", ".join(f"{key} = {float(number):.6g}" for key, number in measured.items())
                         log(f"batch {index + 1}/{len(batches)}: {shown} ({time.perf_counter() - start:.1f} s)")
     finally:
-        model.train(was_training)
+        for module, training in modes.items():
+            module.training = training
     return values
 
 
@@ -284,6 +287,12 @@ class FlatnessCallback(TrainerCallback):
 
     # -- Trainer events -----------------------------------------------------------------------------------
 
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        self._last_step = None  # a new run (a second train(), a hyperparameter-search trial) measures its steps
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        self._last_step = None  # an evaluate() after training (of the best model, say) measures at the last step too
+
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         if self.every_n_steps and state.global_step % self.every_n_steps == 0:
             self._measure_and_log(state, kwargs.get("model"))
@@ -294,7 +303,17 @@ class FlatnessCallback(TrainerCallback):
 
 
 def _as_list(batches: Batch | Sequence[Batch]) -> list[Batch]:
-    return [batches] if isinstance(batches, Mapping) else list(batches)
+    batches = [batches] if isinstance(batches, Mapping) else list(batches)
+    for batch in batches:
+        if not isinstance(batch, Mapping):
+            raise TypeError(f"a probe batch must be a collated batch (a dict of tensors), got {type(batch).__name__}")
+        for key, value in batch.items():
+            if isinstance(value, (list, tuple)):
+                raise TypeError(
+                    f"the probe batch's {key!r} is a {type(value).__name__}, not a tensor: pass a collated batch, e.g. "
+                    "data_collator([dataset[i] for i in range(8)]), not dataset[:8]"
+                )
+    return batches
 
 
 def _to_device(batch: Batch, device: torch.device) -> dict[str, Any]:

@@ -51,23 +51,41 @@ def _read_rows(path: str, limit: int) -> list[dict]:
     import csv
     import json
 
-    with open(path, newline="") as f:
-        if path.endswith(".csv"):
-            rows = list(csv.DictReader(f))
-        elif path.endswith((".jsonl", ".json")):
-            rows = [json.loads(line) for line in f if line.strip()]
-        else:
-            raise SystemExit(f"--data {path}: expected a .jsonl or .csv file")
+    if not path.endswith((".csv", ".jsonl", ".json")):
+        raise SystemExit(f"--data {path}: expected a .jsonl, .json (an array of objects) or .csv file")
+    try:
+        with open(path, newline="") as f:
+            if path.endswith(".csv"):
+                rows = list(csv.DictReader(f))
+            else:
+                text = f.read()
+                whole = text.lstrip().startswith("[")  # a JSON array of objects; else one object a line
+                rows = json.loads(text) if whole else [json.loads(line) for line in text.splitlines() if line.strip()]
+    except FileNotFoundError:
+        raise SystemExit(f"--data {path}: no such file") from None
+    except json.JSONDecodeError as error:
+        raise SystemExit(f"--data {path}: not JSON lines or a JSON array of objects ({error})") from None
+    if not all(isinstance(row, dict) for row in rows):
+        raise SystemExit(f"--data {path}: every row must be an object with named columns")
     return rows[:limit]
 
 
-def _label_id(value, model) -> int:
-    label2id = getattr(model.config, "label2id", None) or {}
+def _label(value, model):
+    """A row's target as the model's loss takes it: a class id, a float (regression), floats (multi-label)."""
+    config = model.config
+    if config.problem_type == "multi_label_classification" or isinstance(value, list):
+        return [float(v) for v in value] if isinstance(value, list) else value
+    if config.problem_type == "regression" or config.num_labels == 1:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise SystemExit(f"label {value!r} is not a number, and {type(model).__name__} is a regressor") from None
+    label2id = getattr(config, "label2id", None) or {}
     if isinstance(value, str) and value in label2id:
         return int(label2id[value])
     try:
         return int(value)
-    except ValueError:
+    except (TypeError, ValueError):
         raise SystemExit(
             f"label {value!r} is neither an integer nor one of the model's labels {sorted(label2id)}"
         ) from None
@@ -83,11 +101,29 @@ def _batches(args: argparse.Namespace, model, tokenizer) -> list[dict]:
     if missing:
         raise SystemExit(f"--data {args.data} has no column {args.text_column!r}; columns: {', '.join(rows[0])}")
     causal = type(model).__name__.endswith("ForCausalLM") or type(model).__name__.endswith("LMHeadModel")
+    if not causal and not type(model).__name__.endswith("ForSequenceClassification"):
+        raise SystemExit(
+            f"{args.model} loads as {type(model).__name__}, which has no head that computes a loss; pass --task "
+            "sequence-classification (its head then starts untrained) or --task causal-lm"
+        )
     if tokenizer.pad_token is None:  # GPT-style tokenizers: padded positions are masked out of the loss anyway
         tokenizer.pad_token = tokenizer.eos_token
+    if model.config.pad_token_id is None:  # a decoder classifier finds each row's last token by it
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if not causal:
+        unlabelled = [i for i, row in enumerate(rows) if args.label_column not in row]
+        if unlabelled:
+            raise SystemExit(
+                f"--data {args.data}: {len(unlabelled)} row(s) have no label column {args.label_column!r} "
+                f"(--label-column), the first is row {unlabelled[0]}"
+            )
     batches = []
-    for start in range(0, len(rows), args.batch_size):
-        chunk = rows[start : start + args.batch_size]
+    # as many batches as --batch-size needs, their sizes within one row of each other: the mean over batches is
+    # then (nearly) the mean over examples, where a short last batch would weigh as much as a full one
+    count = -(-len(rows) // args.batch_size)
+    bounds = [round(i * len(rows) / count) for i in range(count + 1)]
+    for start, end in zip(bounds, bounds[1:]):
+        chunk = rows[start:end]
         batch = dict(
             tokenizer(
                 [str(r[args.text_column]) for r in chunk],
@@ -103,9 +139,7 @@ def _batches(args: argparse.Namespace, model, tokenizer) -> list[dict]:
             labels = batch["input_ids"].clone()
             labels[batch["attention_mask"] == 0] = -100
         else:
-            if args.label_column not in chunk[0]:
-                raise SystemExit(f"--data {args.data} has no label column {args.label_column!r} (--label-column)")
-            labels = torch.tensor([_label_id(r[args.label_column], model) for r in chunk])
+            labels = torch.tensor([_label(r[args.label_column], model) for r in chunk])
         batch["labels"] = labels
         batches.append(batch)
     return batches
@@ -130,16 +164,22 @@ def _measure(args: argparse.Namespace) -> int:
         check_measures(measures)
     except ValueError as e:
         raise SystemExit(str(e)) from None
+    for name in ("batch_size", "max_examples", "probes", "trace_probes"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} {getattr(args, name)} must be at least 1")
     model = _load(args.model, args.task)
     tokenizer = transformers.AutoTokenizer.from_pretrained(args.model)
     batches = _batches(args, model, tokenizer)
-    values = measure_batches(
-        model, batches, measures, layer=args.layer, probes=args.probes, trace_probes=args.trace_probes, rho=args.rho,
-        log=lambda message: print(message, file=sys.stderr, flush=True),
-    )  # fmt: skip
+    try:
+        values = measure_batches(
+            model, batches, measures, layer=args.layer, probes=args.probes, trace_probes=args.trace_probes,
+            rho=args.rho, log=lambda message: print(message, file=sys.stderr, flush=True),
+        )  # fmt: skip
+    except ValueError as error:  # fam_hf's refusals name the problem and the fix: no traceback
+        raise SystemExit(f"fam-hf measure: {error}") from None
     summary = {}
     print(f"{type(model).__name__} on {sum(len(b['labels']) for b in batches)} examples in {len(batches)} batches")
-    print(f"{'measure':<16} {'mean':>12} {'± s.e.':>10}")
+    print(f"{'measure':<16} {'mean':>12} {'± s.e.':>10}  (s.e. over the batches: their spread and the probes')")
     for name, vals in values.items():
         mean = sum(vals) / len(vals)
         sem = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1) / len(vals)) if len(vals) > 1 else None

@@ -99,6 +99,11 @@ def test_compute_restores_the_model_mode_and_leaves_weights_and_grads_alone():
         model.train(mode)
         metrics = callback.compute(model)
         assert model.training is mode and all(m.training is mode for m in model.modules())
+    model.train()
+    model.bert.embeddings.eval()  # mixed modes (a frozen part kept in eval) come back as they were, module by module
+    callback.compute(model)
+    assert not any(m.training for m in model.bert.embeddings.modules())
+    assert model.training and model.classifier.training and all(m.training for m in model.bert.encoder.modules())
     assert metrics["flatness/gap"] == 0.0
     assert all(p.grad is None for p in model.parameters())
     for name, p in model.named_parameters():
@@ -183,7 +188,29 @@ def test_errors_name_the_fix():
     batch = {"input_ids": torch.zeros(1, 2, dtype=torch.long), "labels": torch.zeros(1, dtype=torch.long)}
     with pytest.raises(ValueError, match="unknown measure.*'curvature'.*choose from"):
         FlatnessCallback(batch, measures=["kappa", "curvature"])
+    with pytest.raises(TypeError, match="'input_ids' is a list, not a tensor: pass a collated batch"):
+        FlatnessCallback({"input_ids": [[1, 2]], "labels": [0]})  # dataset[:8], not collated
     callback = FlatnessCallback(batch)
     state = type("State", (), {"is_world_process_zero": True, "global_step": 1})()
     with pytest.raises(RuntimeError, match="attach"):
         callback.on_evaluate(None, state, None, model=bert())
+
+
+def test_each_run_and_an_evaluation_after_training_are_measured(tmp_path):
+    """The step already measured is remembered within a run only: a second train() (a hyperparameter-search trial)
+    measures its own steps, and evaluate() after training (of the best model, say) measures at the last step too."""
+    model, data = bert(), cls_data(16)
+    args = TrainingArguments(output_dir=str(tmp_path), **{**COMMON, "max_steps": 2, "per_device_train_batch_size": 8})
+    trainer = Trainer(model=model, args=args, train_dataset=data, eval_dataset=data)
+    callback = FlatnessCallback(collate(trainer, data), measures=["kappa"], every_n_steps=2, probes=2)
+    trainer.add_callback(callback.attach(trainer))
+    trainer.train()
+    trainer.train()
+    measured = [h["step"] for h in trainer.state.log_history if "flatness/train/kappa" in h]
+    assert measured == [2]  # the second run's log_history starts afresh: its own step 2
+    with torch.no_grad():
+        model.classifier.weight.mul_(2)  # other weights at the same step
+    trainer.evaluate()
+    last = [h for h in trainer.state.log_history if "flatness/train/kappa" in h]
+    assert [h["step"] for h in last] == [2, 2]
+    assert last[1]["flatness/train/kappa"] != pytest.approx(last[0]["flatness/train/kappa"])

@@ -1,3 +1,5 @@
+import shutil
+
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
@@ -103,12 +105,71 @@ def test_measure_prints_a_table_and_writes_json(tmp_path, capsys):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from fam_hf import relative_flatness
+    from fam_hf.measures import hessian_trace
 
     model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "model").eval()
-    batch = dict(AutoTokenizer.from_pretrained(tmp_path / "model")(texts[:4], padding=True, return_tensors="pt"))
-    batch.pop("token_type_ids", None)
-    batch["labels"] = torch.tensor([0, 2, 1, 0])  # neg, pos, 1, neg
-    kappa = relative_flatness(model, batch, generator=torch.Generator().manual_seed(0))
-    assert report["measures"]["kappa"]["per_batch"][0] == pytest.approx(float(kappa.value), rel=1e-6)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "model")
+    # 6 rows at --batch-size 4: two batches of 3 (sizes within a row of each other), each with its own probes
+    for index, (rows, labels) in enumerate(((texts[:3], [0, 2, 1]), (texts[3:], [0, 2, 1]))):
+        batch = dict(tokenizer(rows, padding=True, return_tensors="pt"))
+        batch.pop("token_type_ids", None)
+        batch["labels"] = torch.tensor(labels)  # neg, pos, 1
+        trace = hessian_trace(model, batch, "auto", probes=64, generator=torch.Generator().manual_seed(index))
+        assert report["measures"]["hessian_trace"]["per_batch"][index] == pytest.approx(float(trace.value), rel=1e-5)
+    kappa = relative_flatness(model, batch, generator=torch.Generator().manual_seed(1))
+    assert report["measures"]["kappa"]["per_batch"][1] == pytest.approx(float(kappa.value), rel=1e-6)
     with pytest.raises(SystemExit, match="unknown measure"):
         main([*argv, "--measures", "kappa,curvature"])
+
+
+def copy_tokenizer(source, folder):
+    for path in source.iterdir():
+        if path.name not in ("config.json", "model.safetensors"):
+            shutil.copy(path, folder / path.name)
+
+
+def test_measure_reads_regression_and_multi_label_targets_and_refuses_bad_input(tmp_path):
+    import json
+
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, BertModel
+
+    save_tiny_classifier(tmp_path / "model")
+    texts = ["good film", "bad plot", "very good", "not a good film"]
+    for problem_type, labels in (("regression", [0.3, 0.55, 1.2, 2.55]), ("multi_label_classification",
+                                                                           [[1, 0, 1], [0, 1, 0], [0, 0, 1], [1, 1, 0]])):  # fmt: skip
+        folder = tmp_path / problem_type
+        config = AutoConfig.from_pretrained(tmp_path / "model")
+        config.num_labels, config.problem_type = (1 if problem_type == "regression" else 3), problem_type
+        torch.manual_seed(0)
+        model = AutoModelForSequenceClassification.from_config(config)
+        model.save_pretrained(folder)
+        copy_tokenizer(tmp_path / "model", folder)
+        data = tmp_path / f"{problem_type}.json"  # a JSON array of objects
+        data.write_text(json.dumps([{"text": t, "label": y} for t, y in zip(texts, labels)]))
+        out = tmp_path / f"{problem_type}-out.json"
+        assert main(["measure", "--model", str(folder), "--data", str(data), "--measures", "kappa", "--json",
+                     str(out)]) == 0  # fmt: skip
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        batch = dict(tokenizer(texts, padding=True, return_tensors="pt"))
+        batch.pop("token_type_ids", None)
+        batch["labels"] = torch.tensor(labels, dtype=torch.float32)
+        with torch.no_grad():
+            loss = model.eval()(**batch).loss  # regression targets not rounded to integers
+        assert json.loads(out.read_text())["measures"]["loss"]["mean"] == pytest.approx(float(loss), rel=1e-6)
+    argv = ["measure", "--model", str(tmp_path / "model"), "--measures", "kappa"]
+    with pytest.raises(SystemExit, match="no such file"):
+        main([*argv, "--data", str(tmp_path / "missing.jsonl")])
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"text": "good film", "label": 0}\n{"text": "bad plot"}\n')
+    with pytest.raises(SystemExit, match="1 row\\(s\\) have no label column 'label' .*the first is row 1"):
+        main([*argv, "--data", str(rows)])
+    with pytest.raises(SystemExit, match="--batch-size 0 must be at least 1"):
+        main([*argv, "--data", str(rows), "--batch-size", "0"])
+    rows.write_text('{"text": "good film", "label": 0}\n{"text": "bad plot", "label": 2}\n')
+    with pytest.raises(SystemExit, match="fam-hf measure: unknown layer 'nope'"):
+        main([*argv, "--data", str(rows), "--layer", "nope"])
+    headless = tmp_path / "headless"
+    BertModel(AutoModelForSequenceClassification.from_pretrained(tmp_path / "model").config).save_pretrained(headless)
+    copy_tokenizer(tmp_path / "model", headless)
+    with pytest.raises(SystemExit, match="loads as BertModel, which has no head .*--task sequence-classification"):
+        main(["measure", "--model", str(headless), "--data", str(rows), "--measures", "kappa"])
