@@ -41,8 +41,9 @@ __all__ = ["PerturbedLayers", "cosine_sigma", "noise_seed", "perturbed_layers", 
 
 
 def cosine_sigma(sigma: float, step: int, total_steps: int) -> float:
-    """Flat-LoRA's schedule: ``σ_t = σ · (1 − cos(π t / T)) / 2``, from 0 at the first step to σ at the last
-    (``T = total_steps``; ``t ≥ T`` gives σ)."""
+    """Flat-LoRA's schedule: ``σ_t = σ · (1 − cos(π t / T)) / 2``, from 0 at the first step (``t = 0``) towards σ,
+    reached at ``t = T = total_steps`` (``t ≥ T`` gives σ); the last trained step, ``t = T − 1``, has
+    ``σ · (1 + cos(π / T)) / 2``, within a relative ``(π / T)² / 4`` of σ (half of it for ``T = 2``)."""
     if total_steps <= 0:
         return sigma
     return sigma * (1 - math.cos(math.pi * min(step, total_steps) / total_steps)) / 2
