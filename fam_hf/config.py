@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-from .options import ESTIMATORS, HESSIAN_GRADS, SCALES, EstimatorName, HessianGrad, Scale, check_choice
+from .options import ESTIMATORS, HESSIAN_GRADS, SCALES, EstimatorName, HessianGrad, Scale, check_choice, check_types
 
 
 @dataclass
@@ -107,7 +107,9 @@ class FAMFields:
         self.check_fam_fields()
 
     def check_fam_fields(self) -> None:
-        """Raise ValueError naming the field and its allowed values when a ``fam_*`` value is out of range."""
+        """Raise ValueError naming the field and its allowed values when a ``fam_*`` value is out of range
+        (TypeError: of the wrong type)."""
+        check_types(self, numbers=("fam_lambda", "fam_lambda_relative", "fam_token_fraction"), seeds=("fam_seed",))
         if not math.isfinite(self.fam_lambda):
             raise ValueError(f"fam_lambda={self.fam_lambda} is not a finite number; the penalty weight must be ≥ 0")
         if self.fam_lambda < 0:

@@ -8,6 +8,8 @@ from typing import Literal, get_args
 
 from transformers import TrainingArguments
 
+from .options import check_types
+
 FlatLoRASchedule = Literal["cosine", "constant"]
 
 
@@ -48,7 +50,9 @@ class FlatLoRAFields:
         self.check_flat_lora_fields()
 
     def check_flat_lora_fields(self) -> None:
-        """Raise ValueError naming the field when a ``flat_lora_*`` value is out of range."""
+        """Raise ValueError naming the field when a ``flat_lora_*`` value is out of range (TypeError: of the wrong
+        type)."""
+        check_types(self, numbers=("flat_lora_sigma",), seeds=("flat_lora_seed",))
         if not (math.isfinite(self.flat_lora_sigma) and self.flat_lora_sigma > 0):
             raise ValueError(
                 f"flat_lora_sigma={self.flat_lora_sigma} must be a finite number > 0 (the relative noise scale; the "

@@ -73,12 +73,30 @@ class FlatLoRAMixin(HubCardMixin):
         self.args.check_flat_lora_fields()
         _check_sharding(self)
         fix_sequence_classifier_loss(self)
-        self.flat_lora = PerturbedLayers(perturbed_layers(self.model))
+        self._flat_lora_setup(self.model)
+
+    def _flat_lora_setup(self, model: nn.Module) -> None:
+        """The perturbed layers of ``model`` and the noise seed, from ``self.args``: at construction, and again when
+        ``train()`` builds a new model from ``model_init`` (each hyperparameter-search trial with its settings)."""
+        self.flat_lora = PerturbedLayers(perturbed_layers(model))
         self.flat_lora_noise_seed = self.args.seed if self.args.flat_lora_seed is None else self.args.flat_lora_seed
         logger.info(
             "Flat-LoRA: σ=%g (%s) on %d layers", self.args.flat_lora_sigma, self.args.flat_lora_schedule,
             len(self.flat_lora.layers),
         )  # fmt: skip
+
+    def call_model_init(self, trial=None) -> nn.Module:
+        model = super().call_model_init(trial)
+        if getattr(self, "flat_lora", None) is not None:  # train() re-creating the model: the noise follows it
+            self._flat_lora_setup(model)
+        return model
+
+    def _hp_search_setup(self, trial) -> None:
+        # Trainer.train sets a trial's hyperparameters after building its model: σ, the schedule, the seed follow
+        super()._hp_search_setup(trial)
+        if trial is not None and self.hp_search_backend is not None:
+            self.args.check_flat_lora_fields()
+            self._flat_lora_setup(self.model)
 
     def flat_lora_layer_names(self) -> list[str]:
         """The names of the layers whose output gets ``ε φ`` (the model card lists them)."""

@@ -24,3 +24,23 @@ def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     """Raise ValueError naming the option and its allowed values when ``value`` is not one of ``choices``."""
     if value not in choices:
         raise ValueError(f"{name}={value!r} is not one of {', '.join(map(repr, choices))}")
+
+
+def check_types(fields: object, numbers: tuple[str, ...] = (), flags: tuple[str, ...] = (),
+                seeds: tuple[str, ...] = ()) -> None:  # fmt: skip
+    """Raise TypeError naming the field when a config value has the wrong type: ``numbers`` int or float (None
+    allowed where the default is None), ``flags`` bool, ``seeds`` int or None. ``bool`` is not a number here, and a
+    string is never coerced: ``"false"`` would be true, and YAML reads ``5e-2`` (no dot) as a string."""
+    for name in numbers:
+        value = getattr(fields, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            hint = " (YAML reads 5e-2 as a string: write 5.0e-2 or 0.05)" if isinstance(value, str) else ""
+            raise TypeError(f"{name}={value!r} must be a number, not {type(value).__name__}{hint}")
+    for name in flags:
+        value = getattr(fields, name)
+        if not isinstance(value, bool):
+            raise TypeError(f"{name}={value!r} must be true or false, not {type(value).__name__}")
+    for name in seeds:
+        value = getattr(fields, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise TypeError(f"{name}={value!r} must be a whole number (or None), not {type(value).__name__}")

@@ -102,6 +102,11 @@ def perturbed_layers(model: nn.Module) -> list[Layer]:
     for name in candidate_layers(base):
         module = modules[name]
         layer = Layer(name=name, module=module, kind=layer_type(module).kind, is_output_head=False)
+        if layer.kind == "lora" and any(module.use_dora.get(a, False) for a in module.active_adapters):
+            raise ValueError(
+                f"'{name}' is a DoRA layer (its weight is normalised per column, not W0 + s·B·A), which Flat-LoRA "
+                "does not perturb; use plain LoRA (LoraConfig(use_dora=False))"
+            )
         if layer.kind == "lora" or layer.weight().requires_grad:
             layers.append(layer)
     if not layers:

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
+from .options import check_types
+
 
 @dataclass
 class SAMFields:
@@ -44,7 +46,8 @@ class SAMFields:
         self.check_sam_fields()
 
     def check_sam_fields(self) -> None:
-        """Raise ValueError naming the field when a ``sam_*`` value is out of range."""
+        """Raise ValueError naming the field when a ``sam_*`` value is out of range (TypeError: of the wrong type)."""
+        check_types(self, numbers=("sam_rho", "sam_eta"), flags=("sam_adaptive",))
         if not (math.isfinite(self.sam_rho) and self.sam_rho > 0):
             raise ValueError(
                 f"sam_rho={self.sam_rho} must be a finite number > 0 (the perturbation radius; SAM's default is "

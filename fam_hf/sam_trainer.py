@@ -113,6 +113,12 @@ class SAMMixin(HubCardMixin):
 
     default_output_dir = staticmethod(trainer_output_dir)  # where args=None trains: Trainer's
 
+    def _inner_training_loop(self, *args: Any, **kwargs: Any):
+        # A (re)started loop (auto_find_batch_size's retry after an out-of-memory error, a train() after an
+        # exception) starts its step afresh: the kept micro-batches of an interrupted step are not replayed.
+        self._sam_kept, self._sam_kept_step = [], -1
+        return super()._inner_training_loop(*args, **kwargs)
+
     # -- one step ---------------------------------------------------------------------------------------
 
     def training_step(

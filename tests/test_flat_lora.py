@@ -3,6 +3,7 @@ after a step against the unperturbed ones plus the optimizer's update, bit for b
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 
@@ -214,6 +215,31 @@ def test_config_and_model_errors_name_the_fix(tmp_path):
     frozen = gpt2().requires_grad_(False)
     with pytest.raises(ValueError, match="found no trainable linear layer .* in GPT2LMHeadModel"):
         perturbed_layers(frozen)
+    for field, value, message in (("flat_lora_sigma", "5e-2", "must be a number, not str .*write 5.0e-2"),
+                                  ("flat_lora_sigma", True, "must be a number, not bool"),
+                                  ("flat_lora_seed", 1.5, "must be a whole number")):  # fmt: skip
+        with pytest.raises(TypeError, match=f"{field}=.* {message}"):
+            FlatLoRAConfig(output_dir=str(tmp_path), **{field: value})
+    dora = get_peft_model(gpt2(), LoraConfig(**{**LORA, "use_dora": True}))
+    with pytest.raises(ValueError, match="'.*c_attn' is a DoRA layer .* use plain LoRA"):  # at construction, not step 1
+        FlatLoRATrainer(model=dora, args=FlatLoRAConfig(output_dir=str(tmp_path), report_to=[]))
+
+
+def test_model_init_builds_the_model_that_gets_the_noise(tmp_path):
+    """train() builds a new model from model_init (each hyperparameter-search trial too): the noise hooks follow it,
+    so the run equals one handed that model directly."""
+    data = lm_data(16)
+    kw = dict(max_steps=2, per_device_train_batch_size=8, flat_lora_schedule="constant", flat_lora_sigma=0.5)
+    template = lora_64()  # copied, so that building the model draws nothing from the RNG the data order uses
+    direct = flat_trainer(copy.deepcopy(template), data, tmp_path / "direct", cls=FlatLoRATrainer, **kw)
+    direct.train()
+    args = FlatLoRAConfig(output_dir=str(tmp_path / "init"), **{**COMMON, **kw})
+    built = FlatLoRATrainer(model_init=lambda: copy.deepcopy(template), args=args, train_dataset=data)
+    built.train()
+    assert built.flat_lora.layers[0].module in list(built.model.modules())
+    trained = params(built.model)
+    for name, value in params(direct.model).items():
+        torch.testing.assert_close(trained[name], value, rtol=0, atol=0, msg=name)
 
 
 def test_fsdp1_and_zero3_are_refused_naming_the_fix():

@@ -261,6 +261,30 @@ def test_config_errors_name_the_fix(tmp_path):
         SAMTrainer(model=gpt2(), args=Seq2SeqTrainingArguments(output_dir=str(tmp_path), report_to=[]))
     with pytest.raises(ValueError, match="updates the weights inside backward"):
         sam_trainer(gpt2(), lm_data(), tmp_path, optim="lomo")
+    for field, value, message in (("sam_adaptive", "false", "must be true or false, not str"),
+                                  ("sam_rho", "5e-2", "must be a number, not str .*write 5.0e-2"),
+                                  ("sam_rho", True, "must be a number, not bool")):  # fmt: skip
+        with pytest.raises(TypeError, match=f"{field}=.* {message}"):
+            SAMConfig(output_dir=str(tmp_path), **{field: value})
+
+
+def test_a_restarted_training_loop_does_not_replay_an_interrupted_step(tmp_path):
+    """auto_find_batch_size retries the loop after an out-of-memory error at the same global step (and a train()
+    after an exception starts at it too): the micro-batches the interrupted step kept must not enter the new step's
+    second pass."""
+    runs = {}
+    for interrupted in (False, True):
+        model = gpt2_64()
+        trainer = sam_trainer(model, lm_data(32), tmp_path / str(interrupted), max_steps=2,
+                              per_device_train_batch_size=8, gradient_accumulation_steps=2, sam_rho=0.1)  # fmt: skip
+        if interrupted:  # what an out-of-memory error on the step's second micro-batch leaves behind
+            stale = {k: v[:4] for k, v in trainer.data_collator([trainer.train_dataset[i] for i in range(8)]).items()}
+            trainer._sam_kept, trainer._sam_kept_step = [(stale, torch.tensor(3.0))], 0
+        trainer.train()
+        runs[interrupted] = params(model), sam_logs(trainer)
+    for name, value in runs[False][0].items():
+        torch.testing.assert_close(runs[True][0][name], value, rtol=0, atol=0, msg=name)
+    assert [h["sam/sharpness"] for h in runs[True][1]] == [h["sam/sharpness"] for h in runs[False][1]]
 
 
 @pytest.fixture(scope="module")
