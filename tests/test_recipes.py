@@ -258,6 +258,22 @@ def test_a_non_empty_output_dir_is_not_overwritten(tmp_path, tiny_bert):
     assert (tmp_path / "out" / "model.safetensors").read_text() == "earlier run"
 
 
+def test_overwrite_output_removes_the_earlier_runs_model_and_adapter(tmp_path):
+    """A full fine-tune written over a LoRA run writes no adapter: the old one, left beside the new weights, would be
+    loaded (and pushed) with them."""
+    from kit import check_output_dir
+
+    out = tmp_path / "out"
+    (out / "checkpoint-2").mkdir(parents=True)
+    for name in ("adapter_config.json", "adapter_model.safetensors", "metrics.json", "README.md", "notes.txt"):
+        (out / name).write_text("earlier run")
+    assert check_output_dir(str(out), overwrite=False, resuming=True) == []  # a resumed run keeps everything
+    removed = check_output_dir(str(out), overwrite=True)
+    assert sorted(Path(p).name for p in removed) == ["README.md", "adapter_config.json", "adapter_model.safetensors",
+                                                     "metrics.json"]  # fmt: skip
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-2", "notes.txt"]  # the user's own files stay
+
+
 # -- configs: the recipes' parser (recipes/kit/config.py), then the shipped files ------------------------
 
 

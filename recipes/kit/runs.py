@@ -8,16 +8,20 @@ the printed summary. ``study/run.py`` trains its baselines with :func:`as_config
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, fields
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from fam_hf import FAMConfig
 from fam_hf.model_card import resolved_fam_settings
+
+logger = logging.getLogger(__name__)
 
 KAPPA_SPLITS = ("train", "test")  # κ is reported on fixed batches of these splits
 
@@ -27,7 +31,7 @@ def start_run(script, args: FAMConfig) -> None:
     initialised before ``Trainer`` seeds (a new classifier head, LoRA matrices) with ``args.seed``."""
     from transformers import set_seed
 
-    check_output_dir(args.output_dir, script.overwrite_output or args.resume_from_checkpoint is not None)
+    check_output_dir(args.output_dir, script.overwrite_output, resuming=args.resume_from_checkpoint is not None)
     set_seed(args.seed)
 
 
@@ -166,12 +170,31 @@ def fam_settings(trainer, script, args: FAMConfig | None = None) -> dict:
     return {"fam": resolved_fam_settings(trainer, args), "script": asdict(script)}
 
 
-def check_output_dir(output_dir: str, overwrite: bool) -> None:
-    if os.path.isdir(output_dir) and os.listdir(output_dir) and not overwrite:
+# An earlier run's outputs that this run may not write again (a full fine-tune after a LoRA one writes no adapter):
+# left in place, `from_pretrained` and a push would take them with this run's.
+PREVIOUS_RUN_FILES = (
+    "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "model.safetensors",
+    "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json", "model-*-of-*.safetensors",
+    "pytorch_model-*-of-*.bin", "metrics.json", "fam_config.json", "trainer_state.json", "README.md",
+)  # fmt: skip
+
+
+def check_output_dir(output_dir: str, overwrite: bool, resuming: bool = False) -> list[str]:
+    """Refuse a non-empty ``output_dir`` unless ``overwrite`` (then the earlier run's model, adapter, metrics and
+    card are removed first, and their names returned) or ``resuming`` (a checkpoint in it is continued)."""
+    if not os.path.isdir(output_dir) or not os.listdir(output_dir) or resuming:
+        return []
+    if not overwrite:
         raise FileExistsError(
             f"output_dir '{output_dir}' is not empty (an earlier run?); choose another --output_dir, or pass "
             "--overwrite_output true to write into it (or --resume_from_checkpoint to continue it)"
         )
+    removed = sorted({str(p) for pattern in PREVIOUS_RUN_FILES for p in Path(output_dir).glob(pattern) if p.is_file()})
+    for path in removed:
+        Path(path).unlink(missing_ok=True)  # every rank may get here: the first one removes it
+    if removed:
+        logger.info("--overwrite_output: removed the earlier run's %s", ", ".join(Path(p).name for p in removed))
+    return removed
 
 
 def write_json(folder: str, name: str, values: dict) -> None:
