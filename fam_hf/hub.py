@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
 from huggingface_hub import HfApi
 from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
-from .model_card import CARD_NAME, card_facts, mask_tokens, model_card, run_card_facts
+from .model_card import CARD_NAME, FOLDER_PLACEHOLDER, card_facts, mask_tokens, model_card, run_card_facts
 
 logger = logging.getLogger(__name__)
 
@@ -47,18 +48,26 @@ def publish_run(run_dir: str | os.PathLike, repo_id: str, *, private: bool | Non
             f"'{run_dir}' holds no saved model ({', '.join(MODEL_FILES)}); pass the output_dir of a finished run "
             "(trainer.save_model() writes them)"
         )
-    if not (folder / CARD_NAME).is_file():
-        model_card(run_card_facts(folder, repo_id), secrets=(token,)).save(folder / CARD_NAME)
+    if not (folder / CARD_NAME).is_file():  # written for no repository in particular: it stays in the folder
+        model_card(run_card_facts(folder), secrets=(token,)).save(folder / CARD_NAME)
+    # the card the repository gets says how to load the model from it (a recipe's card names no repository)
+    card = (folder / CARD_NAME).read_text().replace(f'"{FOLDER_PLACEHOLDER}"', f'"{repo_id}"')
     api = HfApi(token=token)
+    message = commit_message or f"Upload FAM run {folder.resolve().name}"
     try:
         url = api.create_repo(repo_id, private=private, exist_ok=True)
-        info = api.upload_folder(
-            repo_id=url.repo_id,
-            folder_path=folder,
-            commit_message=commit_message or f"Upload FAM run {folder.resolve().name}",
-            revision=revision,
-            ignore_patterns=list(IGNORE_PATTERNS),
-        )
+        if private and not api.repo_info(url.repo_id).private:
+            raise HubPushError(
+                f"{url.repo_id} exists and is public, and --private sets only a new repository's visibility: "
+                "nothing was uploaded. Make it private on the Hub (Settings) or with HfApi().update_repo_settings("
+                f"'{url.repo_id}', private=True), then publish again (or publish to another --repo-id)"
+            )
+        api.upload_folder(repo_id=url.repo_id, folder_path=folder, commit_message=message, revision=revision,
+                          ignore_patterns=[*IGNORE_PATTERNS, CARD_NAME])  # fmt: skip
+        info = api.upload_file(path_or_fileobj=card.encode(), path_in_repo=CARD_NAME, repo_id=url.repo_id,
+                               revision=revision, commit_message=f"{message}: model card")  # fmt: skip
+    except HubPushError:
+        raise
     except Exception as error:
         message = push_failure_message(error, repo_id=repo_id, endpoint=api.endpoint, local_dir=str(folder))
         raise HubPushError(mask_tokens(message, (token,))) from error
@@ -103,6 +112,10 @@ class HubCardMixin:
             given = dict(language=language, license=license, tags=tags, model_name=model_name, tasks=tasks,
                          finetuned_from=finetuned_from, dataset_tags=dataset_tags, dataset=dataset)  # fmt: skip
             self._write_card(self.args.output_dir, **{k: v for k, v in given.items() if v is not None})
+
+    def train(self, *args: Any, **kwargs: Any):
+        self._card_run_start = time.time()  # the card reads only the run files written since (card_facts)
+        return super().train(*args, **kwargs)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         # Trainer.save_model, with the model card written beside the weights (main process) before any push.

@@ -206,7 +206,8 @@ def card_facts(trainer, *, model_name=None, finetuned_from=None, tasks=None, dat
     ``output_dir`` when present. The keyword arguments are ``Trainer.create_model_card``'s."""
     from transformers.modelcard import extract_hyperparameters_from_trainer
 
-    run = read_run_files(trainer.args.output_dir)
+    # the recipes' files of this run only: a checkpoint of a resumed run must not show the earlier run's metrics
+    run = read_run_files(trainer.args.output_dir, since=getattr(trainer, "_card_run_start", None))
     script = _without_tokens(run.get("fam_config", {}).get("script", {}))
     model = trainer.accelerator.unwrap_model(trainer.model)
     adapter, source = _base_model_of(model)
@@ -281,10 +282,14 @@ def run_card_facts(run_dir: str | os.PathLike, repo_id: str | None = None) -> Ca
     )
 
 
-def read_run_files(folder: str | os.PathLike) -> dict[str, dict]:
-    """``{"trainer_state": …, "metrics": …, "fam_config": …}`` for those of the files a run folder holds."""
+def read_run_files(folder: str | os.PathLike, since: float | None = None) -> dict[str, dict]:
+    """``{"trainer_state": …, "metrics": …, "fam_config": …}`` for those of the files a run folder holds, and with
+    ``since`` (a ``time.time()``) only those written since then: not an earlier run's in a reused folder."""
     names = {"trainer_state": "trainer_state.json", "metrics": "metrics.json", "fam_config": "fam_config.json"}
-    found = {key: _read_json(Path(folder) / name) for key, name in names.items()}
+    paths = {key: Path(folder) / name for key, name in names.items()}
+    if since is not None:
+        paths = {key: path for key, path in paths.items() if path.is_file() and path.stat().st_mtime >= since}
+    found = {key: _read_json(path) for key, path in paths.items()}
     return {key: value for key, value in found.items() if value}
 
 
@@ -588,8 +593,11 @@ def _versions() -> list[str]:
     return lines
 
 
+FOLDER_PLACEHOLDER = "path/to/this/folder"  # where a card written for no repository loads the model from
+
+
 def _usage(facts: CardFacts) -> list[str]:
-    repo = facts.repo_id or "path/to/this/folder"
+    repo = facts.repo_id or FOLDER_PLACEHOLDER
     auto = _AUTO_CLASSES.get(facts.task or "", "AutoModel")
     if facts.adapter:
         base = facts.base_model or f"path/to/{_public(facts.base_model_source) or 'the-base-model'}"

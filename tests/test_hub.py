@@ -246,6 +246,16 @@ def test_fam_hf_publish_pushes_a_finished_run_and_rebuilds_a_missing_card(tmp_pa
     assert "| train | 0.5 | 0.25 |" in card.text and "| test_accuracy | 0.75 |" in card.text
     assert "| max_length | 64 |" in card.text and (run / "README.md").is_file()
     assert no_token_in(*repo.files.values())
+    # the repository's card loads the model from it; the folder's names no repository (it may go to another)
+    assert 'from_pretrained("tester/published")' in card.text
+    assert 'from_pretrained("path/to/this/folder")' in (run / "README.md").read_text()
+    assert main(["publish", str(run), "--repo-id", "tester/other", "--token-env", "MY_HUB_TOKEN"]) == 0
+    assert 'from_pretrained("tester/other")' in hub.repos["tester/other"].files["README.md"].decode()
+    # --private cannot hide a public repository that exists: refused before anything is uploaded
+    commits = len(hub.repos["tester/other"].commits)
+    with pytest.raises(SystemExit, match="tester/other exists and is public.*nothing was uploaded"):
+        main(["publish", str(run), "--repo-id", "tester/other", "--private", "--token-env", "MY_HUB_TOKEN"])
+    assert len(hub.repos["tester/other"].commits) == commits and not hub.repos["tester/other"].private
 
 
 def test_fam_hf_publish_errors_name_the_fix(tmp_path, monkeypatch):
@@ -383,3 +393,20 @@ def test_a_sam_or_flat_lora_run_folder_without_a_card_gets_its_own_method_s_card
             assert card.data.sam["rho"] == 0.07 and "sharpness-aware-minimization" in card.data.tags
         else:
             assert "flat-lora" in card.data.tags and card.data.flat_lora["sigma_t"] > 0
+
+
+def test_a_card_written_during_training_leaves_out_an_earlier_runs_files(tmp_path):
+    """A resumed or repeated run in the same output_dir: the recipes' metrics.json there is the earlier run's until
+    this one writes its own, so a checkpoint's card must not show it; once written, the final card does."""
+    import os
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.json").write_text('{"test_accuracy": 0.123}')
+    os.utime(run / "metrics.json", (1_000_000_000, 1_000_000_000))  # written long before this run started
+    trainer = tiny_trainer(run, save_strategy="steps", save_steps=2)
+    trainer.train()
+    assert "0.123" not in (run / "checkpoint-2" / "README.md").read_text()
+    (run / "metrics.json").write_text('{"test_accuracy": 0.456}')  # this run's, as a recipe writes it at the end
+    trainer.save_model()
+    assert "| test_accuracy | 0.456 |" in (run / "README.md").read_text()
