@@ -45,6 +45,8 @@ ALIAS_HUB_IDS = {
     "minilm-l6": "sentence-transformers/all-MiniLM-L6-v2",
     "smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct",
 }
+# Aliases whose weights differ from their Hub model's (de-quantized): an adapter applies to the alias's weights.
+DEQUANTIZED_ALIASES = ("smollm2-135m",)
 
 CITATION = """\
 @inproceedings{petzka2021relative,
@@ -556,6 +558,9 @@ def _what(facts: CardFacts) -> str:
     """The card's opening words: what was fine-tuned from what, on which data."""
     if facts.base_model:
         alias = f" (the `fam_hf` alias `{facts.base_model_source}`)" if facts.base_model_source in ALIAS_HUB_IDS else ""
+        if facts.base_model_source in DEQUANTIZED_ALIASES:
+            alias = (f" (the `fam_hf` alias `{facts.base_model_source}`: its weights de-quantized from the Q4_1 GGUF, "
+                     "not the Hub's own, and trained and evaluated on those)")  # fmt: skip
         base = f" [{facts.base_model}](https://huggingface.co/{facts.base_model}){alias}"
     else:  # a local folder: its name only, no local path in a public card
         base = f" a local model (`{Path(facts.base_model_source).name}`)" if facts.base_model_source else ""
@@ -601,13 +606,12 @@ def _usage(facts: CardFacts) -> list[str]:
     auto = _AUTO_CLASSES.get(facts.task or "", "AutoModel")
     if facts.adapter:
         base = facts.base_model or f"path/to/{_public(facts.base_model_source) or 'the-base-model'}"
-        code = [
-            "from peft import PeftModel",
-            f"from transformers import {auto}",
-            "",
-            f'base = {auto}.from_pretrained("{base}")',
-            f'model = PeftModel.from_pretrained(base, "{repo}")',
-        ]
+        imports = ["from peft import PeftModel", f"from transformers import {auto}"]
+        load = f'base = {auto}.from_pretrained("{base}")'
+        if facts.base_model_source in DEQUANTIZED_ALIASES:  # the weights it was trained on, not the Hub's
+            imports.append("from fam_hf.assets import model_path  # the packaged base weights it was trained on")
+            load = f'base = {auto}.from_pretrained(model_path("{facts.base_model_source}"))'
+        code = [*imports, "", load, f'model = PeftModel.from_pretrained(base, "{repo}")']
     else:
         code = [f"from transformers import {auto}", "", f'model = {auto}.from_pretrained("{repo}")']
     return ["```python", *code, "```"]

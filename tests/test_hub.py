@@ -410,3 +410,18 @@ def test_a_card_written_during_training_leaves_out_an_earlier_runs_files(tmp_pat
     (run / "metrics.json").write_text('{"test_accuracy": 0.456}')  # this run's, as a recipe writes it at the end
     trainer.save_model()
     assert "| test_accuracy | 0.456 |" in (run / "README.md").read_text()
+
+
+def test_an_adapter_of_the_packaged_smollm2_loads_the_weights_it_was_trained_on():
+    """The smollm2-135m alias is de-quantized from a Q4_1 GGUF: its weights are not the Hub model's, so the card
+    names the Hub model it derives from but loads (and says it was trained on) the packaged weights."""
+    from fam_hf.model_card import CardFacts, model_card
+
+    facts = CardFacts(model_name="x", base_model="HuggingFaceTB/SmolLM2-135M-Instruct", base_model_source="smollm2-135m",
+                      task="text-generation", adapter="LORA", repo_id="you/x")  # fmt: skip
+    text = model_card(facts).text
+    assert 'base = AutoModelForCausalLM.from_pretrained(model_path("smollm2-135m"))' in text
+    assert "de-quantized from the Q4_1 GGUF, not the Hub's own" in text
+    minilm = CardFacts(model_name="y", base_model="sentence-transformers/all-MiniLM-L6-v2", base_model_source="minilm-l6",
+                       task="text-classification", adapter="LORA", repo_id="you/y")  # fmt: skip
+    assert 'from_pretrained("sentence-transformers/all-MiniLM-L6-v2")' in model_card(minilm).text
