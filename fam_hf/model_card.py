@@ -536,7 +536,7 @@ def _common_sections(facts: CardFacts, citation: str) -> list[str]:
     """Evaluation, training procedure, framework versions, usage and citation: the same for every method."""
     metrics, lines = facts.metrics, []
     shown = {k: v for k, v in sorted(metrics.items()) if _is_metric(k) and not _FIXED_BATCHES.fullmatch(k)}
-    shown = {k: v for k, v in shown.items() if not k.startswith("train_")}  # evaluation only
+    shown = {k: v for k, v in shown.items() if not k.startswith(("train_", "fam/", "sam/", "flat_lora/"))}  # evaluation only
     lines += ["## Evaluation", ""]
     lines += (
         [*_table(("metric", "value"), shown.items()), ""] if shown else ["No evaluation metrics were recorded.", ""]

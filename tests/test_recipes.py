@@ -238,6 +238,8 @@ def test_text_column_that_does_not_exist(tmp_path, tiny_bert):
         ("--dataset", "rotten", ValueError, r"unknown data set 'rotten': did you mean 'rotten-tomatoes'"),
         ("--dataset", "data/reviews.csv", FileNotFoundError, r"data set 'data/reviews.csv' does not exist"),
         ("--model_name_or_path", "./models/mine", FileNotFoundError, r"model './models/mine' does not exist"),
+        ("--kappa_batches", "0", ValueError, r"--kappa_batches 0 must be at least 1"),
+        ("--resume_from_checkpoint", "true", ValueError, r"name the checkpoint folder, e.g\. --resume_from_checkp"),
     ],
 )
 def test_unknown_alias_or_missing_file(tmp_path, tiny_bert, option, value, error, pattern):

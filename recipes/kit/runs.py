@@ -31,6 +31,14 @@ def start_run(script, args: FAMConfig) -> None:
     initialised before ``Trainer`` seeds (a new classifier head, LoRA matrices) with ``args.seed``."""
     from transformers import set_seed
 
+    for name in ("kappa_batches", "kappa_probes"):
+        if getattr(script, name, 1) < 1:
+            raise ValueError(f"--{name} {getattr(script, name)} must be at least 1 (κ is reported on fixed batches)")
+    if isinstance(args.resume_from_checkpoint, str) and args.resume_from_checkpoint.lower() in ("true", "false"):
+        raise ValueError(
+            f"--resume_from_checkpoint {args.resume_from_checkpoint}: name the checkpoint folder, e.g. "
+            "--resume_from_checkpoint OUTPUT_DIR/checkpoint-500"
+        )
     check_output_dir(args.output_dir, script.overwrite_output, resuming=args.resume_from_checkpoint is not None)
     set_seed(args.seed)
 
