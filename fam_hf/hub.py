@@ -62,6 +62,8 @@ def publish_run(run_dir: str | os.PathLike, repo_id: str, *, private: bool | Non
                 "nothing was uploaded. Make it private on the Hub (Settings) or with HfApi().update_repo_settings("
                 f"'{url.repo_id}', private=True), then publish again (or publish to another --repo-id)"
             )
+        if revision is not None:  # upload_folder commits to an existing branch only
+            api.create_branch(url.repo_id, branch=revision, exist_ok=True)
         api.upload_folder(repo_id=url.repo_id, folder_path=folder, commit_message=message, revision=revision,
                           ignore_patterns=[*IGNORE_PATTERNS, CARD_NAME])  # fmt: skip
         info = api.upload_file(path_or_fileobj=card.encode(), path_in_repo=CARD_NAME, repo_id=url.repo_id,

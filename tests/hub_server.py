@@ -9,6 +9,7 @@ create a repository and commit a folder (``HfApi.create_repo``, ``upload_folder`
 - ``POST /api/validate-yaml``                        → the README metadata must parse as a YAML mapping, else 400
 - ``POST /api/models/{repo}/preupload/{revision}``   → every file ``"uploadMode": "regular"`` (no LFS, no Xet)
 - ``POST /api/models/{repo}/commit/{revision}``      → ndjson: a header line, then files as base64 ``content``
+- ``POST /api/models/{repo}/branch/{branch}``         → create_branch; 409 when it exists (``exist_ok`` handles it)
 - ``GET  /api/whoami-v2``, ``GET /api/models/{repo}[/revision/{revision}]`` (repo_info), for completeness
 
 Every request is recorded (method, path, headers, body) so a test can assert what arrived, and that a token
@@ -29,6 +30,7 @@ import yaml
 
 USER = "tester"
 _REPO_OP = re.compile(r"^/api/models/(?P<repo>[^/]+/[^/]+)/(?P<op>preupload|commit)/(?P<revision>[^/]+)$")
+_BRANCH = re.compile(r"^/api/models/(?P<repo>[^/]+/[^/]+)/branch/(?P<branch>[^/]+)$")
 _REPO_INFO = re.compile(r"^/api/models/(?P<repo>[^/]+/[^/]+)(?:/revision/(?P<revision>[^/]+))?$")
 
 
@@ -45,6 +47,7 @@ class Repo:
     private: bool
     files: dict[str, bytes] = field(default_factory=dict)
     commits: list[dict] = field(default_factory=list)  # {"oid", "summary", "paths"}
+    branches: set[str] = field(default_factory=lambda: {"main"})  # create_branch's; commits take any revision
 
 
 class HubServer:
@@ -110,6 +113,16 @@ class HubServer:
                     "files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]
                 }
             return self._commit(match["repo"], repo, body)
+        match = _BRANCH.match(path)
+        if method == "POST" and match:  # create_branch: the commits below accept any revision
+            if match["repo"] not in self.repos:
+                return 404, {"error": f"Repository not found: {match['repo']}"}
+            with self._lock:
+                branches = self.repos[match["repo"]].branches
+                if match["branch"] in branches:
+                    return 409, {"error": f"Reference already exists: {match['branch']}"}
+                branches.add(match["branch"])
+            return 200, {}
         match = _REPO_INFO.match(path)
         if method == "GET" and match and match["repo"] in self.repos:
             repo = self.repos[match["repo"]]

@@ -251,6 +251,10 @@ def test_fam_hf_publish_pushes_a_finished_run_and_rebuilds_a_missing_card(tmp_pa
     assert 'from_pretrained("path/to/this/folder")' in (run / "README.md").read_text()
     assert main(["publish", str(run), "--repo-id", "tester/other", "--token-env", "MY_HUB_TOKEN"]) == 0
     assert 'from_pretrained("tester/other")' in hub.repos["tester/other"].files["README.md"].decode()
+    # a new branch is created for --revision (upload_folder alone commits to existing branches only)
+    assert main(["publish", str(run), "--repo-id", "tester/other", "--revision", "experiment", "--token-env",
+                 "MY_HUB_TOKEN"]) == 0  # fmt: skip
+    assert "experiment" in hub.repos["tester/other"].branches
     # --private cannot hide a public repository that exists: refused before anything is uploaded
     commits = len(hub.repos["tester/other"].commits)
     with pytest.raises(SystemExit, match="tester/other exists and is public.*nothing was uploaded"):

@@ -31,6 +31,11 @@ def start_run(script, args: FAMConfig) -> None:
     initialised before ``Trainer`` seeds (a new classifier head, LoRA matrices) with ``args.seed``."""
     from transformers import set_seed
 
+    if args.push_to_hub and not getattr(script, "save_model", True):
+        raise ValueError(
+            "--push_to_hub true with --save_model false would create the Hub repository and upload nothing; "
+            "save the model (--save_model true), or drop --push_to_hub"
+        )
     for name in ("kappa_batches", "kappa_probes"):
         if getattr(script, name, 1) < 1:
             raise ValueError(f"--{name} {getattr(script, name)} must be at least 1 (κ is reported on fixed batches)")
