@@ -149,6 +149,7 @@ class CardFacts:
     task: str | None = None
     adapter: str | None = None  # the PEFT method ("LORA", …) when the folder holds only an adapter
     repo_id: str | None = None
+    num_labels: int | None = None  # a classifier's, which its adapter's base must be built with
     tags: list[str] = field(default_factory=list)
     language: str | list[str] | None = None
     license: str | None = None
@@ -236,6 +237,7 @@ def card_facts(trainer, *, model_name=None, finetuned_from=None, tasks=None, dat
         task=(_listify(tasks) or [None])[0] or _task_of(type(base).__name__),
         adapter=adapter,
         repo_id=getattr(trainer, "hub_model_id", None) or trainer.args.hub_model_id,
+        num_labels=base.config.num_labels if type(base).__name__.endswith("ForSequenceClassification") else None,
         tags=_listify(tags) + list(getattr(base, "model_tags", None) or []),
         language=language,
         license=license,
@@ -607,10 +609,11 @@ def _usage(facts: CardFacts) -> list[str]:
     if facts.adapter:
         base = facts.base_model or f"path/to/{_public(facts.base_model_source) or 'the-base-model'}"
         imports = ["from peft import PeftModel", f"from transformers import {auto}"]
-        load = f'base = {auto}.from_pretrained("{base}")'
+        labels = f", num_labels={facts.num_labels}" if facts.num_labels else ""  # else a default-sized head
+        load = f'base = {auto}.from_pretrained("{base}"{labels})'
         if facts.base_model_source in DEQUANTIZED_ALIASES:  # the weights it was trained on, not the Hub's
             imports.append("from fam_hf.assets import model_path  # the packaged base weights it was trained on")
-            load = f'base = {auto}.from_pretrained(model_path("{facts.base_model_source}"))'
+            load = f'base = {auto}.from_pretrained(model_path("{facts.base_model_source}"){labels})'
         code = [*imports, "", load, f'model = PeftModel.from_pretrained(base, "{repo}")']
     else:
         code = [f"from transformers import {auto}", "", f'model = {auto}.from_pretrained("{repo}")']

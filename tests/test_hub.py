@@ -429,3 +429,5 @@ def test_an_adapter_of_the_packaged_smollm2_loads_the_weights_it_was_trained_on(
     minilm = CardFacts(model_name="y", base_model="sentence-transformers/all-MiniLM-L6-v2", base_model_source="minilm-l6",
                        task="text-classification", adapter="LORA", repo_id="you/y")  # fmt: skip
     assert 'from_pretrained("sentence-transformers/all-MiniLM-L6-v2")' in model_card(minilm).text
+    minilm.num_labels = 3  # a classifier's adapter: its base is built with the head's size, or loading fails
+    assert 'from_pretrained("sentence-transformers/all-MiniLM-L6-v2", num_labels=3)' in model_card(minilm).text
