@@ -479,12 +479,19 @@ def _body(facts: CardFacts, kappa: dict) -> list[str]:
     fam, metrics = facts.fam, facts.metrics
     layer = fam.get("resolved_layer", fam.get("fam_layer", "?"))
     trainer = fam.get("trainer", "FAMTrainer")  # the class that trained (runs before it was recorded: FAMTrainer)
+    measured_only = fam.get("fam_lambda") == 0 and fam.get("fam_lambda_relative") is None
+    intro = (
+        f"{_what(facts)} on its own loss (λ = 0: `fam_hf`'s `{trainer}` trained it as plain `Trainer` does and "
+        f"only measured κ, the relative flatness (Petzka et al., NeurIPS 2021) of the layer `{layer}`)."
+        if measured_only
+        else f"{_what(facts)} with **FAM** (Relative Flatness Aware Minimization) through `fam_hf`'s `{trainer}`: "
+        f"the training loss is `L + λ·κ`, where κ is the relative flatness (Petzka et al., NeurIPS 2021) of the "
+        f"layer `{layer}`."
+    )
     lines = [
         f"# {facts.model_name}",
         "",
-        f"{_what(facts)} with **FAM** (Relative Flatness Aware Minimization) through `fam_hf`'s `{trainer}`: the "
-        f"training loss is `L + λ·κ`, where κ is the relative flatness (Petzka et al., NeurIPS 2021) of the layer "
-        f"`{layer}`.",
+        intro,
         "",
         "## Relative flatness",
         "",

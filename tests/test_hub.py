@@ -431,3 +431,12 @@ def test_an_adapter_of_the_packaged_smollm2_loads_the_weights_it_was_trained_on(
     assert 'from_pretrained("sentence-transformers/all-MiniLM-L6-v2")' in model_card(minilm).text
     minilm.num_labels = 3  # a classifier's adapter: its base is built with the head's size, or loading fails
     assert 'from_pretrained("sentence-transformers/all-MiniLM-L6-v2", num_labels=3)' in model_card(minilm).text
+
+
+def test_a_lambda_zero_card_says_the_model_trained_on_its_own_loss():
+    from fam_hf.model_card import CardFacts, model_card
+
+    plain = model_card(CardFacts(model_name="z", fam={"fam_lambda": 0.0, "fam_lambda_relative": None})).text
+    assert "on its own loss (λ = 0" in plain and "with **FAM**" not in plain
+    fam = model_card(CardFacts(model_name="z", fam={"fam_lambda": 0.0, "fam_lambda_relative": 0.01})).text
+    assert "with **FAM**" in fam  # λ set from the loss share
