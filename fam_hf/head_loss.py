@@ -43,9 +43,9 @@ _SEQUENCE_CLASSIFIERS = frozenset(MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAME
 
 IGNORE_INDEX = -100
 
-# Config attributes of models that soft-cap the head's output before the loss (Gemma 2/3): not a linear map of it,
-# so the closed form cannot mirror it. Cohere's and Granite's scalings are (HeadLoss.logit_scale).
-_LOGIT_CAPS = ("final_logit_softcapping",)
+# Config attributes of models that soft-cap the head's output before the loss (Gemma 2/3, RecurrentGemma): not a
+# linear map of it, so the closed form cannot mirror it. Rescalings are (HeadLoss.logit_scale, _logit_scale).
+_LOGIT_CAPS = ("final_logit_softcapping", "logits_soft_cap")
 
 
 @dataclass(frozen=True)
@@ -192,11 +192,19 @@ def head_loss_for(model: nn.Module, labels: torch.Tensor | None = None) -> HeadL
 
 
 def _logit_scale(config) -> float:
-    """The factor a model multiplies its head's output by before the loss: Cohere's ``logit_scale``, Granite's
-    ``1 / logits_scaling`` (both absent or 1: none)."""
+    """The factor a model multiplies its head's output by before the loss (1: none): Cohere's ``logit_scale``,
+    Granite's ``1 / logits_scaling``, HyperCLOVA X's ``logits_scaling`` (it multiplies), Falcon-H1's
+    ``lm_head_multiplier``. MiniCPM3 divides the head's *input* by ``logits_scaling``, which the head's hook reads
+    already scaled: nothing to undo. The same attribute means different things by model, hence ``model_type``."""
+    model_type = getattr(config, "model_type", None)
     scale = getattr(config, "logit_scale", None)
-    divisor = getattr(config, "logits_scaling", None)
-    return float(1.0 if scale is None else scale) / float(1.0 if divisor is None else divisor)
+    scale = float(1.0 if scale is None else scale)
+    if model_type == "falcon_h1":
+        scale *= float(getattr(config, "lm_head_multiplier", 1.0))
+    scaling = getattr(config, "logits_scaling", None)
+    if scaling is not None and model_type != "minicpm3":
+        scale = scale * float(scaling) if model_type == "hyperclovax" else scale / float(scaling)
+    return scale
 
 
 def as_head_loss(spec: HeadLoss | str | None) -> HeadLoss | None:

@@ -233,3 +233,36 @@ def test_prompt_learning_aligns_the_labels_with_the_virtual_tokens_prepended_to_
     torch.testing.assert_close(loss, loss_of(torch.zeros_like(head)).float(), rtol=1e-6, atol=0)
     torch.testing.assert_close(kappa_from_input(model, batch), truth, rtol=RTOL, atol=0)  # FAMSFTTrainer's
     torch.testing.assert_close(relative_flatness(model, batch).value, truth, rtol=RTOL, atol=0)  # FAMTrainer's
+
+
+SMALL_LM = dict(vocab_size=12, hidden_size=8, intermediate_size=16, num_attention_heads=2, num_key_value_heads=1,
+                num_hidden_layers=1, tie_word_embeddings=False)  # fmt: skip
+RESCALING_LMS = {  # each rescales or caps the head's output (or input) its own way; model_type decides
+    "falcon_h1": dict(lm_head_multiplier=0.3, mamba_d_ssm=8, mamba_n_heads=2, mamba_d_head=4, mamba_d_state=4,
+                      mamba_n_groups=1, mamba_chunk_size=4, head_dim=4),  # logits × 0.3
+    "hyperclovax": dict(logits_scaling=0.5),  # logits × logits_scaling (Granite divides by it)
+    "minicpm3": dict(hidden_size=32, num_key_value_heads=2, dim_model_base=8, q_lora_rank=8, kv_lora_rank=8,
+                     qk_nope_head_dim=4, qk_rope_head_dim=4, v_head_dim=4),  # the head's *input* ÷ logits_scaling
+    "recurrent_gemma": dict(lru_width=8, attention_window_size=8, conv1d_width=2, block_types=["attention"],
+                            head_dim=4, logits_soft_cap=3.0),  # a soft cap: refused, "auto" takes another
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("model_type", list(RESCALING_LMS))
+def test_models_that_rescale_or_cap_their_logits_get_kappa_of_the_loss_they_compute(model_type):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from fam_hf.flatness import FusedHeadFlatness
+    from fam_hf.layers import resolve_layer
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(model_type, **{**SMALL_LM, **RESCALING_LMS[model_type]})
+    model = AutoModelForCausalLM.from_config(config).double().eval()
+    ids = torch.randint(0, 12, (2, 5))
+    batch = {"input_ids": ids, "labels": ids.clone()}
+    exact = relative_flatness(model, batch, "lm_head", "exact").value
+    auto = relative_flatness(model, batch, "lm_head", "auto")
+    torch.testing.assert_close(auto.value, exact, rtol=1e-6, atol=0)  # transformers takes the loss in float32
+    assert auto.estimator == ("exact" if model_type == "recurrent_gemma" else "closed_form")
+    # the fused head reads the backbone's last hidden state and forms the plain cross-entropy: none of these
+    assert FusedHeadFlatness.refusal(model, resolve_layer(model, "lm_head")) is not None

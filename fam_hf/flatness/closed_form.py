@@ -20,6 +20,8 @@ from ..layers import Layer, resolve_layer, unwrap_model
 from ..options import FUSED_LOSS_TYPES, check_choice
 from .base import Recording, RelativeFlatness
 
+# Models whose head reads the backbone's last hidden state rescaled (MiniCPM3 divides it by logits_scaling).
+HEAD_INPUT_RESCALED = ("minicpm3",)
 MIRRORED_LOSSES = "causal-LM or sequence-classification cross-entropy, MSE, BCE, on logits that are not soft-capped"
 
 
@@ -174,6 +176,14 @@ class HeadInputFlatness(RelativeFlatness):
             return (
                 f"the LM-head closed form applies to a causal LM's output head under its plain cross-entropy; "
                 f"{type(unwrap_model(model)).__name__} is not one (or its logits are soft-capped)"
+            )
+        config = getattr(unwrap_model(model), "config", None)
+        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        if getattr(text_config, "model_type", None) in HEAD_INPUT_RESCALED:
+            return (
+                f"{type(unwrap_model(model)).__name__} rescales the backbone's output before its head, which the "
+                "head-input closed form (TRL's fused LM head) does not mirror; the closed form on the logits does "
+                "(FAMTrainer, or relative_flatness)"
             )
         if head_loss.logit_scale != 1:
             return (
