@@ -333,6 +333,18 @@ def test_a_layer_that_cannot_be_estimated_is_named_with_its_reason():
         RelativeFlatness(peft_model, "model.layers.0.self_attn.*")
 
 
+def test_options_for_one_layer_are_refused_for_a_set():
+    # normalize_features scales each layer by its own features, and head_loss= reads a head the set's probe does
+    # not: a set once ignored the first silently and crashed on the second
+    from fam_hf import HeadLoss
+
+    with pytest.raises(ValueError, match="normalize_features=True is for one layer"):
+        RelativeFlatness(MLP().double(), ["fc1", "fc2"], "probe", normalize_features=True)
+    for estimator in ("probe", "gauss_newton"):
+        with pytest.raises(ValueError, match=r"head_loss= with a set of layers .* is not supported"):
+            RelativeFlatness(MLP().double(), ["fc1", "fc2"], estimator, head_loss=HeadLoss("cross_entropy", head="head"))
+
+
 def test_a_layer_of_the_set_that_did_not_run_is_named():
     model = MLP().double()
     flat = RelativeFlatness(model, ["fc1", "fc2"], "probe")

@@ -47,6 +47,11 @@ class _LayerSetMixin:
     layer: LayerSet
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        if kwargs.get("normalize_features"):
+            raise ValueError(
+                "normalize_features=True is for one layer (each layer's features by their own spread); measure each "
+                "layer of the set on its own and add the κ's"
+            )
         super().__init__(*args, **kwargs)
         self.description = f"{self.estimator}, one probe over {len(self.layer)} layers (Σ κ_l)"
 
@@ -58,6 +63,11 @@ class _LayerSetMixin:
     @classmethod
     def refusal(cls, model: nn.Module, layer: Layer | LayerSet, *, loss: str = "model", **options: Any) -> str | None:
         reason = super().refusal(model, layer, loss=loss, **options)
+        if reason is None and options.get("head_loss") is not None:
+            reason = (
+                f"head_loss= with a set of layers ({_spec(layer)}) is not supported: the set's one probe reads the "
+                "model's own loss; measure each layer of the set with head_loss=, or give the model its loss"
+            )
         if reason is None and options.get("hessian_grad", "full") == "detached":
             reason = (
                 f"hessian_grad='detached' on a set of layers ({_spec(layer)}): with one δ for every layer a layer's "
