@@ -263,14 +263,16 @@ def test_a_non_empty_output_dir_is_not_overwritten(tmp_path, tiny_bert):
 def test_overwrite_output_removes_the_earlier_runs_model_and_adapter(tmp_path):
     """A full fine-tune written over a LoRA run writes no adapter: the old one, left beside the new weights, would be
     loaded (and pushed) with them."""
-    from kit import check_output_dir
+    from kit.runs import check_output_dir, remove_previous_run
 
     out = tmp_path / "out"
     (out / "checkpoint-2").mkdir(parents=True)
     for name in ("adapter_config.json", "adapter_model.safetensors", "metrics.json", "README.md", "notes.txt"):
         (out / name).write_text("earlier run")
-    assert check_output_dir(str(out), overwrite=False, resuming=True) == []  # a resumed run keeps everything
-    removed = check_output_dir(str(out), overwrite=True)
+    check_output_dir(str(out), overwrite=False, resuming=True)  # a resumed run continues, keeping everything
+    check_output_dir(str(out), overwrite=True)  # allowed; nothing removed before the run has trained
+    assert len(list(out.iterdir())) == 6
+    removed = remove_previous_run(str(out))  # what save_run does before writing this run's outputs
     assert sorted(Path(p).name for p in removed) == ["README.md", "adapter_config.json", "adapter_model.safetensors",
                                                      "metrics.json"]  # fmt: skip
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint-2", "notes.txt"]  # the user's own files stay

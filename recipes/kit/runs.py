@@ -192,16 +192,20 @@ PREVIOUS_RUN_FILES = (
 )  # fmt: skip
 
 
-def check_output_dir(output_dir: str, overwrite: bool, resuming: bool = False) -> list[str]:
-    """Refuse a non-empty ``output_dir`` unless ``overwrite`` (then the earlier run's model, adapter, metrics and
-    card are removed first, and their names returned) or ``resuming`` (a checkpoint in it is continued)."""
-    if not os.path.isdir(output_dir) or not os.listdir(output_dir) or resuming:
-        return []
-    if not overwrite:
+def check_output_dir(output_dir: str, overwrite: bool, resuming: bool = False) -> None:
+    """Refuse a non-empty ``output_dir`` unless ``overwrite`` (:func:`remove_previous_run` clears the earlier run's
+    outputs once this one has trained and writes its own) or ``resuming`` (a checkpoint in it is continued)."""
+    if os.path.isdir(output_dir) and os.listdir(output_dir) and not (overwrite or resuming):
         raise FileExistsError(
             f"output_dir '{output_dir}' is not empty (an earlier run?); choose another --output_dir, or pass "
             "--overwrite_output true to write into it (or --resume_from_checkpoint to continue it)"
         )
+
+
+def remove_previous_run(output_dir: str) -> list[str]:
+    """Remove an earlier run's model, adapter, metrics, state and card from ``output_dir`` (:data:`PREVIOUS_RUN_FILES`;
+    nothing else); returns their paths. Called just before a run writes its own, so a run that fails first (bad
+    data, say) leaves the folder as it was."""
     removed = sorted({str(p) for pattern in PREVIOUS_RUN_FILES for p in Path(output_dir).glob(pattern) if p.is_file()})
     for path in removed:
         Path(path).unlink(missing_ok=True)  # every rank may get here: the first one removes it
@@ -222,6 +226,9 @@ def save_run(trainer, script, args: FAMConfig, metrics: dict) -> dict:
     (or adapter) and tokenizer if ``script.save_model``: the model card (README.md) reads the files before it,
     and ``--push_to_hub`` uploads them all.
     """
+    if getattr(script, "overwrite_output", False) and args.resume_from_checkpoint is None:
+        if trainer.is_world_process_zero():
+            remove_previous_run(args.output_dir)
     trainer.save_state()
     settings = fam_settings(trainer, script, args)
     if trainer.is_world_process_zero():
