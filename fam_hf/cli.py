@@ -73,8 +73,8 @@ def _read_rows(path: str, limit: int) -> list[dict]:
 def _label(value, model):
     """A row's target as the model's loss takes it: a class id, a float (regression), floats (multi-label)."""
     config = model.config
-    if config.problem_type == "multi_label_classification" or isinstance(value, list):
-        return [float(v) for v in value] if isinstance(value, list) else value
+    if isinstance(value, list):  # multi-label: one 0/1 target a class
+        return [float(v) for v in value]
     if config.problem_type == "regression" or config.num_labels == 1:
         try:
             return float(value)

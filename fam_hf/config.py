@@ -8,12 +8,21 @@ dataclass can mix in without re-declaring (and so resetting) the other's fields:
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-from .options import ESTIMATORS, HESSIAN_GRADS, SCALES, EstimatorName, HessianGrad, Scale, check_choice, check_types
+from .options import (
+    ESTIMATORS,
+    HESSIAN_GRADS,
+    SCALES,
+    EstimatorName,
+    HessianGrad,
+    Scale,
+    check_choice,
+    check_types,
+    is_whole_number,
+)
 
 
 @dataclass
@@ -130,7 +139,7 @@ class FAMFields:
             raise ValueError(f"fam_token_fraction={self.fam_token_fraction} must be in (0, 1] (1: every position)")
         for name, minimum in (("fam_probes", 1), ("fam_every_n_steps", 1), ("fam_warmup_steps", 0)):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            if not is_whole_number(value):
                 raise ValueError(f"{name}={value!r} must be a whole number ≥ {minimum}")
             if value < minimum:
                 raise ValueError(f"{name}={value} must be ≥ {minimum}")

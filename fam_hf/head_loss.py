@@ -191,20 +191,35 @@ def head_loss_for(model: nn.Module, labels: torch.Tensor | None = None) -> HeadL
     return None
 
 
+# How a model rescales around its head, by model_type, where it is not Cohere's `logit_scale` (× the logits) or
+# Granite's `logits_scaling` (÷ the logits): the same attribute means different things in different models.
+# "input÷" divides the head's *input*, which its hook reads already divided (nothing for the closed form on the logits
+# to undo), but which the fused head, reading the backbone's output, does not see.
+_HEAD_SCALINGS: dict[str, tuple[str, str]] = {
+    "falcon_h1": ("lm_head_multiplier", "logits×"),
+    "hyperclovax": ("logits_scaling", "logits×"),
+    "minicpm3": ("logits_scaling", "input÷"),
+}
+
+
 def _logit_scale(config) -> float:
-    """The factor a model multiplies its head's output by before the loss (1: none): Cohere's ``logit_scale``,
-    Granite's ``1 / logits_scaling``, HyperCLOVA X's ``logits_scaling`` (it multiplies), Falcon-H1's
-    ``lm_head_multiplier``. MiniCPM3 divides the head's *input* by ``logits_scaling``, which the head's hook reads
-    already scaled: nothing to undo. The same attribute means different things by model, hence ``model_type``."""
-    model_type = getattr(config, "model_type", None)
+    """The factor a model multiplies its head's output by before the loss (1: none): ``logit_scale`` times
+    ``1 / logits_scaling``, or as :data:`_HEAD_SCALINGS` says for the model's type."""
     scale = getattr(config, "logit_scale", None)
     scale = float(1.0 if scale is None else scale)
-    if model_type == "falcon_h1":
-        scale *= float(getattr(config, "lm_head_multiplier", 1.0))
-    scaling = getattr(config, "logits_scaling", None)
-    if scaling is not None and model_type != "minicpm3":
-        scale = scale * float(scaling) if model_type == "hyperclovax" else scale / float(scaling)
-    return scale
+    attribute, how = _HEAD_SCALINGS.get(getattr(config, "model_type", None), ("logits_scaling", "logits÷"))
+    factor = getattr(config, attribute, None)
+    if factor is None or how == "input÷":
+        return scale
+    return scale * float(factor) if how == "logits×" else scale / float(factor)
+
+
+def head_input_rescaled(model: nn.Module) -> bool:
+    """Whether ``model``'s head reads the backbone's last hidden state rescaled (MiniCPM3), which a loss formed from
+    that hidden state (the fused LM head) would have to mirror."""
+    config = getattr(unwrap_model(model), "config", None)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return _HEAD_SCALINGS.get(getattr(text_config, "model_type", None), ("", ""))[1] == "input÷"
 
 
 def as_head_loss(spec: HeadLoss | str | None) -> HeadLoss | None:

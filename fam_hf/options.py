@@ -3,6 +3,7 @@ nothing heavy (``HfArgumentParser`` turns a ``Literal`` field into argparse choi
 
 from __future__ import annotations
 
+import numbers
 from typing import Literal, get_args
 
 __all__ = ["ESTIMATORS", "FUSED_LOSS_TYPES", "HESSIAN_GRADS", "SCALES", "check_choice", "get_args"]
@@ -42,5 +43,10 @@ def check_types(fields: object, numbers: tuple[str, ...] = (), flags: tuple[str,
             raise TypeError(f"{name}={value!r} must be true or false, not {type(value).__name__}")
     for name in seeds:
         value = getattr(fields, name)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+        if value is not None and not is_whole_number(value):
             raise TypeError(f"{name}={value!r} must be a whole number (or None), not {type(value).__name__}")
+
+
+def is_whole_number(value: object) -> bool:
+    """An int (numpy's too), not a bool, not a float however round."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)

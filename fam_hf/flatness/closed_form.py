@@ -15,13 +15,11 @@ import torch
 from torch import nn
 
 from ..curvature import CHUNK_ELEMENTS, closed_form, compute_dtype, sample_positions, weighted_curvature_from_features
-from ..head_loss import IGNORE_INDEX, HeadLoss, as_head_loss, head_loss_for
+from ..head_loss import IGNORE_INDEX, HeadLoss, as_head_loss, head_input_rescaled, head_loss_for
 from ..layers import Layer, resolve_layer, unwrap_model
 from ..options import FUSED_LOSS_TYPES, check_choice
 from .base import Recording, RelativeFlatness
 
-# Models whose head reads the backbone's last hidden state rescaled (MiniCPM3 divides it by logits_scaling).
-HEAD_INPUT_RESCALED = ("minicpm3",)
 MIRRORED_LOSSES = "causal-LM or sequence-classification cross-entropy, MSE, BCE, on logits that are not soft-capped"
 
 
@@ -177,9 +175,7 @@ class HeadInputFlatness(RelativeFlatness):
                 f"the LM-head closed form applies to a causal LM's output head under its plain cross-entropy; "
                 f"{type(unwrap_model(model)).__name__} is not one (or its logits are soft-capped)"
             )
-        config = getattr(unwrap_model(model), "config", None)
-        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-        if getattr(text_config, "model_type", None) in HEAD_INPUT_RESCALED:
+        if head_input_rescaled(model):
             return (
                 f"{type(unwrap_model(model)).__name__} rescales the backbone's output before its head, which the "
                 "head-input closed form (TRL's fused LM head) does not mirror; the closed form on the logits does "
