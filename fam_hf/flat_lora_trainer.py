@@ -78,6 +78,9 @@ class FlatLoRAMixin(HubCardMixin):
     def _flat_lora_setup(self, model: nn.Module) -> None:
         """The perturbed layers of ``model`` and the noise seed, from ``self.args``: at construction, and again when
         ``train()`` builds a new model from ``model_init`` (each hyperparameter-search trial with its settings)."""
+        previous = getattr(self, "flat_lora", None)
+        if previous is not None:  # the hooks of the model (or trial) this one replaces
+            previous.remove()
         self.flat_lora = PerturbedLayers(perturbed_layers(model))
         self.flat_lora_noise_seed = self.args.seed if self.args.flat_lora_seed is None else self.args.flat_lora_seed
         logger.info(

@@ -105,7 +105,6 @@ class SAMMixin(HubCardMixin):
             )
         fix_sequence_classifier_loss(self)  # else k micro-batches would differ from one batch of k times the size
         self._sam_kept: list[tuple[dict[str, Any], torch.Tensor]] = []  # this step's inputs and first-pass losses
-        self._sam_kept_step = -1
         self._sam_backup: list[tuple[nn.Parameter, torch.Tensor]] = []  # (parameter, its value at w)
         self._sam_skipped = 0
         self._sam_sums = MetricSums(("sharpness", "grad_norm", "steps"))  # since the last log
@@ -116,7 +115,7 @@ class SAMMixin(HubCardMixin):
     def _inner_training_loop(self, *args: Any, **kwargs: Any):
         # A (re)started loop (auto_find_batch_size's retry after an out-of-memory error, a train() after an
         # exception) starts its step afresh: the kept micro-batches of an interrupted step are not replayed.
-        self._sam_kept, self._sam_kept_step = [], -1
+        self._sam_kept = []
         return super()._inner_training_loop(*args, **kwargs)
 
     # -- one step ---------------------------------------------------------------------------------------
@@ -129,8 +128,6 @@ class SAMMixin(HubCardMixin):
     ) -> torch.Tensor:
         """First pass on this micro-batch; on the step's last micro-batch, also perturb, run the second pass over
         all of the step's micro-batches and restore. Returns the loss at ``w`` (scaled as Trainer's)."""
-        if self._sam_kept_step != self.state.global_step:  # left over from an interrupted step
-            self._sam_kept, self._sam_kept_step = [], self.state.global_step
         # Trainer already wraps all but the last micro-batch in no_sync; the last one's first pass must not
         # all-reduce either (each rank perturbs with its own gradient).
         with self.accelerator.no_sync(model):

@@ -279,7 +279,7 @@ def test_a_restarted_training_loop_does_not_replay_an_interrupted_step(tmp_path)
                               per_device_train_batch_size=8, gradient_accumulation_steps=2, sam_rho=0.1)  # fmt: skip
         if interrupted:  # what an out-of-memory error on the step's second micro-batch leaves behind
             stale = {k: v[:4] for k, v in trainer.data_collator([trainer.train_dataset[i] for i in range(8)]).items()}
-            trainer._sam_kept, trainer._sam_kept_step = [(stale, torch.tensor(3.0))], 0
+            trainer._sam_kept = [(stale, torch.tensor(3.0))]
         trainer.train()
         runs[interrupted] = params(model), sam_logs(trainer)
     for name, value in runs[False][0].items():
